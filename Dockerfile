@@ -1,0 +1,40 @@
+# wsiflow container image.
+#   CPU (default):  docker build -t wsiflow .
+#   GPU:            docker build --build-arg VARIANT=gpu -t wsiflow:gpu .
+#   Run:            docker run --rm -v "$PWD/data:/data" wsiflow synth /data/cohort
+# OpenSlide comes from the openslide-bin wheel, so no system packages are needed.
+FROM python:3.11-slim-bookworm
+
+ARG VARIANT=cpu
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    TF_CPP_MIN_LOG_LEVEL=3
+
+RUN groupadd --system --gid 10001 wsiflow \
+    && useradd --system --uid 10001 --gid wsiflow --create-home --home-dir /home/wsiflow wsiflow
+
+WORKDIR /opt/wsiflow
+COPY pyproject.toml README.md ./
+COPY pipeline ./pipeline
+COPY flows ./flows
+COPY models ./models
+COPY configs ./configs
+
+# The gpu variant swaps the CPU TensorFlow wheel for tensorflow[and-cuda]; both
+# install the same `tensorflow` package, so the CPU one is removed first.
+RUN pip install --no-cache-dir ./ \
+    && if [ "$VARIANT" = "gpu" ]; then \
+        pip uninstall --yes tensorflow-cpu \
+        && pip install --no-cache-dir "tensorflow[and-cuda]>=2.16,<2.22"; \
+    fi \
+    && wsiflow --version
+
+USER 10001
+WORKDIR /home/wsiflow
+# The DeepZoom viewer's default port.
+EXPOSE 8000
+ENTRYPOINT ["wsiflow"]
+CMD ["--help"]

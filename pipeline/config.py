@@ -1,0 +1,231 @@
+"""Configuration: frozen pydantic models mirroring the YAML files in ``configs/``.
+
+Sections: ``slides``, ``tiling``, ``training``, ``inference``, ``evaluation``,
+``orchestration``. Every section and key is optional (defaults below) but an
+unknown key or a value of the wrong type is a :class:`ConfigError` naming the
+file, the line, the key and what was expected. Command-line flags override
+values through :func:`with_overrides`, validated the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+BACKBONES = ("mobilenetv2", "resnet50", "inceptionv3", "efficientnetb0", "small_cnn")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SyntheticConfig(_Section):
+    """A generated CAMELYON16-format cohort (``wsiflow synth``)."""
+
+    slides: int = Field(8, ge=4, description="total slides; a third (at least 2) for testing")
+    seed: int = Field(0, ge=0, description="same seed, byte-identical slides")
+    width_px: int = Field(8192, ge=64, le=1_000_000, description="level-0 width")
+    height_px: int = Field(8192, ge=64, le=1_000_000, description="level-0 height")
+    mpp: float = Field(0.243, gt=0, le=100, description="level-0 µm per pixel")
+    tile_px: int = Field(256, ge=16, le=4096, multiple_of=16, description="TIFF tile size")
+    jpeg_quality: int = Field(80, ge=1, le=100)
+    stain_jitter: float = Field(0.08, ge=0, le=0.5, description="slide-to-slide stain variation")
+
+
+class SlidesConfig(_Section):
+    """Where the slides come from."""
+
+    root: Path | None = Field(None, description="a CAMELYON16-layout folder; None: generate one")
+    synthetic: SyntheticConfig = SyntheticConfig()
+    extra: tuple[Path, ...] = Field((), description="more slides or folders to run inference on")
+
+
+class TilingConfig(_Section):
+    """Patch grid, tissue and label rules, and the patch store codec."""
+
+    target_mpp: float | None = Field(0.5, gt=0, description="patch resolution in µm/px")
+    level: int | None = Field(None, ge=0, description="a pyramid level instead of target_mpp")
+    patch_px: int = Field(96, ge=8, le=2048)
+    stride_px: int | None = Field(None, ge=1, description="None: equal to patch_px")
+    tissue_mpp: float = Field(8.0, gt=0, description="resolution of tissue detection")
+    min_tissue_fraction: float = Field(0.5, ge=0, le=1)
+    label_rule: Literal["fraction", "center"] = "fraction"
+    tumor_threshold: float = Field(0.5, gt=0, le=1)
+    codec: Literal["jpeg", "jpegxl", "avif", "zstd", "lz4", "none"] = "jpeg"
+    codec_quality: int = Field(90, ge=1, le=100)
+    chunk_patches: int = Field(64, ge=1, le=4096)
+
+    @model_validator(mode="after")
+    def _one_resolution(self) -> TilingConfig:
+        if self.level is not None and self.target_mpp is not None:
+            raise ValueError(
+                "Expected either target_mpp or level. Got both: set target_mpp: null to use level"
+            )
+        if self.level is None and self.target_mpp is None:
+            raise ValueError("Expected target_mpp or level. Got neither")
+        return self
+
+
+class TrainingConfig(_Section):
+    """Patch classifier and its two-phase fine-tuning."""
+
+    backbone: Literal[BACKBONES] = "mobilenetv2"  # type: ignore[valid-type]
+    weights: str = Field("none", description="imagenet, none, or a weights/model file path")
+    replicas: int = Field(1, ge=1, le=64)
+    batch_per_replica: int = Field(32, ge=1, le=4096)
+    head_epochs: int = Field(2, ge=0)
+    fine_tune_epochs: int = Field(3, ge=0)
+    fine_tune_layers: int = Field(20, ge=0)
+    learning_rate: float = Field(1e-3, gt=0)
+    fine_tune_learning_rate: float = Field(1e-4, gt=0)
+    validation_fraction: float = Field(0.25, gt=0, lt=1)
+    early_stopping_patience: int = Field(3, ge=1)
+    mixed_precision: bool = False
+    seed: int = Field(0, ge=0)
+    mlflow: bool = False
+    mlflow_tracking_uri: str | None = None
+
+
+class InferenceConfig(_Section):
+    """Whole-slide prediction, heatmaps and lesion detection."""
+
+    stride_px: int | None = Field(None, ge=1, description="None: the model's patch size")
+    batch_size: int = Field(64, ge=1, le=8192)
+    queue_batches: int = Field(4, ge=1, le=256)
+    detection_threshold: float = Field(0.5, gt=0, lt=1)
+
+
+class EvaluationConfig(_Section):
+    """CAMELYON16 evaluation constants (the official script's values)."""
+
+    mask_level: int = Field(5, ge=0, description="evaluation mask level (downsample 2**level)")
+    tumor_growth_um: float = Field(75.0, ge=0, description="distance the script grows tumor")
+    itc_major_axis_um: float = Field(275.0, gt=0)
+    fp_rates: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+class OrchestrationConfig(_Section):
+    """Dask and Prefect execution."""
+
+    scheduler: str | None = Field(None, description="existing Dask scheduler address")
+    workers: int | None = Field(None, ge=1, description="None: one per core")
+    threads_per_worker: int = Field(1, ge=1)
+    retries: int = Field(2, ge=0)
+    retry_delay_s: float = Field(5.0, ge=0)
+    cache: bool = True
+
+
+class WsiflowConfig(_Section):
+    """The whole configuration, one attribute per YAML section."""
+
+    slides: SlidesConfig = SlidesConfig()
+    tiling: TilingConfig = TilingConfig()
+    training: TrainingConfig = TrainingConfig()
+    inference: InferenceConfig = InferenceConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
+
+
+def load_config(path: Path | str | None) -> WsiflowConfig:
+    """Read and validate a YAML config; ``None`` gives the defaults."""
+    if path is None:
+        return WsiflowConfig()
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(
+            path, [("<file>", f"cannot read the file: {exc.strerror or exc}", None)]
+        ) from exc
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = None if mark is None else mark.line + 1
+        column = "" if mark is None else f" (column {mark.column + 1})"
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(path, [("<yaml>", f"malformed YAML{column}: {problem}", line)]) from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            path,
+            [("<root>", f"Expected a mapping of sections. Got {type(data).__name__} instead.", 1)],
+        )
+    try:
+        return WsiflowConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(path, _problems(exc, WsiflowConfig, node)) from exc
+
+
+def with_overrides(config: WsiflowConfig, overrides: dict[str, Any]) -> WsiflowConfig:
+    """Return ``config`` with dotted keys replaced (``{"tiling.patch_px": 128}``); ``None`` skips.
+
+    Overrides are validated like a file; errors name the dotted key.
+    """
+    data = config.model_dump()
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        *parents, leaf = dotted.split(".")
+        target = data
+        for key in parents:
+            target = target[key]
+        if leaf not in target:
+            raise KeyError(f"no configuration key {dotted!r}")
+        target[leaf] = value
+    try:
+        return WsiflowConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError("command-line options", _problems(exc, WsiflowConfig, None)) from exc
+
+
+def _problems(
+    exc: ValidationError, model: type[BaseModel], node: yaml.Node | None
+) -> list[tuple[str, str, int | None]]:
+    problems = []
+    for error in exc.errors():
+        loc = tuple(str(part) for part in error["loc"])
+        key = ".".join(loc) or "<root>"
+        line = _line_of(node, loc)
+        if error["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, loc[:-1])
+            message = f"unknown key. Expected one of: {', '.join(allowed)}"
+        else:
+            message = f"{error['msg']}. Got {error['input']!r} instead."
+            if error["type"] == "value_error":
+                message = error["msg"].removeprefix("Value error, ")
+        problems.append((key, message, line))
+    return problems
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[str, ...]) -> list[str]:
+    for part in loc:
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return sorted(model.model_fields)
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[str, ...]) -> int | None:
+    """1-based line of the YAML key at ``loc`` (the deepest one that exists)."""
+    line = None
+    for part in loc:
+        if not isinstance(node, yaml.MappingNode):
+            break
+        for key_node, value_node in node.value:
+            if key_node.value == part:
+                line = key_node.start_mark.line + 1
+                node = value_node
+                break
+        else:
+            break
+    return line

@@ -1,0 +1,65 @@
+"""Typed errors for every failure a user can cause or fix.
+
+Each message names the file (or key) and the reason, shaped as
+"Expected X. Got Y instead." where that reads naturally, and, where there is
+one, the fix. The CLI prints one line per failure from ``str(error)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class WsiflowError(Exception):
+    """Base class of all errors wsiflow raises on purpose."""
+
+
+class ConfigError(WsiflowError, ValueError):
+    """A configuration file or value is invalid.
+
+    ``problems`` holds one ``(key, message, line)`` triple per invalid key
+    (``line`` is 1-based, or ``None``), so all of them are reported at once.
+    """
+
+    def __init__(self, source: Path | str | None, problems: list[tuple[str, str, int | None]]):
+        self.source = "configuration" if source is None else str(source)
+        self.problems = list(problems)
+        lines = [
+            f"{self.source}{'' if line is None else f':{line}'}: {key}: {message}"
+            for key, message, line in self.problems
+        ]
+        super().__init__("\n".join(lines))
+
+
+class SlideError(WsiflowError):
+    """Something is wrong with one slide; ``path`` names it."""
+
+    def __init__(self, path: Path | str, reason: str):
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class SlideNotFoundError(SlideError, FileNotFoundError):
+    """The slide file does not exist."""
+
+
+class SlideReadError(SlideError, OSError):
+    """The slide exists but cannot be opened or decoded (corrupt, truncated, unsupported)."""
+
+
+class MissingMppError(SlideError):
+    """The slide records no physical pixel size, so a resolution in µm/px cannot be chosen."""
+
+
+class NoTissueError(SlideError):
+    """Tissue detection found nothing to process on the slide."""
+
+
+class AnnotationError(WsiflowError, ValueError):
+    """An annotation file is missing, malformed or inconsistent with its slide."""
+
+    def __init__(self, path: Path | str, reason: str):
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")

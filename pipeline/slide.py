@@ -1,0 +1,196 @@
+"""The one gate for slide I/O: the only module that imports OpenSlide.
+
+Everything else sees :class:`SlideReader`: level geometry, physical pixel size
+and ``read_region`` returning ``(h, w, 3)`` uint8 arrays. Readers are opened
+inside the process that uses them (OpenSlide handles do not pickle): pass
+paths between processes, never readers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+
+from .errors import SlideNotFoundError, SlideReadError
+
+try:
+    import openslide
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "wsiflow needs the OpenSlide library. Try `pip install openslide-bin` "
+        "(or install your platform's openslide package)."
+    ) from exc
+
+#: Background used where a read falls outside the slide or the slide is transparent.
+BACKGROUND_RGB = (255, 255, 255)
+
+
+@dataclass(frozen=True)
+class SlideInfo:
+    """What a slide is, independent of any open handle.
+
+    ``level_wh`` are ``(width, height)`` pixels per pyramid level, level 0
+    first; ``level_downsamples`` are relative to level 0; ``mpp_xy`` is the
+    level-0 pixel size in µm, or ``None`` when the file records none.
+    """
+
+    path: Path
+    vendor: str
+    level_wh: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+    mpp_xy: tuple[float, float] | None
+    objective_power: float | None
+    properties: dict[str, str]
+    associated_images: tuple[str, ...]
+
+    @property
+    def level0_wh(self) -> tuple[int, int]:
+        return self.level_wh[0]
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_wh)
+
+
+class SlideReader:
+    """A slide opened with OpenSlide. Use as a context manager or call :meth:`close`."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise SlideNotFoundError(self.path, "no such file")
+        try:
+            self._osr = openslide.OpenSlide(str(self.path))
+        except openslide.OpenSlideUnsupportedFormatError as exc:
+            raise SlideReadError(
+                self.path, "not a slide format OpenSlide can read (unsupported or not a slide)"
+            ) from exc
+        except openslide.OpenSlideError as exc:
+            raise SlideReadError(self.path, f"OpenSlide cannot open it: {exc}") from exc
+        self.info = _slide_info(self.path, self._osr)
+
+    def read_region(
+        self, level0_xy: tuple[int, int], level: int, size_wh: tuple[int, int]
+    ) -> np.ndarray:
+        """Return ``(h, w, 3)`` uint8 RGB pixels of ``level`` whose top-left is ``level0_xy``.
+
+        Areas outside the slide or transparent in it are :data:`BACKGROUND_RGB`.
+        """
+        try:
+            image = self._osr.read_region(level0_xy, level, size_wh)
+        except openslide.OpenSlideError as exc:
+            raise SlideReadError(
+                self.path,
+                f"cannot decode region at level-0 {level0_xy}, level {level}, "
+                f"size {size_wh} (corrupt or truncated file?): {exc}",
+            ) from exc
+        return _rgba_to_rgb(np.asarray(image))
+
+    def thumbnail(self, max_wh: tuple[int, int]) -> np.ndarray:
+        """Return an ``(h, w, 3)`` uint8 RGB thumbnail that fits in ``max_wh``."""
+        try:
+            image = self._osr.get_thumbnail(max_wh)
+        except openslide.OpenSlideError as exc:
+            raise SlideReadError(self.path, f"cannot read a thumbnail: {exc}") from exc
+        return np.asarray(image.convert("RGB"))
+
+    def associated_image(self, name: str) -> np.ndarray:
+        """Return an associated image (``label``, ``macro``, ``thumbnail``...) as RGB."""
+        try:
+            image = self._osr.associated_images[name]
+        except KeyError:
+            raise SlideReadError(
+                self.path,
+                f"Expected an associated image in {sorted(self._osr.associated_images)}. "
+                f"Got {name!r} instead.",
+            ) from None
+        return _rgba_to_rgb(np.asarray(image))
+
+    def close(self) -> None:
+        self._osr.close()
+
+    def __enter__(self) -> SlideReader:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def open_slide(path: Path | str) -> SlideReader:
+    """Open ``path`` with OpenSlide, raising :class:`SlideError` subclasses on failure."""
+    return SlideReader(path)
+
+
+def _slide_info(path: Path, osr: openslide.OpenSlide) -> SlideInfo:
+    props = dict(osr.properties)
+    mpp_xy = None
+    try:
+        mpp_x = float(props[openslide.PROPERTY_NAME_MPP_X])
+        mpp_y = float(props[openslide.PROPERTY_NAME_MPP_Y])
+        if mpp_x > 0 and mpp_y > 0:
+            mpp_xy = (mpp_x, mpp_y)
+    except (KeyError, ValueError):
+        pass
+    try:
+        objective_power = float(props[openslide.PROPERTY_NAME_OBJECTIVE_POWER])
+    except (KeyError, ValueError):
+        objective_power = None
+    return SlideInfo(
+        path=path,
+        vendor=props.get(openslide.PROPERTY_NAME_VENDOR, "unknown"),
+        level_wh=tuple((int(w), int(h)) for w, h in osr.level_dimensions),
+        level_downsamples=tuple(float(d) for d in osr.level_downsamples),
+        mpp_xy=mpp_xy,
+        objective_power=objective_power,
+        properties=props,
+        associated_images=tuple(sorted(osr.associated_images)),
+    )
+
+
+def _rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
+    """Composite OpenSlide's premultiplied RGBA onto the background colour."""
+    alpha = rgba[..., 3]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgba[..., :3])
+    # Premultiplied: out = rgb + (1 - a) * background.
+    a = alpha.astype(np.float32)[..., None] / 255.0
+    background = np.asarray(BACKGROUND_RGB, dtype=np.float32)
+    out = rgba[..., :3].astype(np.float32) + (1.0 - a) * background
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+#: File suffixes OpenSlide reads (whole-slide formats), used when a folder is given.
+SLIDE_SUFFIXES = frozenset(
+    {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm"}
+)
+
+
+def find_slides(paths: list[Path] | tuple[Path, ...]) -> list[Path]:
+    """Expand files and folders (searched recursively) into a sorted list of slide files.
+
+    Files given explicitly are kept whatever their suffix (and whether or not
+    they exist, so the caller reports them); folders contribute files with a
+    suffix in :data:`SLIDE_SUFFIXES`, skipping hidden files and folders.
+    """
+    found: list[Path] = []
+    for path in paths:
+        path = Path(path)
+        if path.is_dir():
+            found.extend(
+                p
+                for p in sorted(path.rglob("*"))
+                if p.is_file()
+                and p.suffix.lower() in SLIDE_SUFFIXES
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
+        else:
+            found.append(path)
+    return sorted(dict.fromkeys(found))

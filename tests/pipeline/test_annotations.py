@@ -1,0 +1,89 @@
+"""ASAP XML: the CAMELYON16 layout, round trips, and clear errors on bad files."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+
+from pipeline.annotations import Polygon, read_asap_xml, write_asap_xml
+from pipeline.errors import AnnotationError
+
+SQUARE = np.array([[10.0, 20.0], [110.5, 20.0], [110.5, 120.25], [10.0, 120.25]])
+TRIANGLE = np.array([[40.0, 40.0], [60.0, 40.0], [50.0, 60.0]])
+
+
+def test_round_trip_keeps_names_groups_and_coordinates(tmp_path):
+    path = tmp_path / "tumor_001.xml"
+    written = [Polygon("Annotation 0", "_0", SQUARE), Polygon("Annotation 1", "_2", TRIANGLE)]
+    write_asap_xml(path, written)
+    read = read_asap_xml(path)
+    assert [(p.name, p.group) for p in read] == [("Annotation 0", "_0"), ("Annotation 1", "_2")]
+    np.testing.assert_allclose(read[0].level0_xy, SQUARE)
+    np.testing.assert_allclose(read[1].level0_xy, TRIANGLE)
+    assert read[0].is_tumor and not read[0].is_exclusion
+    assert read[1].is_exclusion and not read[1].is_tumor
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_file_is_laid_out_like_camelyon16(tmp_path):
+    path = tmp_path / "a.xml"
+    write_asap_xml(path, [Polygon("Annotation 0", "_1", TRIANGLE)])
+    root = ET.parse(path).getroot()
+    assert root.tag == "ASAP_Annotations"
+    (annotation,) = root.find("Annotations")
+    assert annotation.attrib["Type"] == "Polygon"
+    assert annotation.attrib["PartOfGroup"] == "_1"
+    coords = annotation.find("Coordinates").findall("Coordinate")
+    assert [c.attrib["Order"] for c in coords] == ["0", "1", "2"]
+    assert (coords[2].attrib["X"], coords[2].attrib["Y"]) == ("50.0000", "60.0000")
+    assert [g.attrib["Name"] for g in root.find("AnnotationGroups")] == ["_1"]
+
+
+def test_coordinates_are_ordered_by_their_order_attribute(tmp_path):
+    path = tmp_path / "shuffled.xml"
+    path.write_text(
+        '<ASAP_Annotations><Annotations><Annotation Name="A" Type="Polygon" PartOfGroup="_0">'
+        '<Coordinates><Coordinate Order="2" X="5" Y="9"/><Coordinate Order="0" X="1" Y="2"/>'
+        '<Coordinate Order="1" X="3,5" Y="4"/></Coordinates></Annotation></Annotations>'
+        "</ASAP_Annotations>"
+    )
+    (polygon,) = read_asap_xml(path)
+    np.testing.assert_allclose(polygon.level0_xy, [[1, 2], [3.5, 4], [5, 9]])
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("<ASAP_Annotations><Annotations>\n<Annotation", r"malformed XML at line 2"),
+        ("<Annotations/>", r"Expected an <ASAP_Annotations> root element. Got <Annotations>"),
+        (
+            '<ASAP_Annotations><Annotation Name="Tiny" PartOfGroup="_0"><Coordinates>'
+            '<Coordinate Order="0" X="1" Y="1"/><Coordinate Order="1" X="2" Y="2"/>'
+            "</Coordinates></Annotation></ASAP_Annotations>",
+            r"'Tiny': Expected a polygon of at least 3 coordinates. Got 2",
+        ),
+        (
+            '<ASAP_Annotations><Annotation Name="Bad" PartOfGroup="_0"><Coordinates>'
+            '<Coordinate Order="0" X="one" Y="1"/></Coordinates></Annotation></ASAP_Annotations>',
+            r"'Bad': coordinate is not a number",
+        ),
+        (
+            '<ASAP_Annotations><Annotation Name="NoY" PartOfGroup="_0"><Coordinates>'
+            '<Coordinate Order="0" X="1"/></Coordinates></Annotation></ASAP_Annotations>',
+            r"'NoY': coordinate 0 lacks a finite X or Y",
+        ),
+    ],
+)
+def test_bad_files_name_the_file_and_the_reason(tmp_path, text, expected):
+    path = tmp_path / "broken.xml"
+    path.write_text(text)
+    with pytest.raises(AnnotationError, match=expected) as info:
+        read_asap_xml(path)
+    assert str(info.value).startswith(str(path))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(AnnotationError, match="no such annotation file"):
+        read_asap_xml(tmp_path / "absent.xml")

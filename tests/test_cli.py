@@ -1,0 +1,117 @@
+"""The installed `wsiflow` console script, run as a user runs it (a real subprocess)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import APERIO_SLIDE
+
+WSIFLOW = str(Path(sys.executable).parent / "wsiflow")
+COMMANDS = ["synth", "info", "config", "demo"]
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [WSIFLOW, *args], capture_output=True, text=True, timeout=600, cwd=cwd, check=False
+    )
+
+
+def last_json(result: subprocess.CompletedProcess) -> dict:
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_help_lists_every_command():
+    result = run("--help")
+    assert result.returncode == 0, result.stderr
+    for command in COMMANDS:
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_each_command_has_help(command):
+    result = run(command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "Usage: wsiflow " + command in result.stdout
+
+
+def test_version():
+    result = run("--version")
+    assert result.returncode == 0 and result.stdout.startswith("wsiflow ")
+
+
+def test_synth_json_then_reuse(tmp_path):
+    out = tmp_path / "cohort"
+    args = ["synth", str(out), "--slides", "4", "--size", "1024x768", "--seed", "2", "--json"]
+    first = run(*args)
+    assert first.returncode == 0, first.stderr
+    summary = last_json(first)
+    assert summary["slides"] == 4 and summary["tumor_slides"] == 2
+    assert summary["reused"] is False
+    assert summary["params"]["width_px"] == 1024 and summary["params"]["height_px"] == 768
+    assert (out / "training" / "tumor" / "tumor_001.tif").is_file()
+    # stdout holds only the JSON line; the table went to stderr.
+    assert len(first.stdout.strip().splitlines()) == 1 and "tumor_001" in first.stderr
+    assert last_json(run(*args))["reused"] is True
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--size", "big"], "Expected WIDTHxHEIGHT in pixels"),
+        (["--slides", "2"], "slides.synthetic.slides: Input should be greater than or equal to 4"),
+    ],
+)
+def test_synth_bad_options_exit_2_with_a_clear_line(tmp_path, args, expected):
+    result = run("synth", str(tmp_path / "x"), *args, "--json")
+    assert result.returncode == 2
+    assert expected in result.stderr
+    assert last_json(result)["ok"] is False
+    assert not (tmp_path / "x").exists()
+
+
+def test_info_reports_each_bad_slide_and_keeps_going(tmp_path):
+    cohort = tmp_path / "c"
+    assert run("synth", str(cohort), "--slides", "4", "--size", "512x512").returncode == 0
+    corrupt = cohort / "training" / "normal" / "normal_999.tif"
+    corrupt.write_bytes(b"II*\x00garbage")
+    result = run("info", str(cohort), "--json")
+    assert result.returncode == 1
+    summary = last_json(result)
+    assert len(summary["slides"]) == 4
+    assert [f["path"] for f in summary["failures"]] == [str(corrupt)]
+    assert f"{corrupt}: " in result.stderr
+    assert all(s["mpp"] == 0.243 and s["vendor"] == "generic-tiff" for s in summary["slides"])
+
+
+def test_config_command(tmp_path):
+    good = run("config", "configs/demo.yaml", "--json", cwd=Path(__file__).resolve().parents[1])
+    assert good.returncode == 0, good.stderr
+    assert last_json(good)["config"]["tiling"]["patch_px"] == 96
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("orchestration:\n  retries: many\n")
+    result = run("config", str(bad))
+    assert result.returncode == 2
+    assert f"{bad}:2: orchestration.retries: Input should be a valid integer" in result.stderr
+
+
+def test_demo_runs_what_exists_and_says_what_does_not(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        "slides:\n  synthetic:\n    slides: 4\n    width_px: 1024\n    height_px: 1024\n"
+        f"  extra: [{APERIO_SLIDE.parent}, {tmp_path / 'absent'}]\n"
+    )
+    result = run("demo", "--out", str(tmp_path / "out"), "--config", str(config), "--json")
+    assert result.returncode == 0, result.stderr
+    summary = last_json(result)
+    assert summary["ok"] is True
+    assert summary["stages_run"] == ["synth", "inspect"]
+    assert "train" in summary["stages_not_available"]
+    assert "absent is not present" in result.stderr
+    expected_real = [str(APERIO_SLIDE)] if APERIO_SLIDE.is_file() else []
+    assert summary["real_slides"] == expected_real
+    assert summary["slides"] == 4 + len(expected_real)
