@@ -1,12 +1,17 @@
-"""Lesion annotations as polygons in level-0 pixels: ASAP XML (CAMELYON16/17).
+"""Lesion annotations as polygons in level-0 pixels: ASAP XML and QuPath GeoJSON.
 
 CAMELYON16 ships one ASAP XML file per tumor slide. Polygons in groups ``_0``
 and ``_1`` outline tumor; polygons in ``_2`` outline non-tumor areas inside a
 tumor outline and are carved out of it.
+
+QuPath exports GeoJSON features (Polygon or MultiPolygon, with holes). A
+feature is an exclusion when its classification is one of
+:data:`EXCLUSION_CLASSES`, tumor otherwise (unclassified outlines included).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -21,16 +26,23 @@ TUMOR_GROUPS = frozenset({"_0", "_1", "Tumor", "metastases"})
 #: ASAP groups carved out of tumor outlines.
 EXCLUSION_GROUPS = frozenset({"_2", "Exclusion"})
 
+#: QuPath classifications that mark areas to carve out of tumor.
+EXCLUSION_CLASSES = frozenset({"Exclusion", "Ignore", "Ignore*", "Normal", "Non-tumor", "Other"})
+
 _GROUP_COLOURS = {"_0": "#F4FA58", "_1": "#F4FA58", "_2": "#64FE2E"}
 
 
 @dataclass(frozen=True)
 class Polygon:
-    """One annotated outline: ``level0_xy`` is ``(N, 2)`` float64 x, y in level-0 pixels."""
+    """One annotated outline: ``level0_xy`` is ``(N, 2)`` float64 x, y in level-0 pixels.
+
+    ``holes`` are inner rings (GeoJSON), each ``(M, 2)``, carved out of this polygon.
+    """
 
     name: str
     group: str
     level0_xy: np.ndarray = field(repr=False)
+    holes: tuple[np.ndarray, ...] = field(default=(), repr=False)
 
     @property
     def is_tumor(self) -> bool:
@@ -132,6 +144,109 @@ def read_asap_xml(path: Path | str) -> list[Polygon]:
         xy = np.array([(x, y) for _, x, y in points], dtype=np.float64)
         polygons.append(Polygon(name=name, group=group, level0_xy=xy))
     return polygons
+
+
+def read_geojson(path: Path | str) -> list[Polygon]:
+    """Read the polygons of a QuPath GeoJSON export (FeatureCollection, feature list or feature).
+
+    Polygons and MultiPolygons are kept (with holes); points and lines are
+    skipped. Groups are ``Tumor`` or ``Exclusion`` from the classification.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AnnotationError(path, "no such annotation file")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        where = f" at line {exc.lineno}, column {exc.colno}" if hasattr(exc, "lineno") else ""
+        raise AnnotationError(path, f"malformed JSON{where}: {exc}") from exc
+    if isinstance(data, dict) and data.get("type") == "FeatureCollection":
+        features = data.get("features")
+    elif isinstance(data, dict) and data.get("type") == "Feature":
+        features = [data]
+    else:
+        features = data
+    if not isinstance(features, list):
+        raise AnnotationError(
+            path,
+            "Expected a GeoJSON FeatureCollection, Feature or list of features. "
+            f"Got a {type(data).__name__} instead.",
+        )
+    polygons = []
+    for index, feature in enumerate(features):
+        if not isinstance(feature, dict) or not isinstance(feature.get("geometry"), dict):
+            raise AnnotationError(path, f"feature {index}: Expected a Feature with a geometry.")
+        properties = feature.get("properties") or {}
+        name = str(properties.get("name") or feature.get("id") or f"feature {index}")
+        classification = properties.get("classification") or {}
+        class_name = (
+            classification.get("name") if isinstance(classification, dict) else classification
+        )
+        group = "Exclusion" if class_name in EXCLUSION_CLASSES else "Tumor"
+        geometry = feature["geometry"]
+        kind = geometry.get("type")
+        if kind == "Polygon":
+            parts = [geometry.get("coordinates")]
+        elif kind == "MultiPolygon":
+            parts = geometry.get("coordinates")
+        else:
+            continue
+        if not isinstance(parts, list):
+            raise AnnotationError(path, f"feature {name!r}: {kind} has no coordinate list")
+        for part_index, rings in enumerate(parts):
+            label = name if len(parts) == 1 else f"{name} [{part_index}]"
+            arrays = [_ring(path, label, ring) for ring in (rings or [])]
+            if not arrays:
+                raise AnnotationError(path, f"feature {label!r}: polygon without rings")
+            polygons.append(Polygon(label, group, arrays[0], tuple(arrays[1:])))
+    return polygons
+
+
+def read_annotations(path: Path | str) -> list[Polygon]:
+    """Read ASAP XML (``.xml``) or GeoJSON (``.geojson``/``.json``) by suffix."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".xml":
+        return read_asap_xml(path)
+    if suffix in (".geojson", ".json"):
+        return read_geojson(path)
+    raise AnnotationError(
+        path, f"Expected a .xml, .geojson or .json file. Got {suffix or 'no suffix'!r} instead."
+    )
+
+
+def check_within(path: Path | str, polygons: list[Polygon], level0_wh: tuple[int, int]) -> None:
+    """Raise :class:`AnnotationError` if a vertex lies outside the slide (level-0 pixels)."""
+    width, height = level0_wh
+    for polygon in polygons:
+        for ring in (polygon.level0_xy, *polygon.holes):
+            x_min, y_min = ring.min(axis=0)
+            x_max, y_max = ring.max(axis=0)
+            if x_min < 0 or y_min < 0 or x_max > width or y_max > height:
+                raise AnnotationError(
+                    path,
+                    f"annotation {polygon.name!r}: Expected coordinates within the slide's "
+                    f"{width} x {height} level-0 pixels. Got x {x_min:.0f}..{x_max:.0f}, "
+                    f"y {y_min:.0f}..{y_max:.0f} instead (annotation of another slide?).",
+                )
+
+
+def _ring(path: Path, name: str, ring: object) -> np.ndarray:
+    try:
+        xy = np.asarray(ring, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise AnnotationError(
+            path, f"feature {name!r}: coordinates are not numbers: {exc}"
+        ) from exc
+    if xy.ndim != 2 or xy.shape[1] < 2 or not np.isfinite(xy).all():
+        raise AnnotationError(path, f"feature {name!r}: Expected a ring of [x, y] number pairs.")
+    if len(xy) > 1 and np.array_equal(xy[0], xy[-1]):
+        xy = xy[:-1]  # GeoJSON rings repeat the first point at the end
+    if len(xy) < 3:
+        raise AnnotationError(
+            path, f"feature {name!r}: Expected a ring of at least 3 points. Got {len(xy)} instead."
+        )
+    return xy[:, :2]
 
 
 def _xml_attr(text: str) -> str:

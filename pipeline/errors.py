@@ -30,6 +30,9 @@ class ConfigError(WsiflowError, ValueError):
         ]
         super().__init__("\n".join(lines))
 
+    def __reduce__(self):  # keep the fields when crossing process boundaries (Dask)
+        return (type(self), (self.source, self.problems))
+
 
 class SlideError(WsiflowError):
     """Something is wrong with one slide; ``path`` names it."""
@@ -38,6 +41,9 @@ class SlideError(WsiflowError):
         self.path = Path(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
+
+    def __reduce__(self):  # keep the fields when crossing process boundaries (Dask)
+        return (type(self), (self.path, self.reason))
 
 
 class SlideNotFoundError(SlideError, FileNotFoundError):
@@ -63,3 +69,18 @@ class AnnotationError(WsiflowError, ValueError):
         self.path = Path(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
+
+    def __reduce__(self):  # keep the fields when crossing process boundaries (Dask)
+        return (type(self), (self.path, self.reason))
+
+
+class StoreError(WsiflowError, ValueError):
+    """A patch store is missing, incomplete or not a wsiflow store."""
+
+    def __init__(self, path: Path | str, reason: str):
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+    def __reduce__(self):  # keep the fields when crossing process boundaries (Dask)
+        return (type(self), (self.path, self.reason))

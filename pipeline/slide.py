@@ -15,6 +15,7 @@ from types import TracebackType
 import numpy as np
 
 from .errors import SlideNotFoundError, SlideReadError
+from .tiffdirect import DIRECT_VENDORS, DirectTiff
 
 try:
     import openslide
@@ -56,9 +57,15 @@ class SlideInfo:
 
 
 class SlideReader:
-    """A slide opened with OpenSlide. Use as a context manager or call :meth:`close`."""
+    """A slide opened with OpenSlide. Use as a context manager or call :meth:`close`.
 
-    def __init__(self, path: Path | str):
+    With ``direct=True`` (the default), :meth:`read_level` decodes tiles of
+    tiled TIFF pyramids (generic TIFF, Aperio SVS) itself, ~5x faster than
+    OpenSlide's painting and pixel-identical; other formats and levels with no
+    matching TIFF page go through OpenSlide.
+    """
+
+    def __init__(self, path: Path | str, *, direct: bool = True):
         self.path = Path(path)
         if not self.path.is_file():
             raise SlideNotFoundError(self.path, "no such file")
@@ -71,6 +78,41 @@ class SlideReader:
         except openslide.OpenSlideError as exc:
             raise SlideReadError(self.path, f"OpenSlide cannot open it: {exc}") from exc
         self.info = _slide_info(self.path, self._osr)
+        self._direct: DirectTiff | None = None
+        if direct and self.info.vendor in DIRECT_VENDORS:
+            try:
+                self._direct = DirectTiff(self.path, self.info.level_wh)
+            except Exception:  # tifffile cannot parse it: OpenSlide reads everything
+                self._direct = None
+
+    @property
+    def direct_levels(self) -> tuple[int, ...]:
+        """Levels read by direct tile decoding (the rest go through OpenSlide)."""
+        if self._direct is None:
+            return ()
+        return tuple(k for k, level in enumerate(self._direct.levels) if level is not None)
+
+    def read_level(
+        self, level: int, level_xy: tuple[int, int], size_wh: tuple[int, int]
+    ) -> np.ndarray:
+        """Return ``(h, w, 3)`` uint8 RGB of ``level``, top-left at ``level_xy`` in *level* pixels.
+
+        Outside the slide is :data:`BACKGROUND_RGB`. Through OpenSlide the
+        level-0 position is ``round(level_xy * downsample)``.
+        """
+        direct = None if self._direct is None else self._direct.levels[level]
+        if direct is not None:
+            try:
+                return direct.read(level_xy[0], level_xy[1], size_wh[0], size_wh[1])
+            except Exception as exc:
+                raise SlideReadError(
+                    self.path,
+                    f"cannot decode level {level} at {level_xy} "
+                    f"(corrupt or truncated file?): {exc}",
+                ) from exc
+        downsample = self.info.level_downsamples[level]
+        level0_xy = (round(level_xy[0] * downsample), round(level_xy[1] * downsample))
+        return self.read_region(level0_xy, level, size_wh)
 
     def read_region(
         self, level0_xy: tuple[int, int], level: int, size_wh: tuple[int, int]
@@ -88,6 +130,42 @@ class SlideReader:
                 f"size {size_wh} (corrupt or truncated file?): {exc}",
             ) from exc
         return _rgba_to_rgb(np.asarray(image))
+
+    def overview(
+        self, downsample: float, block_px: int = 2048
+    ) -> tuple[np.ndarray, tuple[float, float]]:
+        """Return the slide at about ``downsample`` x level 0, streamed in blocks.
+
+        Reads the level with the largest downsample not above ``downsample``
+        and block-averages it by the remaining integer factor, ``block_px``
+        level pixels at a time, so memory stays bounded by the result.
+        Returns ``(rgb, level0_px_per_px_xy)``: ``(h, w, 3)`` uint8 and the
+        exact level-0 pixels per overview pixel along x and y.
+        """
+        downsamples = self.info.level_downsamples
+        level = max(
+            (k for k, d in enumerate(downsamples) if d <= downsample * 1.01),
+            key=lambda k: downsamples[k],
+        )
+        level_w, level_h = self.info.level_wh[level]
+        factor = max(1, int(downsample / downsamples[level] + 0.01))
+        out_w, out_h = max(1, level_w // factor), max(1, level_h // factor)
+        out = np.empty((out_h, out_w, 3), dtype=np.uint8)
+        step = max(1, block_px // factor) * factor  # level pixels per block, a multiple of factor
+        for y in range(0, out_h * factor, step):
+            for x in range(0, out_w * factor, step):
+                w = min(step, out_w * factor - x)
+                h = min(step, out_h * factor - y)
+                block = self.read_level(level, (x, y), (w, h))
+                if factor > 1:
+                    block = block.reshape(h // factor, factor, w // factor, factor, 3).mean(
+                        axis=(1, 3)
+                    )
+                out[y // factor : (y + h) // factor, x // factor : (x + w) // factor] = np.rint(
+                    block
+                )
+        level0_w, level0_h = self.info.level0_wh
+        return out, (level0_w / out_w, level0_h / out_h)
 
     def thumbnail(self, max_wh: tuple[int, int]) -> np.ndarray:
         """Return an ``(h, w, 3)`` uint8 RGB thumbnail that fits in ``max_wh``."""
@@ -110,6 +188,8 @@ class SlideReader:
         return _rgba_to_rgb(np.asarray(image))
 
     def close(self) -> None:
+        if self._direct is not None:
+            self._direct.close()
         self._osr.close()
 
     def __enter__(self) -> SlideReader:
@@ -124,9 +204,9 @@ class SlideReader:
         self.close()
 
 
-def open_slide(path: Path | str) -> SlideReader:
+def open_slide(path: Path | str, *, direct: bool = True) -> SlideReader:
     """Open ``path`` with OpenSlide, raising :class:`SlideError` subclasses on failure."""
-    return SlideReader(path)
+    return SlideReader(path, direct=direct)
 
 
 def _slide_info(path: Path, osr: openslide.OpenSlide) -> SlideInfo:
