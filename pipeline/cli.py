@@ -47,7 +47,10 @@ class Reporter:
 
     def __init__(self, as_json: bool):
         self.as_json = as_json
-        self.console = Console(stderr=as_json, highlight=False, soft_wrap=True)
+        stream = sys.stderr if as_json else sys.stdout
+        # Logs and CI capture get 120 columns instead of rich's 80 for non-terminals.
+        width = None if stream.isatty() else 120
+        self.console = Console(stderr=as_json, highlight=False, soft_wrap=True, width=width)
         # Errors and warnings always go to stderr, one line each.
         self.errors = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -349,6 +352,12 @@ def tile(
 
     reporter = Reporter(as_json)
     try:
+        if level is not None and mpp is not None:
+            raise ConfigError(
+                "command-line options", [("--mpp/--level", "give one, not both", None)]
+            )
+        from .config import CLEAR
+
         overrides: dict[str, Any] = {
             "tiling.patch_px": patch_size,
             "tiling.stride_px": stride,
@@ -356,14 +365,10 @@ def tile(
             "orchestration.workers": workers,
         }
         if level is not None:
-            overrides.update({"tiling.level": level, "tiling.target_mpp": None})
+            overrides.update({"tiling.level": level, "tiling.target_mpp": CLEAR})
         elif mpp is not None:
-            overrides.update({"tiling.target_mpp": mpp, "tiling.level": None})
+            overrides.update({"tiling.target_mpp": mpp, "tiling.level": CLEAR})
         cfg = _load(config, overrides)
-        if level is not None and mpp is not None:
-            raise ConfigError(
-                "command-line options", [("--mpp/--level", "give one, not both", None)]
-            )
     except ConfigError as exc:
         _fail_usage(reporter, exc, "tile")
     paths = find_slides(slides)
@@ -445,10 +450,14 @@ def run_tile(
         if r.status == "failed"
     ]
     written = sum(r.patches for r in results if r.status == "done")
+    stored = [r for r in results if r.status != "failed"]
     size = store_bytes(out) if out.exists() else 0
+    raw = sum(r.patches for r in stored) * cfg.tiling.patch_px**2 * 3
+    slide_bytes = sum(Path(r.path).stat().st_size for r in stored if Path(r.path).exists())
     reporter.console.print(
         f"{written:,} patches written in {seconds:.1f} s; store {size / 1e6:,.1f} MB "
-        f"({cfg.tiling.codec}, quality {cfg.tiling.codec_quality})"
+        f"({cfg.tiling.codec}, quality {cfg.tiling.codec_quality}): "
+        f"raw pixels / {raw / max(size, 1):.1f}, {size / max(slide_bytes, 1):.2f} x the slide files"
     )
     return {
         "command": "tile",
@@ -462,6 +471,8 @@ def run_tile(
         "tumor_patches": sum(r.tumor_patches for r in results if r.status != "failed"),
         "patches_written": written,
         "store_bytes": size,
+        "raw_pixel_bytes": raw,
+        "slide_file_bytes": slide_bytes,
         "seconds": round(seconds, 2),
         "failures": failures,
         "per_slide": [r.summary_row() for r in results],
@@ -507,8 +518,9 @@ def demo(
 ) -> None:
     """Run the main job on a generated CAMELYON16-format cohort (plus real slides if present).
 
-    This build runs the stages that exist: cohort generation and slide
-    inspection with OpenSlide. Tiling, training, inference and evaluation are
+    This build runs the stages that exist: cohort generation, slide
+    inspection with OpenSlide, tiling of the training slides into a Zarr patch
+    store and a contact sheet of it. Training, inference and evaluation are
     reported as not yet available rather than faked.
     """
     from .slide import find_slides
@@ -545,7 +557,35 @@ def demo(
     t0 = time.perf_counter()
     rows, failures = inspect_slides(reporter, find_slides([cohort_dir, *present]))
     stages["inspect"] = time.perf_counter() - t0
-    missing_stages = ["tile", "train", "infer", "evaluate", "serve"]
+
+    t0 = time.perf_counter()
+    training = cohort_dir / "training"
+    store = out / "patches.zarr"
+    tile_summary = run_tile(
+        reporter,
+        find_slides([training]),
+        store,
+        cfg,
+        annotations_dir=training / "lesion_annotations",
+        overwrite=False,
+    )
+    stages["tile"] = time.perf_counter() - t0
+    failures += tile_summary["failures"]
+    summary["tile"] = {
+        k: tile_summary[k]
+        for k in ("store", "patches", "tumor_patches", "store_bytes", "done", "skipped")
+    }
+    if tile_summary["patches"]:
+        from .preview import contact_sheet
+
+        t0 = time.perf_counter()
+        sheet = out / "preview.png"
+        contact_sheet(store, sheet, per_class=16)
+        stages["preview"] = time.perf_counter() - t0
+        summary["preview"] = str(sheet)
+        reporter.console.print(f"Contact sheet of stored patches: {sheet}")
+
+    missing_stages = ["train", "infer", "evaluate", "serve"]
     reporter.console.print(
         "[bold]Not yet in this build:[/bold] "
         + ", ".join(missing_stages)

@@ -164,10 +164,15 @@ def load_config(path: Path | str | None) -> WsiflowConfig:
         raise ConfigError(path, _problems(exc, WsiflowConfig, node)) from exc
 
 
+#: An override value that sets a key to null (``None`` itself means "not given").
+CLEAR = object()
+
+
 def with_overrides(config: WsiflowConfig, overrides: dict[str, Any]) -> WsiflowConfig:
     """Return ``config`` with dotted keys replaced (``{"tiling.patch_px": 128}``); ``None`` skips.
 
-    Overrides are validated like a file; errors name the dotted key.
+    :data:`CLEAR` sets a key to null. Overrides are validated like a file;
+    errors name the dotted key.
     """
     data = config.model_dump()
     for dotted, value in overrides.items():
@@ -179,7 +184,7 @@ def with_overrides(config: WsiflowConfig, overrides: dict[str, Any]) -> WsiflowC
             target = target[key]
         if leaf not in target:
             raise KeyError(f"no configuration key {dotted!r}")
-        target[leaf] = value
+        target[leaf] = None if value is CLEAR else value
     try:
         return WsiflowConfig.model_validate(data)
     except ValidationError as exc:

@@ -50,13 +50,30 @@ class DirectLevel:
             raise OSError(f"tile {index} is truncated: {len(data)} of {count} bytes")
         segment, _, _ = self._decode(data, index, jpegtables=self._jpegtables)
         tile = segment.reshape(self.tile_h, self.tile_w, -1)[..., :3]
+        tile.flags.writeable = False
         self._cache[index] = tile
         if len(self._cache) > self._cache_tiles:
             self._cache.popitem(last=False)
         return tile
 
     def read(self, x: int, y: int, w: int, h: int, background: int = 255) -> np.ndarray:
-        """Return ``(h, w, 3)`` uint8 of this level at ``(x, y)``; outside is ``background``."""
+        """Return ``(h, w, 3)`` uint8 of this level at ``(x, y)``; outside is ``background``.
+
+        A region that is exactly one whole stored tile is that tile (read-only).
+        """
+        if (
+            w == self.tile_w
+            and h == self.tile_h
+            and x % w == 0
+            and y % h == 0
+            and x >= 0
+            and x + w <= self.width
+            and y >= 0
+            and y + h <= self.height
+        ):
+            tile = self.tile((y // h) * self.tiles_across + x // w)
+            if tile is not None:
+                return tile
         out = np.full((h, w, 3), background, dtype=np.uint8)
         x_lo, y_lo = max(x, 0), max(y, 0)
         x_hi, y_hi = min(x + w, self.width), min(y + h, self.height)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,14 +34,17 @@ from .store import (
     file_identity,
     fingerprint,
     mark_complete,
+    open_patches,
     open_root,
     update_summary,
-    write_patches,
 )
 from .tissue import detect_tissue
 
 #: Tumor masks are rasterised at this many samples per patch side.
 TUMOR_SAMPLES_PER_PATCH = 16
+#: Patches per extraction task: whole Zarr chunks adding up to about this many bytes, so
+#: tasks are long enough (~0.1 s) for Dask's per-task overhead not to matter.
+TASK_BYTES = 32 * 2**20
 #: Overview used for tissue detection when the slide records no mpp: downsample 32.
 NO_MPP_OVERVIEW_DOWNSAMPLE = 32.0
 ANNOTATION_SUFFIXES = (".xml", ".geojson", ".json")
@@ -230,19 +233,33 @@ def read_patches(
     return out
 
 
+def _cached_patches(store_path: str, slide_id: str, token: str) -> Any:
+    """The worker thread's open ``patches`` array; ``token`` changes when the group is redone."""
+    arrays: dict[tuple[str, str, str], Any] = getattr(_local, "arrays", None) or {}
+    _local.arrays = arrays
+    key = (store_path, slide_id, token)
+    array = arrays.get(key)
+    if array is None:
+        if len(arrays) >= 8:
+            arrays.pop(next(iter(arrays)))
+        array = arrays[key] = open_patches(store_path, slide_id)
+    return array
+
+
 def extract_chunk(
     slide_path: str,
     store_path: str,
     slide_id: str,
+    token: str,
     start: int,
     level: int,
     level_xy: np.ndarray,
     read_px: int,
     patch_px: int,
 ) -> int:
-    """Read one chunk's patches and write them into the store; return how many."""
+    """Read a block of whole chunks' patches and write them into the store; return how many."""
     patches = read_patches(slide_path, level, level_xy, read_px, patch_px)
-    write_patches(store_path, slide_id, start, patches)
+    _cached_patches(store_path, slide_id, token)[start : start + len(patches)] = patches
     return len(patches)
 
 
@@ -307,6 +324,7 @@ def tile_slides(
     chunks: dict[Any, str] = {}
     active: dict[str, SlidePlan] = {}  # planned slides still being written
     groups: dict[str, Any] = {}
+    tokens: dict[str, str] = {}  # unique per (re)created group: workers cache open arrays by it
     remaining: dict[str, int] = {}
     work = as_completed(loop=client.loop)
 
@@ -322,6 +340,7 @@ def tile_slides(
                     str(plan.job.path),
                     str(store_path),
                     slide_id,
+                    tokens[slide_id],
                     start,
                     plan.resolution.level,
                     xy,
@@ -356,6 +375,8 @@ def tile_slides(
                 submit_some()
                 continue
             n, chunk = len(plan.table), config.chunk_patches
+            chunk_bytes = chunk * config.patch_px**2 * 3
+            block = chunk * max(1, TASK_BYTES // chunk_bytes)
             group = create_slide_group(
                 root,
                 job.slide_id,
@@ -371,10 +392,11 @@ def tile_slides(
             group["tissue_fraction"][:] = plan.table.tissue_fraction
             group["coords"][:] = plan.table.level0_xy
             active[job.slide_id], groups[job.slide_id] = plan, group
-            remaining[job.slide_id] = -(-n // chunk)
+            tokens[job.slide_id] = f"{digest}-{time.time_ns()}"
+            remaining[job.slide_id] = -(-n // block)
             chunk_queue.extend(
-                (job.slide_id, start, plan.table.level_xy[start : start + chunk])
-                for start in range(0, n, chunk)
+                (job.slide_id, start, plan.table.level_xy[start : start + block])
+                for start in range(0, n, block)
             )
             if on_planned is not None:
                 on_planned(n)
@@ -427,11 +449,3 @@ def _reason(job: SlideJob, exc: BaseException) -> str:
     if isinstance(exc, (SlideError, AnnotationError)):
         return str(exc)
     return f"{job.path}: {type(exc).__name__}: {exc}"
-
-
-def iter_store_slides(store_path: Path) -> Iterator[str]:
-    """Slide ids of the complete groups in a store."""
-    root = open_root(store_path)
-    for slide_id in sorted(root.group_keys()):
-        if root[slide_id].attrs.get("complete") is True:
-            yield slide_id

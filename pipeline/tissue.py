@@ -9,7 +9,6 @@ on the overview's resolution.
 from __future__ import annotations
 
 import numpy as np
-from skimage.color import rgb2hsv
 from skimage.filters import threshold_otsu
 from skimage.morphology import closing, disk, remove_small_holes, remove_small_objects
 
@@ -37,8 +36,11 @@ def detect_tissue(
         raise ValueError(
             f"Expected an (h, w, 3) uint8 image. Received: shape={rgb.shape}, dtype={rgb.dtype}"
         )
-    hsv = rgb2hsv(rgb)
-    saturation, value = hsv[..., 1], hsv[..., 2]
+    # HSV saturation and value in float32 (skimage's rgb2hsv makes three float64 planes).
+    high = rgb.max(axis=2)
+    low = rgb.min(axis=2)
+    value = high.astype(np.float32) / 255.0
+    saturation = (high - low).astype(np.float32) / np.maximum(high, 1).astype(np.float32)
     if np.ptp(saturation) > 1e-6:
         threshold = max(float(threshold_otsu(saturation)), MIN_SATURATION)
     else:

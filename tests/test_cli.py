@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from tests.conftest import APERIO_SLIDE
 
 WSIFLOW = str(Path(sys.executable).parent / "wsiflow")
-COMMANDS = ["synth", "info", "config", "demo"]
+COMMANDS = ["synth", "info", "config", "tile", "preview", "demo"]
 
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -102,16 +103,155 @@ def test_config_command(tmp_path):
 def test_demo_runs_what_exists_and_says_what_does_not(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(
-        "slides:\n  synthetic:\n    slides: 4\n    width_px: 1024\n    height_px: 1024\n"
+        "slides:\n  synthetic:\n    slides: 4\n    width_px: 2048\n    height_px: 2048\n"
         f"  extra: [{APERIO_SLIDE.parent}, {tmp_path / 'absent'}]\n"
     )
     result = run("demo", "--out", str(tmp_path / "out"), "--config", str(config), "--json")
     assert result.returncode == 0, result.stderr
     summary = last_json(result)
     assert summary["ok"] is True
-    assert summary["stages_run"] == ["synth", "inspect"]
+    assert summary["stages_run"] == ["synth", "inspect", "tile", "preview"]
+    assert summary["tile"]["patches"] > 0 and summary["tile"]["tumor_patches"] > 0
+    assert (tmp_path / "out" / "preview.png").is_file()
     assert "train" in summary["stages_not_available"]
     assert "absent is not present" in result.stderr
     expected_real = [str(APERIO_SLIDE)] if APERIO_SLIDE.is_file() else []
     assert summary["real_slides"] == expected_real
     assert summary["slides"] == 4 + len(expected_real)
+
+
+@pytest.fixture(scope="module")
+def cli_cohort(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "cohort"
+    result = run("synth", str(out), "--slides", "4", "--size", "2048x2048", "--seed", "5")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_tile_then_preview(cli_cohort, tmp_path):
+    store = tmp_path / "s.zarr"
+    corrupt = tmp_path / "corrupt.svs"
+    corrupt.write_bytes(b"not a slide")
+    args = [
+        "tile",
+        str(cli_cohort / "training"),
+        str(corrupt),
+        "--out",
+        str(store),
+        "--annotations",
+        str(cli_cohort / "training" / "lesion_annotations"),
+        "--patch-size",
+        "64",
+        "--mpp",
+        "0.5",
+        "--workers",
+        "2",
+        "--json",
+    ]
+    result = run(*args)
+    assert result.returncode == 1  # one slide failed; the others are in the store
+    summary = last_json(result)
+    assert (summary["done"], summary["failed"]) == (2, 1)
+    assert summary["failures"][0]["path"] == str(corrupt)
+    assert f"{corrupt}: not a slide format OpenSlide can read" in result.stderr
+    assert summary["tumor_patches"] > 0 and summary["store_bytes"] > 0
+    rerun = last_json(run(*[a for a in args if a != str(corrupt)]))
+    assert (rerun["skipped"], rerun["done"], rerun["ok"]) == (2, 0, True)
+
+    sheet = tmp_path / "sheet.png"
+    shown = run("preview", str(store), "--out", str(sheet), "--per-class", "4", "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert last_json(shown)["tumor"] == 4 and last_json(shown)["normal"] == 4
+    from PIL import Image
+
+    with Image.open(sheet) as image:
+        assert image.size == (8 * 128, 1 * (128 + 28))
+    missing = run("preview", str(store), "--slide", "nope", "--out", str(sheet))
+    assert missing.returncode == 2 and "Got 'nope' instead" in missing.stderr
+
+
+def test_tile_uses_an_existing_scheduler_unchanged(cli_cohort, tmp_path):
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        before = set(client.scheduler_info()["workers"])
+        result = run(
+            "tile",
+            str(cli_cohort / "training" / "normal"),
+            "--out",
+            str(tmp_path / "s.zarr"),
+            "--scheduler",
+            cluster.scheduler_address,
+            "--patch-size",
+            "64",
+            "--json",
+        )
+        assert result.returncode == 0, result.stderr
+        assert last_json(result)["done"] == 1
+        assert set(client.scheduler_info()["workers"]) == before  # still there, unchanged
+
+
+def test_tile_rejects_mpp_and_level_together(tmp_path):
+    result = run(
+        "tile", str(tmp_path), "--out", str(tmp_path / "s.zarr"), "--mpp", "0.5", "--level", "1"
+    )
+    assert result.returncode == 2 and "give one, not both" in result.stderr
+
+
+@pytest.mark.slow
+def test_killed_run_leaves_no_false_complete_group(cli_cohort, tmp_path):
+    """SIGKILL mid-run: every group marked complete is whole; a rerun finishes the rest."""
+    import signal
+    import time
+
+    import zarr
+
+    store = tmp_path / "s.zarr"
+    args = [
+        WSIFLOW,
+        "tile",
+        str(cli_cohort),
+        "--out",
+        str(store),
+        "--patch-size",
+        "32",
+        "--mpp",
+        "0.25",
+        "--workers",
+        "2",
+    ]
+    process = subprocess.Popen(
+        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any(store.glob("*/zarr.json")):
+        time.sleep(0.1)
+    time.sleep(0.3)
+    os.killpg(process.pid, signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run ended before it could be interrupted"
+    root = zarr.open_group(str(store), mode="r")
+    complete = [k for k in root.group_keys() if root[k].attrs.get("complete") is True]
+    assert len(complete) < 4, "nothing was left to interrupt"
+    for slide_id in complete:
+        group = root[slide_id]
+        patches = group["patches"]
+        assert patches.nchunks_initialized == patches.nchunks
+    rerun = run(
+        "tile",
+        str(cli_cohort),
+        "--out",
+        str(store),
+        "--patch-size",
+        "32",
+        "--mpp",
+        "0.25",
+        "--json",
+    )
+    summary = last_json(rerun)
+    assert summary["ok"] and summary["skipped"] == len(complete)
+    assert summary["done"] + summary["skipped"] == 4

@@ -87,3 +87,86 @@ def test_bad_files_name_the_file_and_the_reason(tmp_path, text, expected):
 def test_missing_file(tmp_path):
     with pytest.raises(AnnotationError, match="no such annotation file"):
         read_asap_xml(tmp_path / "absent.xml")
+
+
+def _feature(geometry, classification=None, name="f"):
+    properties = {"name": name}
+    if classification:
+        properties["classification"] = {"name": classification, "color": [255, 0, 0]}
+    return {"type": "Feature", "geometry": geometry, "properties": properties}
+
+
+def test_qupath_geojson_polygons_multipolygons_and_holes(tmp_path):
+    import json
+
+    from pipeline.annotations import read_annotations
+
+    outer = [[0, 0], [100, 0], [100, 100], [0, 100], [0, 0]]
+    hole = [[10, 10], [20, 10], [20, 20], [10, 20], [10, 10]]
+    collection = {
+        "type": "FeatureCollection",
+        "features": [
+            _feature({"type": "Polygon", "coordinates": [outer, hole]}, "Tumor", "lesion"),
+            _feature(
+                {
+                    "type": "MultiPolygon",
+                    "coordinates": [[outer], [[[200, 0], [210, 0], [205, 9]]]],
+                },
+                None,
+                "multi",
+            ),
+            _feature({"type": "Polygon", "coordinates": [hole]}, "Ignore*", "skip me"),
+            _feature({"type": "Point", "coordinates": [5, 5]}, "Tumor", "dot"),
+        ],
+    }
+    path = tmp_path / "slide.geojson"
+    path.write_text(json.dumps(collection))
+    polygons = read_annotations(path)
+    assert [(p.name, p.group, len(p.holes)) for p in polygons] == [
+        ("lesion", "Tumor", 1),
+        ("multi [0]", "Tumor", 0),
+        ("multi [1]", "Tumor", 0),
+        ("skip me", "Exclusion", 0),
+    ]
+    assert polygons[0].level0_xy.shape == (4, 2)  # closing point dropped
+    # A bare list of features (QuPath's "Export objects" default) reads the same.
+    path.write_text(json.dumps(collection["features"]))
+    assert len(read_annotations(path)) == 4
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"type": "FeatureCollection", "features": [', "malformed JSON at line 1"),
+        ('{"type": "Feature"}', "feature 0: Expected a Feature with a geometry"),
+        (
+            '[{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [1, "a"]]]}}]',
+            "coordinates are not numbers",
+        ),
+        (
+            '[{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [1, 1], [0, 0]]]}}]',
+            "Expected a ring of at least 3 points. Got 2",
+        ),
+        ('"just a string"', "Expected a GeoJSON FeatureCollection"),
+    ],
+)
+def test_bad_geojson_names_the_file(tmp_path, text, expected):
+    from pipeline.annotations import read_geojson
+
+    path = tmp_path / "bad.geojson"
+    path.write_text(text)
+    with pytest.raises(AnnotationError, match=expected) as info:
+        read_geojson(path)
+    assert str(info.value).startswith(str(path))
+
+
+def test_coordinates_outside_the_slide(tmp_path):
+    from pipeline.annotations import check_within
+
+    inside = Polygon("in", "_0", SQUARE)
+    outside = Polygon("far", "_0", SQUARE + 5000)
+    check_within(tmp_path / "a.xml", [inside], (200, 200))
+    with pytest.raises(
+        AnnotationError, match=r"'far': Expected coordinates within the slide's 200 x 200"
+    ):
+        check_within(tmp_path / "a.xml", [inside, outside], (200, 200))

@@ -1,0 +1,221 @@
+"""Tiling throughput against limits measured in the same run.
+
+    .venv/bin/python benchmarks/tiling.py [--size 40960] [--repeats 3] [--workdir /tmp/wsiflow-bench]
+
+On a generated JPEG tiled TIFF (default 40960 x 40960, 256 px tiles, q80,
+YCbCr 4:2:0), with 256 px patches aligned to the tiles at level 0, prints:
+
+- wsiflow's whole tiling pipeline (plan with tissue detection, Dask
+  extraction, Zarr write with the default codec) on 1 worker process with
+  1 thread, and on 2 workers;
+- the raw decode rate of the same tiles (tifffile + imagecodecs, one core);
+- encoding and writing the same patches to Zarr alone with the same codec;
+- plain OpenSlide ``read_region`` in a loop over the same patches;
+
+then the practical limit 1 / (decode + encode-and-write time per patch) and
+the ratios against the targets (>= 80% of the limit, >= 3x the OpenSlide
+loop, 2 workers >= 1.7x one), and the store size against raw pixels and
+against the slide file. Medians over ``--repeats`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from pipeline.cluster import dask_client
+from pipeline.config import TilingConfig
+from pipeline.slide import open_slide
+from pipeline.store import create_slide_group, open_patches, open_root, store_bytes
+from pipeline.synth.pyramid import write_pyramid_tiff
+from pipeline.synth.scene import make_scene
+from pipeline.tiling import SlideJob, plan_slide, tile_slides
+
+TILE = 256
+
+
+def make_slide(path: Path, size: int) -> None:
+    """A size x size slide whose tissue tiles cycle through 64 distinct rendered tiles.
+
+    Rendering every tile of a 40k slide procedurally would take minutes; the
+    JPEG content (what decoding costs) is real H&E-like texture either way.
+    """
+    scene = make_scene(size, size, 0.243, seed=4, tumor=True)
+    donor = make_scene(4096, 4096, 0.243, seed=4, tumor=True)
+    pool = []
+    cx, cy = donor.pieces[0].center_xy
+    for i in range(64):
+        x = int(cx) - 1024 + (i % 8) * TILE
+        y = int(cy) - 1024 + (i // 8) * TILE
+        pool.append(donor.render(x, y, TILE, TILE))
+    background = scene.render(0, 0, TILE, TILE)
+
+    def render(x0: int, y0: int, w: int, h: int) -> np.ndarray:
+        if not scene.tissue_mask(x0 + w // 2, y0 + h // 2, 1, 1)[0, 0]:
+            return background[:h, :w]
+        return pool[((x0 // TILE) * 7 + (y0 // TILE) * 13) % len(pool)][:h, :w]
+
+    write_pyramid_tiff(path, size, size, render, mpp=0.243, tile_px=TILE, jpeg_quality=80)
+
+
+def median_rate(fn, n_items: int, repeats: int) -> float:
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        rates.append(n_items / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=40960)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sample", type=int, default=3000, help="patches for the in-process loops")
+    parser.add_argument(
+        "--workdir", type=Path, default=Path(tempfile.gettempdir()) / "wsiflow-bench"
+    )
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    slide = args.workdir / f"bench_{args.size}.tif"
+    if not slide.exists():
+        t0 = time.perf_counter()
+        make_slide(slide, args.size)
+        print(f"generated {slide} in {time.perf_counter() - t0:.0f} s")
+
+    config = TilingConfig(target_mpp=None, level=0, patch_px=TILE)
+    plan = plan_slide(SlideJob("bench", slide, None), config)
+    coords = plan.table.level_xy
+    n_patches = len(coords)
+    rng = np.random.default_rng(0)
+    sample = coords[np.sort(rng.choice(n_patches, min(args.sample, n_patches), replace=False))]
+    print(f"slide {args.size} x {args.size}: {n_patches} tissue patches of {TILE} px at level 0")
+
+    # Raw decode of the same tiles: pread + tifffile/imagecodecs, no cache.
+    with tifffile.TiffFile(slide) as tif:
+        page = tif.pages[0]
+        across = -(-page.shape[1] // TILE)
+        fd = os.open(slide, os.O_RDONLY)
+
+        def decode_all() -> None:
+            for x, y in sample:
+                index = (y // TILE) * across + x // TILE
+                data = os.pread(fd, page.databytecounts[index], page.dataoffsets[index])
+                page.decode(data, index, jpegtables=page.jpegtables)
+
+        decode_rate = median_rate(decode_all, len(sample), args.repeats)
+        os.close(fd)
+
+    # Encode and write the same patches with the store's codec, nothing else.
+    with open_slide(slide) as reader:
+        patches = np.stack(
+            [reader.read_level(0, (int(x), int(y)), (TILE, TILE)) for x, y in sample[:1024]]
+        )
+    scratch = Path(tempfile.mkdtemp(dir=args.workdir))
+
+    def encode_write() -> None:
+        root = open_root(scratch / "p.zarr")
+        create_slide_group(
+            root,
+            "bench",
+            n_patches=len(patches),
+            patch_px=TILE,
+            chunk_patches=config.chunk_patches,
+            codec=config.codec,
+            codec_quality=config.codec_quality,
+            attrs={},
+        )
+        array = open_patches(scratch / "p.zarr", "bench")
+        for start in range(0, len(patches), config.chunk_patches):
+            array[start : start + config.chunk_patches] = patches[
+                start : start + config.chunk_patches
+            ]
+
+    encode_rate = median_rate(encode_write, len(patches), args.repeats)
+    shutil.rmtree(scratch)
+
+    # Plain OpenSlide read_region in a loop.
+    with open_slide(slide, direct=False) as reader:
+        osr = reader._osr
+
+        def openslide_loop() -> None:
+            for x, y in sample:
+                np.asarray(osr.read_region((int(x), int(y)), 0, (TILE, TILE)).convert("RGB"))
+
+        openslide_rate = median_rate(openslide_loop, len(sample), args.repeats)
+
+    # wsiflow's whole pipeline, 1 and 2 worker processes of 1 thread.
+    pipeline_rates = {}
+    store_size = 0
+    for workers in (1, 2):
+        with dask_client(workers=workers, threads_per_worker=1) as client:
+            rates = []
+            for _ in range(args.repeats):
+                store = args.workdir / "bench_store.zarr"
+                shutil.rmtree(store, ignore_errors=True)
+                t0 = time.perf_counter()
+                (result,) = tile_slides(client, [slide], store, config)
+                rates.append(result.patches / (time.perf_counter() - t0))
+                store_size = store_bytes(store)
+            pipeline_rates[workers] = statistics.median(rates)
+
+    limit = 1 / (1 / decode_rate + 1 / encode_rate)
+    one, two = pipeline_rates[1], pipeline_rates[2]
+    raw_bytes = n_patches * TILE * TILE * 3
+    results = {
+        "slide_px": args.size,
+        "patches": n_patches,
+        "decode_per_s": round(decode_rate),
+        "encode_write_per_s": round(encode_rate),
+        "limit_per_s": round(limit),
+        "openslide_per_s": round(openslide_rate),
+        "wsiflow_1_worker_per_s": round(one),
+        "wsiflow_2_workers_per_s": round(two),
+        "ratio_to_limit": round(one / limit, 3),
+        "ratio_to_openslide": round(one / openslide_rate, 2),
+        "scaling_2_workers": round(two / one, 2),
+        "store_bytes": store_size,
+        "raw_ratio": round(raw_bytes / store_size, 2),
+        "slide_file_bytes": slide.stat().st_size,
+        "store_to_slide_file": round(store_size / slide.stat().st_size, 3),
+        "codec": f"{config.codec} q{config.codec_quality}",
+    }
+    print()
+    print(f"{'raw JPEG tile decode (1 core)':<44}{decode_rate:>10,.0f} patches/s")
+    print(
+        f"{'encode + write to Zarr (' + results['codec'] + ')':<44}{encode_rate:>10,.0f} patches/s"
+    )
+    print(f"{'limit 1/(decode + encode-write)':<44}{limit:>10,.0f} patches/s")
+    print(f"{'OpenSlide read_region loop (1 core)':<44}{openslide_rate:>10,.0f} patches/s")
+    print(f"{'wsiflow tile, 1 worker x 1 thread':<44}{one:>10,.0f} patches/s")
+    print(f"{'wsiflow tile, 2 workers x 1 thread':<44}{two:>10,.0f} patches/s")
+    print()
+    print(
+        f"wsiflow / limit       = {one / limit:.2f}   (target >= 0.80)  {'PASS' if one / limit >= 0.8 else 'FAIL'}"
+    )
+    print(
+        f"wsiflow / OpenSlide   = {one / openslide_rate:.2f}   (target >= 3.0)   {'PASS' if one / openslide_rate >= 3 else 'FAIL'}"
+    )
+    print(
+        f"2 workers / 1 worker  = {two / one:.2f}   (target >= 1.7)   {'PASS' if two / one >= 1.7 else 'FAIL'}"
+    )
+    print(
+        f"store {store_size / 1e6:,.1f} MB = raw pixels / {raw_bytes / store_size:.1f}, "
+        f"{store_size / slide.stat().st_size:.2f} x the slide file ({slide.stat().st_size / 1e6:,.1f} MB)"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

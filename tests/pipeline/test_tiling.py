@@ -1,0 +1,192 @@
+"""Tiling on generated CAMELYON16-format slides with a real Dask cluster and real OpenSlide."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import zarr
+from skimage.measure import points_in_poly
+
+from pipeline.annotations import read_asap_xml, write_asap_xml
+from pipeline.config import TilingConfig
+from pipeline.slide import open_slide
+from pipeline.store import read_summary
+from pipeline.synth.pyramid import write_pyramid_tiff
+from pipeline.tiling import tile_slides
+
+
+@pytest.fixture(scope="module")
+def client():
+    from pipeline.cluster import dask_client
+
+    with dask_client(workers=2) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    from pipeline.config import SyntheticConfig
+    from pipeline.synth.cohort import write_cohort
+
+    root = tmp_path_factory.mktemp("tiling-cohort")
+    return write_cohort(
+        root, SyntheticConfig(slides=4, seed=21, width_px=4096, height_px=3072), workers=2
+    )
+
+
+def _train(cohort):
+    root = cohort.root
+    return [
+        root / r.image for r in cohort.slides if r.split == "training"
+    ], root / "training" / "lesion_annotations"
+
+
+def _tumor_fraction_exact(polygons, x0, y0, size, step=4):
+    """Independent check: sample the patch's pixel centres against the polygons."""
+    ys, xs = np.mgrid[0:size:step, 0:size:step]
+    points = np.stack([x0 + xs.ravel() + 0.5, y0 + ys.ravel() + 0.5], axis=1)
+    inside = np.zeros(len(points), dtype=bool)
+    for p in polygons:
+        if p.is_tumor:
+            inside |= points_in_poly(points, p.level0_xy)
+    for p in polygons:
+        if p.is_exclusion:
+            inside &= ~points_in_poly(points, p.level0_xy)
+    return inside.mean()
+
+
+def test_labels_follow_the_annotations_and_pixels_match_openslide(client, cohort, tmp_path):
+    slides, annotations = _train(cohort)
+    store = tmp_path / "store.zarr"
+    config = TilingConfig(target_mpp=None, level=1, patch_px=64, codec="zstd")
+    results = tile_slides(client, slides, store, config, annotations_dir=annotations)
+    assert [r.status for r in results] == ["done", "done"]
+    root = zarr.open_group(str(store), mode="r")
+    for path in slides:
+        group = root[path.stem]
+        assert group.attrs["complete"] is True
+        assert group.attrs["level"] == 1 and group.attrs["patch_px"] == 64
+        coords, labels = group["coords"][:], group["labels"][:]
+        patches = group["patches"]
+        assert patches.shape == (len(labels), 64, 64, 3)
+        assert len(labels) > 100
+        if path.stem.startswith("normal"):
+            assert labels.sum() == 0
+            assert group["tumor_fraction"][:].max() == 0
+            continue
+        polygons = read_asap_xml(annotations / f"{path.stem}.xml")
+        assert labels.sum() > 5
+        for i in np.flatnonzero(labels == 1):
+            x, y = coords[i]
+            assert _tumor_fraction_exact(polygons, x, y, 128) >= 0.45
+        for i in np.flatnonzero(labels == 0)[::7]:
+            x, y = coords[i]
+            assert _tumor_fraction_exact(polygons, x, y, 128) <= 0.55
+        with open_slide(path, direct=False) as slide:  # OpenSlide itself is the reference
+            for i in np.random.default_rng(0).choice(len(labels), 25, replace=False):
+                x, y = (int(v) for v in coords[i])
+                np.testing.assert_array_equal(patches[i], slide.read_region((x, y), 1, (64, 64)))
+    summary = read_summary(store)
+    assert {k: v["status"] for k, v in summary.items()} == {p.stem: "done" for p in slides}
+    assert summary[slides[0].stem]["patches"] == root[slides[0].stem]["labels"].shape[0]
+
+
+def test_resume_skips_complete_slides_and_redoes_changed_ones(client, cohort, tmp_path):
+    slides, annotations = _train(cohort)
+    store = tmp_path / "store.zarr"
+    config = TilingConfig(patch_px=48)
+    first = tile_slides(client, slides, store, config, annotations_dir=annotations)
+    assert [r.status for r in first] == ["done", "done"]
+    again = tile_slides(client, slides, store, config, annotations_dir=annotations)
+    assert [r.status for r in again] == ["skipped", "skipped"]
+    assert [r.patches for r in again] == [r.patches for r in first]
+    # A touched slide or another config is redone; --overwrite redoes everything.
+    os.utime(slides[0], ns=(1, 1))
+    assert [
+        r.status for r in tile_slides(client, slides, store, config, annotations_dir=annotations)
+    ] == [
+        "done",
+        "skipped",
+    ]
+    other = TilingConfig(patch_px=48, min_tissue_fraction=0.9)
+    assert [
+        r.status for r in tile_slides(client, slides, store, other, annotations_dir=annotations)
+    ] == [
+        "done",
+        "done",
+    ]
+    assert [
+        r.status
+        for r in tile_slides(
+            client, slides, store, other, annotations_dir=annotations, overwrite=True
+        )
+    ] == ["done", "done"]
+
+
+def test_bad_slides_are_reported_and_the_rest_complete(client, cohort, tmp_path):
+    slides, annotations = _train(cohort)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    good = bad / "good.tif"
+    shutil.copy(slides[0], good)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    shutil.copy(annotations / f"{slides[0].stem}.xml", notes / "good.xml")
+    corrupt = bad / "corrupt.tif"
+    corrupt.write_bytes(b"II*\x00" + os.urandom(5000))
+    truncated = bad / "truncated.tif"
+    truncated.write_bytes(slides[1].read_bytes()[: slides[1].stat().st_size // 3])
+    blank = bad / "blank.tif"
+    write_pyramid_tiff(
+        blank, 2048, 2048, lambda x, y, w, h: np.full((h, w, 3), 243, np.uint8), mpp=0.25
+    )
+    malformed = bad / "malformed.tif"
+    shutil.copy(slides[0], malformed)
+    (notes / "malformed.xml").write_text("<ASAP_Annotations><Annotations><Annotation")
+    elsewhere = bad / "elsewhere.tif"
+    shutil.copy(slides[0], elsewhere)
+    polygons = read_asap_xml(annotations / f"{slides[0].stem}.xml")
+    write_asap_xml(
+        notes / "elsewhere.xml", [type(p)(p.name, p.group, p.level0_xy + 10_000) for p in polygons]
+    )
+    missing = bad / "missing.tif"
+    inputs = [good, corrupt, truncated, blank, malformed, elsewhere, missing]
+    results = tile_slides(
+        client, inputs, tmp_path / "s.zarr", TilingConfig(patch_px=48), annotations_dir=notes
+    )
+    by_id = {r.slide_id: r for r in results}
+    assert by_id["good"].status == "done" and by_id["good"].patches > 0
+    expected = {
+        "corrupt": "not a slide format OpenSlide can read",
+        "truncated": "truncated.tif",
+        "blank": "no patch has >= 50% tissue",
+        "malformed": "malformed XML at line 1",
+        "elsewhere": "Expected coordinates within the slide's 4096 x 3072",
+        "missing": "no such file",
+    }
+    for slide_id, text in expected.items():
+        result = by_id[slide_id]
+        assert result.status == "failed", slide_id
+        assert text in result.reason, (slide_id, result.reason)
+        assert result.reason.startswith(str(bad)) or result.reason.startswith(str(notes))
+    root = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
+    assert [k for k in root.group_keys() if root[k].attrs.get("complete")] == ["good"]
+    assert read_summary(tmp_path / "s.zarr")["blank"]["status"] == "failed"
+
+
+def test_real_aperio_slide(client, aperio_slide, tmp_path):
+    store = tmp_path / "real.zarr"
+    results = tile_slides(client, [aperio_slide], store, TilingConfig(target_mpp=0.5, patch_px=128))
+    (result,) = results
+    assert result.status == "done" and result.level == 0 and result.read_px == 128
+    group = zarr.open_group(str(store), mode="r")[aperio_slide.stem]
+    tissue = group["tissue_fraction"][:]
+    coords = group["coords"][:]
+    assert 60 < len(tissue) < 0.7 * (2220 // 128) * (2967 // 128)  # background excluded
+    assert tissue.min() >= 0.5
+    patches = group["patches"][:]
+    assert patches.reshape(len(patches), -1).mean(axis=1).max() < 235  # no blank glass
+    assert not ((coords[:, 0] < 250) & (coords[:, 1] < 700)).any()  # the glass at top left

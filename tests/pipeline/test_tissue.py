@@ -1,0 +1,43 @@
+"""Tissue detection on real and generated slides."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.slide import open_slide
+from pipeline.synth.pyramid import write_pyramid_tiff
+from pipeline.synth.scene import make_scene
+from pipeline.tissue import detect_tissue
+
+
+def test_real_aperio_slide_tissue_and_background(aperio_slide):
+    with open_slide(aperio_slide) as slide:
+        mpp = slide.info.mpp_xy[0]
+        overview, scale = slide.overview(8.0 / mpp)
+    mask = detect_tissue(overview, mpp=mpp * scale[0])
+    assert 0.2 < mask.mean() < 0.6  # a strip of tissue on glass
+    grey = overview.mean(axis=2)
+    assert grey[mask].mean() < 200 and grey[~mask].mean() > 225
+    # The slide's left and top-right margins are glass.
+    assert not mask[: mask.shape[0] // 4, : mask.shape[1] // 8].any()
+
+
+def test_generated_slide_tissue_matches_its_scene(tmp_path):
+    scene = make_scene(4096, 4096, 0.243, seed=2, tumor=True)
+    path = tmp_path / "s.tif"
+    write_pyramid_tiff(path, 4096, 4096, scene.render, mpp=0.243)
+    with open_slide(path) as slide:
+        overview, scale = slide.overview(32)
+    assert scale == (32.0, 32.0)
+    mask = detect_tissue(overview, mpp=0.243 * 32)
+    truth = scene.tissue_mask(0, 0, 4096, 4096)[16::32, 16::32]
+    assert (mask == truth).mean() > 0.97
+
+
+def test_blank_and_uniform_images_have_no_tissue():
+    white = np.full((64, 64, 3), 245, dtype=np.uint8)
+    assert not detect_tissue(white, mpp=8).any()
+    noisy = np.clip(240 + np.random.default_rng(0).normal(0, 3, (64, 64, 3)), 0, 255).astype(
+        np.uint8
+    )
+    assert not detect_tissue(noisy, mpp=8).any()
