@@ -91,9 +91,7 @@ class PatchImageCodec(ArrayBytesCodec):
 
     def encode_chunk(self, patches: np.ndarray) -> bytes:
         encode = _ENCODERS[self.format]
-        images = [bytes(encode(np.ascontiguousarray(p), self.quality)) for p in patches]
-        header = _MAGIC + struct.pack(f"<I{len(images)}I", len(images), *map(len, images))
-        return header + b"".join(images)
+        return pack_images([bytes(encode(np.ascontiguousarray(p), self.quality)) for p in patches])
 
     def decode_chunk(self, data: bytes, shape: tuple[int, ...]) -> np.ndarray:
         if data[:4] != _MAGIC:
@@ -120,6 +118,12 @@ class PatchImageCodec(ArrayBytesCodec):
 
     def compute_encoded_size(self, input_byte_length: int, chunk_spec: ArraySpec) -> int:
         raise NotImplementedError(f"{CODEC_NAME} output size depends on the image content")
+
+
+def pack_images(images: list[bytes]) -> bytes:
+    """One chunk's bytes from its patches' encoded images, in order."""
+    header = _MAGIC + struct.pack(f"<I{len(images)}I", len(images), *map(len, images))
+    return header + b"".join(images)
 
 
 register_codec(CODEC_NAME, PatchImageCodec)

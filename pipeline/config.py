@@ -59,6 +59,9 @@ class TilingConfig(_Section):
     codec: Literal["jpeg", "jpegxl", "avif", "zstd", "lz4", "none"] = "jpeg"
     codec_quality: int = Field(90, ge=1, le=100)
     chunk_patches: int = Field(64, ge=1, le=4096)
+    passthrough: bool = Field(
+        True, description="copy aligned source JPEG tiles into a jpeg store without re-encoding"
+    )
 
     @model_validator(mode="after")
     def _one_resolution(self) -> TilingConfig:

@@ -15,7 +15,7 @@ from types import TracebackType
 import numpy as np
 
 from .errors import SlideNotFoundError, SlideReadError
-from .tiffdirect import DIRECT_VENDORS, DirectTiff
+from .tiffdirect import DIRECT_VENDORS, DirectLevel, DirectTiff
 
 try:
     import openslide
@@ -91,6 +91,10 @@ class SlideReader:
         if self._direct is None:
             return ()
         return tuple(k for k, level in enumerate(self._direct.levels) if level is not None)
+
+    def direct_level(self, level: int) -> DirectLevel | None:
+        """The direct tile reader of ``level``, or None when it goes through OpenSlide."""
+        return None if self._direct is None else self._direct.levels[level]
 
     def read_level(
         self, level: int, level_xy: tuple[int, int], size_wh: tuple[int, int]

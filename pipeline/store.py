@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,20 @@ def open_patches(store_path: Path | str, slide_id: str) -> zarr.Array:
     array = zarr.open_array(str(Path(store_path) / slide_id / "patches"), mode="r+")
     # A runtime setting, not stored in the metadata: see create_slide_group.
     return array.with_config({"write_empty_chunks": True})
+
+
+def write_encoded_chunk(array: zarr.Array, chunk_index: int, data: bytes) -> None:
+    """Store already-encoded bytes as chunk ``chunk_index`` of a local patches array.
+
+    For patches copied from the source slide's JPEG tiles (see
+    :func:`pipeline.codecs.pack_images`); the file appears atomically.
+    """
+    key = array.metadata.encode_chunk_key((chunk_index, 0, 0, 0))
+    path = Path(str(array.store.root)) / array.path / key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(data)
+    os.replace(partial, path)
 
 
 def mark_complete(group: zarr.Group, extra: dict[str, Any]) -> None:

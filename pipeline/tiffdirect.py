@@ -33,6 +33,8 @@ class DirectLevel:
         self._counts = page.databytecounts
         self._decode = page.decode
         self._jpegtables = page.jpegtables
+        # Tiles that are complete JPEG streams (no shared JPEGTables) can be copied as they are.
+        self.whole_jpeg_tiles = page.compression == 7 and not page.jpegtables
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._cache_tiles = cache_tiles
 
@@ -55,6 +57,18 @@ class DirectLevel:
         if len(self._cache) > self._cache_tiles:
             self._cache.popitem(last=False)
         return tile
+
+    def raw_tile(self, index: int) -> bytes:
+        """The stored bytes of tile ``index`` (a complete JPEG when :attr:`whole_jpeg_tiles`)."""
+        count = self._counts[index]
+        data = os.pread(self._fd, count, self._offsets[index])
+        if count == 0 or len(data) != count:
+            raise OSError(f"tile {index} is missing or truncated: {len(data)} of {count} bytes")
+        return data
+
+    def tile_index(self, x: int, y: int) -> int:
+        """Index of the tile whose top-left corner is at level pixels ``(x, y)``."""
+        return (y // self.tile_h) * self.tiles_across + x // self.tile_w
 
     def read(self, x: int, y: int, w: int, h: int, background: int = 255) -> np.ndarray:
         """Return ``(h, w, 3)`` uint8 of this level at ``(x, y)``; outside is ``background``.

@@ -18,11 +18,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import imagecodecs
 import numpy as np
 from PIL import Image
 
 from . import __version__
 from .annotations import check_within, read_annotations
+from .codecs import pack_images
 from .config import TilingConfig
 from .errors import AnnotationError, NoTissueError, SlideError
 from .grid import PatchTable, Resolution, choose_resolution, select_patches, slide_id_of
@@ -37,6 +39,7 @@ from .store import (
     open_patches,
     open_root,
     update_summary,
+    write_encoded_chunk,
 )
 from .tissue import detect_tissue
 
@@ -85,6 +88,7 @@ class SlidePlan:
     resolution: Resolution
     table: PatchTable
     attrs: dict[str, Any] = field(repr=False)
+    passthrough: bool = False
 
 
 def find_annotation(slide_path: Path, annotations_dir: Path | None) -> Path | None:
@@ -141,6 +145,7 @@ def plan_slide(job: SlideJob, config: TilingConfig) -> SlidePlan:
             level=config.level,
         )
         tissue = _tissue_mask(reader, config.tissue_mpp)
+        passthrough = _can_pass_through(reader, resolution, stride_px, config)
     polygons = []
     if job.annotation is not None:
         polygons = read_annotations(job.annotation)
@@ -181,10 +186,43 @@ def plan_slide(job: SlideJob, config: TilingConfig) -> SlidePlan:
         "read_px": resolution.read_px,
         "read_stride_px": resolution.read_stride_px,
         "resampled": resolution.resampled,
+        "passthrough": passthrough,
         "config": config.model_dump(mode="json"),
         "wsiflow_version": __version__,
     }
-    return SlidePlan(job=job, resolution=resolution, table=table, attrs=attrs)
+    return SlidePlan(
+        job=job, resolution=resolution, table=table, attrs=attrs, passthrough=passthrough
+    )
+
+
+def _can_pass_through(
+    reader: SlideReader, resolution: Resolution, stride_px: int, config: TilingConfig
+) -> bool:
+    """Whether patches are exactly the level's stored JPEG tiles, decoding to the same pixels.
+
+    Then the tiles' bytes go into the store as they are: no decode, no
+    re-encode, no generation loss (the source quality is kept, not
+    ``codec_quality``).
+    """
+    direct = reader.direct_level(resolution.level)
+    if (
+        not config.passthrough
+        or config.codec != "jpeg"
+        or direct is None
+        or not direct.whole_jpeg_tiles
+        or resolution.resampled
+        or not (resolution.read_px == stride_px == direct.tile_w == direct.tile_h)
+        or direct.width < direct.tile_w
+        or direct.height < direct.tile_h
+    ):
+        return False
+    # The store decodes with plain imagecodecs: check it agrees with the TIFF decoder.
+    index = direct.tile_index(0, 0)
+    try:
+        stored = imagecodecs.jpeg8_decode(direct.raw_tile(index))
+        return bool(np.array_equal(stored, direct.tile(index)))
+    except Exception:  # any doubt: decode and re-encode instead
+        return False
 
 
 def _tissue_mask(reader: SlideReader, tissue_mpp: float) -> PlacedMask:
@@ -256,11 +294,31 @@ def extract_chunk(
     level_xy: np.ndarray,
     read_px: int,
     patch_px: int,
+    passthrough: bool = False,
 ) -> int:
     """Read a block of whole chunks' patches and write them into the store; return how many."""
+    array = _cached_patches(store_path, slide_id, token)
+    if passthrough:
+        _copy_tiles(slide_path, array, start, level, level_xy)
+        return len(level_xy)
     patches = read_patches(slide_path, level, level_xy, read_px, patch_px)
-    _cached_patches(store_path, slide_id, token)[start : start + len(patches)] = patches
+    array[start : start + len(patches)] = patches
     return len(patches)
+
+
+def _copy_tiles(slide_path: str, array: Any, start: int, level: int, level_xy: np.ndarray) -> None:
+    """Write chunks made of the source's JPEG tile bytes (see :func:`_can_pass_through`)."""
+    direct = _cached_reader(slide_path).direct_level(level)
+    chunk = array.chunks[0]
+    for offset in range(0, len(level_xy), chunk):
+        block = level_xy[offset : offset + chunk]
+        try:
+            images = [direct.raw_tile(direct.tile_index(int(x), int(y))) for x, y in block]
+        except OSError as exc:
+            raise SlideError(slide_path, f"cannot read level {level} tiles: {exc}") from exc
+        # The last chunk of an array is stored full size: repeat a tile for the rows past the end.
+        images += images[-1:] * (chunk - len(images))
+        write_encoded_chunk(array, (start + offset) // chunk, pack_images(images))
 
 
 # --- driver --------------------------------------------------------------------------------
@@ -346,6 +404,7 @@ def tile_slides(
                     xy,
                     plan.resolution.read_px,
                     plan.resolution.patch_px,
+                    plan.passthrough,
                     pure=False,
                 )
                 chunks[future] = slide_id

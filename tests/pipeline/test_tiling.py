@@ -190,3 +190,43 @@ def test_real_aperio_slide(client, aperio_slide, tmp_path):
     patches = group["patches"][:]
     assert patches.reshape(len(patches), -1).mean(axis=1).max() < 235  # no blank glass
     assert not ((coords[:, 0] < 250) & (coords[:, 1] < 700)).any()  # the glass at top left
+
+
+def test_aligned_jpeg_tiles_are_copied_losslessly(client, cohort, tmp_path):
+    slides, annotations = _train(cohort)
+    aligned = TilingConfig(target_mpp=None, level=0, patch_px=256, min_tissue_fraction=0.3)
+    store = tmp_path / "copy.zarr"
+    results = tile_slides(client, slides, store, aligned, annotations_dir=annotations)
+    assert [r.status for r in results] == ["done", "done"]
+    root = zarr.open_group(str(store), mode="r")
+    for path in slides:
+        group = root[path.stem]
+        assert group.attrs["passthrough"] is True
+        patches, coords = group["patches"], group["coords"][:]
+        with open_slide(path, direct=False) as slide:
+            for i in range(patches.shape[0]):
+                x, y = (int(v) for v in coords[i])
+                np.testing.assert_array_equal(patches[i], slide.read_region((x, y), 0, (256, 256)))
+    # Re-encoding instead: same patches within JPEG q90's error, not bit-exact.
+    encoded = tile_slides(
+        client, slides[:1], tmp_path / "enc.zarr", aligned.model_copy(update={"passthrough": False})
+    )
+    assert encoded[0].status == "done"
+    group = zarr.open_group(str(tmp_path / "enc.zarr"), mode="r")[slides[0].stem]
+    assert group.attrs["passthrough"] is False
+    difference = np.abs(group["patches"][:].astype(int) - root[slides[0].stem]["patches"][:])
+    assert 0 < difference.mean() < 4
+
+
+def test_abbreviated_jpeg_tiles_are_decoded_not_copied(client, aperio_slide, tmp_path):
+    """Aperio tiles share JPEGTables: aligned patches are decoded and re-encoded."""
+    store = tmp_path / "svs.zarr"
+    config = TilingConfig(target_mpp=None, level=0, patch_px=240)
+    (result,) = tile_slides(client, [aperio_slide], store, config)
+    assert result.status == "done"
+    group = zarr.open_group(str(store), mode="r")[aperio_slide.stem]
+    assert group.attrs["passthrough"] is False
+    x, y = (int(v) for v in group["coords"][0])
+    with open_slide(aperio_slide, direct=False) as slide:
+        reference = slide.read_region((x, y), 0, (240, 240))
+    assert np.abs(group["patches"][0].astype(int) - reference).mean() < 8
