@@ -89,9 +89,12 @@ class PatchImageCodec(ArrayBytesCodec):
                 f"Received: shape={shape}, dtype={native}"
             )
 
+    def encode_patch(self, patch: np.ndarray) -> bytes:
+        """One ``(h, w, 3)`` uint8 patch as an image."""
+        return bytes(_ENCODERS[self.format](np.ascontiguousarray(patch), self.quality))
+
     def encode_chunk(self, patches: np.ndarray) -> bytes:
-        encode = _ENCODERS[self.format]
-        return pack_images([bytes(encode(np.ascontiguousarray(p), self.quality)) for p in patches])
+        return pack_images([self.encode_patch(p) for p in patches])
 
     def decode_chunk(self, data: bytes, shape: tuple[int, ...]) -> np.ndarray:
         if data[:4] != _MAGIC:
@@ -118,6 +121,14 @@ class PatchImageCodec(ArrayBytesCodec):
 
     def compute_encoded_size(self, input_byte_length: int, chunk_spec: ArraySpec) -> int:
         raise NotImplementedError(f"{CODEC_NAME} output size depends on the image content")
+
+
+def image_codec_of(array: object) -> PatchImageCodec | None:
+    """The :class:`PatchImageCodec` of a Zarr array, or None when it stores raw bytes."""
+    for codec in getattr(getattr(array, "metadata", None), "codecs", ()):
+        if isinstance(codec, PatchImageCodec):
+            return codec
+    return None
 
 
 def pack_images(images: list[bytes]) -> bytes:

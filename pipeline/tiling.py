@@ -24,7 +24,7 @@ from PIL import Image
 
 from . import __version__
 from .annotations import check_within, read_annotations
-from .codecs import pack_images
+from .codecs import image_codec_of, pack_images
 from .config import TilingConfig
 from .errors import AnnotationError, NoTissueError, SlideError
 from .grid import PatchTable, Resolution, choose_resolution, select_patches, slide_id_of
@@ -255,6 +255,17 @@ def _cached_reader(path: str) -> SlideReader:
     return reader
 
 
+def _read_patch(
+    reader: SlideReader, level: int, x: int, y: int, read_px: int, patch_px: int
+) -> np.ndarray:
+    patch = reader.read_level(level, (x, y), (read_px, read_px))
+    if read_px != patch_px:
+        patch = np.asarray(
+            Image.fromarray(patch).resize((patch_px, patch_px), Image.Resampling.BILINEAR)
+        )
+    return patch
+
+
 def read_patches(
     slide_path: str, level: int, level_xy: np.ndarray, read_px: int, patch_px: int
 ) -> np.ndarray:
@@ -262,12 +273,7 @@ def read_patches(
     reader = _cached_reader(slide_path)
     out = np.empty((len(level_xy), patch_px, patch_px, 3), dtype=np.uint8)
     for i, (x, y) in enumerate(level_xy):
-        patch = reader.read_level(level, (int(x), int(y)), (read_px, read_px))
-        if read_px != patch_px:
-            patch = np.asarray(
-                Image.fromarray(patch).resize((patch_px, patch_px), Image.Resampling.BILINEAR)
-            )
-        out[i] = patch
+        out[i] = _read_patch(reader, level, int(x), int(y), read_px, patch_px)
     return out
 
 
@@ -296,29 +302,37 @@ def extract_chunk(
     patch_px: int,
     passthrough: bool = False,
 ) -> int:
-    """Read a block of whole chunks' patches and write them into the store; return how many."""
+    """Read a block of whole chunks' patches and write them into the store; return how many.
+
+    Image-codec stores get each chunk encoded here, patch by patch while the
+    decoded patch is still in cache, and written as the chunk's file (or, with
+    ``passthrough``, the source tiles' bytes); lossless stores go through Zarr.
+    """
     array = _cached_patches(store_path, slide_id, token)
-    if passthrough:
-        _copy_tiles(slide_path, array, start, level, level_xy)
-        return len(level_xy)
-    patches = read_patches(slide_path, level, level_xy, read_px, patch_px)
-    array[start : start + len(patches)] = patches
-    return len(patches)
-
-
-def _copy_tiles(slide_path: str, array: Any, start: int, level: int, level_xy: np.ndarray) -> None:
-    """Write chunks made of the source's JPEG tile bytes (see :func:`_can_pass_through`)."""
-    direct = _cached_reader(slide_path).direct_level(level)
+    codec = image_codec_of(array)
+    if codec is None:
+        patches = read_patches(slide_path, level, level_xy, read_px, patch_px)
+        array[start : start + len(patches)] = patches
+        return len(patches)
+    reader = _cached_reader(slide_path)
+    direct = reader.direct_level(level) if passthrough else None
     chunk = array.chunks[0]
     for offset in range(0, len(level_xy), chunk):
         block = level_xy[offset : offset + chunk]
-        try:
-            images = [direct.raw_tile(direct.tile_index(int(x), int(y))) for x, y in block]
-        except OSError as exc:
-            raise SlideError(slide_path, f"cannot read level {level} tiles: {exc}") from exc
-        # The last chunk of an array is stored full size: repeat a tile for the rows past the end.
+        if direct is not None:
+            try:
+                images = [direct.raw_tile(direct.tile_index(int(x), int(y))) for x, y in block]
+            except OSError as exc:
+                raise SlideError(slide_path, f"cannot read level {level} tiles: {exc}") from exc
+        else:
+            images = [
+                codec.encode_patch(_read_patch(reader, level, int(x), int(y), read_px, patch_px))
+                for x, y in block
+            ]
+        # The last chunk of an array is stored full size: repeat an image past the end.
         images += images[-1:] * (chunk - len(images))
         write_encoded_chunk(array, (start + offset) // chunk, pack_images(images))
+    return len(level_xy)
 
 
 # --- driver --------------------------------------------------------------------------------
@@ -384,11 +398,20 @@ def tile_slides(
     groups: dict[str, Any] = {}
     tokens: dict[str, str] = {}  # unique per (re)created group: workers cache open arrays by it
     remaining: dict[str, int] = {}
-    work = as_completed(loop=client.loop)
+    # Results come with the completion events: future.result() would cost a
+    # synchronous round trip (~8 ms) per task in the driver.
+    work = as_completed(loop=client.loop, with_results=True, raise_errors=False)
 
     def submit_some() -> None:
         while work.count() < in_flight_cap:
-            if chunk_queue:
+            # Plans first (at most max_active): the next slides are planned while this
+            # one is extracted, so workers never wait for a plan between slides.
+            if plan_queue and len(active) + len(plans) < max_active:
+                job, digest = plan_queue.popleft()
+                started[job.slide_id] = time.perf_counter()
+                future = client.submit(plan_slide, job, config, pure=False)
+                plans[future] = (job, digest)
+            elif chunk_queue:
                 slide_id, start, xy = chunk_queue.popleft()
                 if slide_id not in active:
                     continue  # the slide failed meanwhile
@@ -408,11 +431,6 @@ def tile_slides(
                     pure=False,
                 )
                 chunks[future] = slide_id
-            elif plan_queue and len(active) + len(plans) < max_active:
-                job, digest = plan_queue.popleft()
-                started[job.slide_id] = time.perf_counter()
-                future = client.submit(plan_slide, job, config, pure=False)
-                plans[future] = (job, digest)
             else:
                 return
             work.add(future)
@@ -424,15 +442,16 @@ def tile_slides(
         _finish(root, result, on_slide)
 
     submit_some()
-    for future in work:
+    for future, outcome in work:
+        # A failed task's outcome is (type, exception, traceback).
+        error = outcome[1] if future.status == "error" else None
         if future in plans:
             job, digest = plans.pop(future)
-            try:
-                plan: SlidePlan = future.result()
-            except Exception as exc:
-                fail(job, exc)
+            if error is not None:
+                fail(job, error)
                 submit_some()
                 continue
+            plan: SlidePlan = outcome
             n, chunk = len(plan.table), config.chunk_patches
             chunk_bytes = chunk * config.patch_px**2 * 3
             block = chunk * max(1, TASK_BYTES // chunk_bytes)
@@ -466,12 +485,11 @@ def tile_slides(
         if plan is None:  # an earlier chunk of this slide failed
             submit_some()
             continue
-        try:
-            written = future.result()
-        except Exception as exc:
-            fail(plan.job, exc)
+        if error is not None:
+            fail(plan.job, error)
             submit_some()
             continue
+        written = outcome
         if on_patches is not None:
             on_patches(written)
         remaining[slide_id] -= 1

@@ -34,7 +34,7 @@ class PyramidInfo:
     path: Path
     level_wh: tuple[tuple[int, int], ...]
     tile_px: int
-    mpp: float
+    mpp: float | None
     file_bytes: int
 
 
@@ -53,7 +53,7 @@ def write_pyramid_tiff(
     height: int,
     render: RenderFn,
     *,
-    mpp: float,
+    mpp: float | None,
     tile_px: int = 256,
     jpeg_quality: int = 80,
     description: str = "",
@@ -61,7 +61,8 @@ def write_pyramid_tiff(
 ) -> PyramidInfo:
     """Render a ``width x height`` level-0 image through ``render`` into a pyramidal TIFF.
 
-    ``mpp`` is the level-0 pixel size in µm; ``on_tile_row(done, total)`` is
+    ``mpp`` is the level-0 pixel size in µm (None: no resolution recorded, as
+    some scanners' exports; OpenSlide then reports no mpp); ``on_tile_row(done, total)`` is
     called after each level-0 tile row. The file appears atomically: it is
     written as ``<name>.partial`` and renamed when complete.
     """
@@ -95,7 +96,7 @@ def _write_levels(
     partial: Path,
     sizes: list[tuple[int, int]],
     render: RenderFn,
-    mpp: float,
+    mpp: float | None,
     tile_px: int,
     jpeg_quality: int,
     description: str,
@@ -126,7 +127,11 @@ def _write_levels(
                     sinks[level - 1].flush()
                     strips = _stored_strips(stores[level - 1], tile_px)
                 sink = sinks[level] if level < len(sinks) else None
-                level_mpp = mpp * width / w
+                if mpp is None:
+                    resolution = None
+                else:
+                    level_mpp = mpp * width / w
+                    resolution = (1e4 / level_mpp, 1e4 / level_mpp)
                 tif.write(
                     _tiles(strips, w, tile_px, sink),
                     shape=(h, w, 3),
@@ -135,8 +140,8 @@ def _write_levels(
                     photometric="rgb",
                     compression="jpeg",
                     compressionargs={"level": jpeg_quality},
-                    resolution=(1e4 / level_mpp, 1e4 / level_mpp),
-                    resolutionunit="CENTIMETER",
+                    resolution=resolution,
+                    resolutionunit="CENTIMETER" if resolution else "NONE",
                     subfiletype=0 if level == 0 else 1,
                     description=description if level == 0 else None,
                     software="wsiflow",

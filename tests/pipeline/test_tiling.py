@@ -230,3 +230,23 @@ def test_abbreviated_jpeg_tiles_are_decoded_not_copied(client, aperio_slide, tmp
     with open_slide(aperio_slide, direct=False) as slide:
         reference = slide.read_region((x, y), 0, (240, 240))
     assert np.abs(group["patches"][0].astype(int) - reference).mean() < 8
+
+
+def test_slide_without_mpp_needs_a_level(client, tmp_path):
+    from pipeline.synth.scene import make_scene
+
+    scene = make_scene(2048, 2048, 0.25, seed=9, tumor=False)
+    path = tmp_path / "nompp.tif"
+    write_pyramid_tiff(path, 2048, 2048, scene.render, mpp=None)
+    with open_slide(path) as slide:
+        assert slide.info.mpp_xy is None
+    store = tmp_path / "s.zarr"
+    (by_mpp,) = tile_slides(client, [path], store, TilingConfig(target_mpp=0.5, patch_px=64))
+    assert by_mpp.status == "failed"
+    assert by_mpp.reason == (
+        f"{path}: the slide records no pixel size (mpp), so --mpp cannot be honoured; use --level instead"
+    )
+    (by_level,) = tile_slides(client, [path], store, TilingConfig(target_mpp=None, level=1, patch_px=64))
+    assert by_level.status == "done" and by_level.patches > 50
+    group = zarr.open_group(str(store), mode="r")["nompp"]
+    assert group.attrs["mpp"] is None and group.attrs["patch_mpp"] is None
