@@ -246,7 +246,9 @@ def test_slide_without_mpp_needs_a_level(client, tmp_path):
     assert by_mpp.reason == (
         f"{path}: the slide records no pixel size (mpp), so --mpp cannot be honoured; use --level instead"
     )
-    (by_level,) = tile_slides(client, [path], store, TilingConfig(target_mpp=None, level=1, patch_px=64))
+    (by_level,) = tile_slides(
+        client, [path], store, TilingConfig(target_mpp=None, level=1, patch_px=64)
+    )
     assert by_level.status == "done" and by_level.patches > 50
     group = zarr.open_group(str(store), mode="r")["nompp"]
     assert group.attrs["mpp"] is None and group.attrs["patch_mpp"] is None
