@@ -34,8 +34,8 @@ class ConfigError(WsiflowError, ValueError):
         return (type(self), (self.source, self.problems))
 
 
-class SlideError(WsiflowError):
-    """Something is wrong with one slide; ``path`` names it."""
+class FileError(WsiflowError):
+    """Something is wrong with one file; ``path`` names it and ``reason`` says what."""
 
     def __init__(self, path: Path | str, reason: str):
         self.path = Path(path)
@@ -44,6 +44,10 @@ class SlideError(WsiflowError):
 
     def __reduce__(self):  # keep the fields when crossing process boundaries (Dask)
         return (type(self), (self.path, self.reason))
+
+
+class SlideError(FileError):
+    """Something is wrong with one slide."""
 
 
 class SlideNotFoundError(SlideError, FileNotFoundError):
@@ -62,25 +66,9 @@ class NoTissueError(SlideError):
     """Tissue detection found nothing to process on the slide."""
 
 
-class AnnotationError(WsiflowError, ValueError):
+class AnnotationError(FileError, ValueError):
     """An annotation file is missing, malformed or inconsistent with its slide."""
 
-    def __init__(self, path: Path | str, reason: str):
-        self.path = Path(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
 
-    def __reduce__(self):  # keep the fields when crossing process boundaries (Dask)
-        return (type(self), (self.path, self.reason))
-
-
-class StoreError(WsiflowError, ValueError):
+class StoreError(FileError, ValueError):
     """A patch store is missing, incomplete or not a wsiflow store."""
-
-    def __init__(self, path: Path | str, reason: str):
-        self.path = Path(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
-
-    def __reduce__(self):  # keep the fields when crossing process boundaries (Dask)
-        return (type(self), (self.path, self.reason))

@@ -26,7 +26,7 @@ from . import __version__
 from .annotations import check_within, read_annotations
 from .codecs import image_codec_of, pack_images
 from .config import TilingConfig
-from .errors import AnnotationError, NoTissueError, SlideError
+from .errors import FileError, NoTissueError, SlideError
 from .grid import PatchTable, Resolution, choose_resolution, select_patches, slide_id_of
 from .masks import PlacedMask, rasterize_tumor
 from .slide import SlideReader, open_slide
@@ -523,6 +523,6 @@ def _finish(root: Any, result: SlideResult, on_slide: Callable[[SlideResult], No
 
 def _reason(job: SlideJob, exc: BaseException) -> str:
     """One line naming the file and the reason; typed errors already name their file."""
-    if isinstance(exc, (SlideError, AnnotationError)):
+    if isinstance(exc, FileError):
         return str(exc)
     return f"{job.path}: {type(exc).__name__}: {exc}"

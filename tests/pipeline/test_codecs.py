@@ -18,34 +18,30 @@ def _patches(n: int = 10, px: int = 64) -> np.ndarray:
     return np.stack([np.roll(base, i * 3, axis=1) for i in range(n)]).astype(np.uint8)
 
 
-@pytest.mark.parametrize("fmt", image_formats())
-def test_round_trip_in_zarr(tmp_path, fmt):
-    patches = _patches()
+def _write(path, patches: np.ndarray, codec: PatchImageCodec) -> None:
+    """Patches into a real Zarr array with 4-patch chunks (10 patches: a partial last chunk)."""
     array = zarr.create_array(
-        store=str(tmp_path / "a.zarr"),
+        store=str(path),
         shape=patches.shape,
-        chunks=(4, 64, 64, 3),
+        chunks=(4, *patches.shape[1:]),
         dtype="uint8",
-        serializer=PatchImageCodec(format=fmt, quality=90),
+        serializer=codec,
         compressors=None,
     )
     array[:] = patches
+
+
+@pytest.mark.parametrize("fmt", image_formats())
+def test_round_trip_in_zarr(tmp_path, fmt):
+    patches = _patches()
+    _write(tmp_path / "a.zarr", patches, PatchImageCodec(format=fmt, quality=90))
     back = zarr.open_array(str(tmp_path / "a.zarr"), mode="r")[:]
     assert back.shape == patches.shape
     assert np.abs(back.astype(int) - patches).mean() < 3
 
 
 def test_plain_zarr_process_reads_the_store_through_the_entry_point(tmp_path):
-    patches = _patches()
-    array = zarr.create_array(
-        store=str(tmp_path / "a.zarr"),
-        shape=patches.shape,
-        chunks=(4, 64, 64, 3),
-        dtype="uint8",
-        serializer=PatchImageCodec(),
-        compressors=None,
-    )
-    array[:] = patches
+    _write(tmp_path / "a.zarr", _patches(), PatchImageCodec())
     # No wsiflow import here: Zarr finds the codec through the installed entry point.
     code = "import sys, zarr; print(zarr.open_array(sys.argv[1], mode='r')[:].shape)"
     out = subprocess.run(

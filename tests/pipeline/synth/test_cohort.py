@@ -163,7 +163,8 @@ def test_stain_varies_mildly_between_slides():
         scene = make_scene(4096, 4096, 0.243, seed=seed, tumor=False)
         means.append(_box(scene, np.random.default_rng(0), False, side=256).reshape(-1, 3).mean(0))
     spread = np.ptp(np.array(means), axis=0).max()
-    assert 1.0 < spread < 40.0
+    assert spread > 1.0, "slides should differ in stain"
+    assert spread < 40.0, "but only mildly"
 
 
 def test_same_seed_same_bytes_and_reuse(tmp_path):
