@@ -36,11 +36,12 @@ import tifffile
 
 from pipeline.cluster import dask_client
 from pipeline.config import TilingConfig
+from pipeline.plan import SlideJob, plan_slide
 from pipeline.slide import open_slide
 from pipeline.store import create_slide_group, open_patches, open_root, store_bytes
 from pipeline.synth.pyramid import write_pyramid_tiff
 from pipeline.synth.scene import make_scene
-from pipeline.tiling import SlideJob, plan_slide, tile_slides
+from pipeline.tiling import tile_slides
 
 TILE = 256
 

@@ -1,65 +1,40 @@
-"""Tile slides into a Zarr patch store with Dask.
+"""Tile slides into a Zarr patch store with Dask: the driver.
 
-Per slide: plan (overview, tissue, annotations, patch grid, labels; one task),
-then extract (one task per chunk of patches, each reading its patches with
-the worker's cached slide handle and writing its Zarr chunk directly). The
-driver keeps a bounded window of tasks in flight, so memory stays bounded
-whatever the cohort size, and marks a group complete only after every chunk
-of it was written.
+Per slide: plan (overview, tissue, annotations, patch grid, labels; one task,
+:mod:`pipeline.plan`), then extract (tasks of whole chunks of patches, each
+reading its patches with the worker's cached slide handle and writing its
+chunks directly, :mod:`pipeline.extract`). The driver keeps a bounded window
+of tasks in flight, so memory stays bounded whatever the cohort size, and
+marks a group complete only after every chunk of it was written.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import imagecodecs
 import numpy as np
-from PIL import Image
 
-from . import __version__
-from .annotations import check_within, read_annotations
-from .codecs import image_codec_of, pack_images
 from .config import TilingConfig
-from .errors import FileError, NoTissueError, SlideError
-from .grid import PatchTable, Resolution, choose_resolution, select_patches, slide_id_of
-from .masks import PlacedMask, rasterize_tumor
-from .slide import SlideReader, open_slide
+from .errors import FileError
+from .extract import extract_chunk
+from .grid import slide_id_of
+from .plan import SlideJob, SlidePlan, find_annotation, job_fingerprint, plan_slide
 from .store import (
     completed_fingerprint,
     create_slide_group,
-    file_identity,
-    fingerprint,
     mark_complete,
-    open_patches,
     open_root,
     update_summary,
-    write_encoded_chunk,
 )
-from .tissue import detect_tissue
 
-#: Tumor masks are rasterised at this many samples per patch side.
-TUMOR_SAMPLES_PER_PATCH = 16
 #: Patches per extraction task: whole Zarr chunks adding up to about this many bytes, so
 #: tasks are long enough (~0.1 s) for Dask's per-task overhead not to matter.
 TASK_BYTES = 32 * 2**20
-#: Overview used for tissue detection when the slide records no mpp: downsample 32.
-NO_MPP_OVERVIEW_DOWNSAMPLE = 32.0
-ANNOTATION_SUFFIXES = (".xml", ".geojson", ".json")
-
-
-@dataclass(frozen=True)
-class SlideJob:
-    """One slide to tile and the annotation file that goes with it (None: all normal)."""
-
-    slide_id: str
-    path: Path
-    annotation: Path | None
 
 
 @dataclass
@@ -78,28 +53,6 @@ class SlideResult:
 
     def summary_row(self) -> dict[str, Any]:
         return asdict(self)
-
-
-@dataclass(frozen=True)
-class SlidePlan:
-    """Everything the extraction tasks and the store need for one slide."""
-
-    job: SlideJob
-    resolution: Resolution
-    table: PatchTable
-    attrs: dict[str, Any] = field(repr=False)
-    passthrough: bool = False
-
-
-def find_annotation(slide_path: Path, annotations_dir: Path | None) -> Path | None:
-    """``<dir>/<slide stem>.xml`` (or ``.geojson``/``.json``) if it exists."""
-    if annotations_dir is None:
-        return None
-    for suffix in ANNOTATION_SUFFIXES:
-        candidate = annotations_dir / f"{slide_path.stem}{suffix}"
-        if candidate.is_file():
-            return candidate
-    return None
 
 
 def make_jobs(
@@ -122,220 +75,6 @@ def make_jobs(
             continue
         jobs[slide_id] = SlideJob(slide_id, path, find_annotation(path, annotations_dir))
     return list(jobs.values()), failures
-
-
-def job_fingerprint(job: SlideJob, config: TilingConfig) -> str:
-    """Identity of the inputs (slide, annotation) and the tiling config."""
-    payload: dict[str, Any] = {"config": config.model_dump(mode="json"), "version": __version__}
-    payload["slide"] = file_identity(job.path) if job.path.exists() else str(job.path)
-    payload["annotation"] = None if job.annotation is None else file_identity(job.annotation)
-    return fingerprint(payload)
-
-
-def plan_slide(job: SlideJob, config: TilingConfig) -> SlidePlan:
-    """Open the slide, find tissue, rasterise annotations and choose and label the patches."""
-    stride_px = config.stride_px or config.patch_px
-    with open_slide(job.path) as reader:
-        info = reader.info
-        resolution = choose_resolution(
-            info,
-            patch_px=config.patch_px,
-            stride_px=stride_px,
-            target_mpp=config.target_mpp,
-            level=config.level,
-        )
-        tissue = _tissue_mask(reader, config.tissue_mpp)
-        passthrough = _can_pass_through(reader, resolution, stride_px, config)
-    polygons = []
-    if job.annotation is not None:
-        polygons = read_annotations(job.annotation)
-        check_within(job.annotation, polygons, info.level0_wh)
-    level_w, level_h = info.level_wh[resolution.level]
-    level_scale = (info.level0_wh[0] / level_w, info.level0_wh[1] / level_h)
-    tumor = rasterize_tumor(
-        polygons, resolution.level0_patch_px / TUMOR_SAMPLES_PER_PATCH, info.level0_wh
-    )
-    table = select_patches(
-        (level_w, level_h),
-        level_scale,
-        resolution,
-        tissue,
-        tumor,
-        min_tissue_fraction=config.min_tissue_fraction,
-        label_rule=config.label_rule,
-        tumor_threshold=config.tumor_threshold,
-    )
-    if len(table) == 0:
-        raise NoTissueError(
-            job.path,
-            f"no patch has >= {config.min_tissue_fraction:.0%} tissue "
-            "(blank slide, or lower tiling.min_tissue_fraction)",
-        )
-    attrs = {
-        "slide": file_identity(job.path),
-        "annotation": None if job.annotation is None else file_identity(job.annotation),
-        "vendor": info.vendor,
-        "level0_wh": list(info.level0_wh),
-        "mpp": None if info.mpp_xy is None else list(info.mpp_xy),
-        "level": resolution.level,
-        "downsample": resolution.downsample,
-        "level_mpp": resolution.level_mpp,
-        "patch_mpp": resolution.patch_mpp,
-        "patch_px": resolution.patch_px,
-        "stride_px": stride_px,
-        "read_px": resolution.read_px,
-        "read_stride_px": resolution.read_stride_px,
-        "resampled": resolution.resampled,
-        "passthrough": passthrough,
-        "config": config.model_dump(mode="json"),
-        "wsiflow_version": __version__,
-    }
-    return SlidePlan(
-        job=job, resolution=resolution, table=table, attrs=attrs, passthrough=passthrough
-    )
-
-
-def _can_pass_through(
-    reader: SlideReader, resolution: Resolution, stride_px: int, config: TilingConfig
-) -> bool:
-    """Whether patches are exactly the level's stored JPEG tiles, decoding to the same pixels.
-
-    Then the tiles' bytes go into the store as they are: no decode, no
-    re-encode, no generation loss (the source quality is kept, not
-    ``codec_quality``).
-    """
-    direct = reader.direct_level(resolution.level)
-    if (
-        not config.passthrough
-        or config.codec != "jpeg"
-        or direct is None
-        or not direct.whole_jpeg_tiles
-        or resolution.resampled
-        or not (resolution.read_px == stride_px == direct.tile_w == direct.tile_h)
-        or direct.width < direct.tile_w
-        or direct.height < direct.tile_h
-    ):
-        return False
-    # The store decodes with plain imagecodecs: check it agrees with the TIFF decoder.
-    index = direct.tile_index(0, 0)
-    try:
-        stored = imagecodecs.jpeg8_decode(direct.raw_tile(index))
-        return bool(np.array_equal(stored, direct.tile(index)))
-    except Exception:  # any doubt: decode and re-encode instead
-        return False
-
-
-def _tissue_mask(reader: SlideReader, tissue_mpp: float) -> PlacedMask:
-    info = reader.info
-    if info.mpp_xy is None:
-        downsample = NO_MPP_OVERVIEW_DOWNSAMPLE
-    else:
-        downsample = tissue_mpp / ((info.mpp_xy[0] + info.mpp_xy[1]) / 2)
-    overview, scale = reader.overview(max(1.0, downsample))
-    overview_mpp = (info.mpp_xy[0] if info.mpp_xy else 1.0) * scale[0]
-    mask = detect_tissue(overview, mpp=overview_mpp)
-    return PlacedMask(mask=mask, origin_xy=(0.0, 0.0), scale_xy=scale)
-
-
-# --- worker side -------------------------------------------------------------------------
-
-_local = threading.local()
-
-
-def _cached_reader(path: str) -> SlideReader:
-    """The worker thread's open reader for ``path`` (a few kept, oldest closed)."""
-    readers: dict[str, SlideReader] = getattr(_local, "readers", None) or {}
-    _local.readers = readers
-    reader = readers.get(path)
-    if reader is None:
-        if len(readers) >= 4:
-            oldest = next(iter(readers))
-            readers.pop(oldest).close()
-        reader = readers[path] = open_slide(path)
-    return reader
-
-
-def _read_patch(
-    reader: SlideReader, level: int, x: int, y: int, read_px: int, patch_px: int
-) -> np.ndarray:
-    patch = reader.read_level(level, (x, y), (read_px, read_px))
-    if read_px != patch_px:
-        patch = np.asarray(
-            Image.fromarray(patch).resize((patch_px, patch_px), Image.Resampling.BILINEAR)
-        )
-    return patch
-
-
-def read_patches(
-    slide_path: str, level: int, level_xy: np.ndarray, read_px: int, patch_px: int
-) -> np.ndarray:
-    """Read ``(n, patch_px, patch_px, 3)`` uint8 patches at ``level_xy`` (level pixels)."""
-    reader = _cached_reader(slide_path)
-    out = np.empty((len(level_xy), patch_px, patch_px, 3), dtype=np.uint8)
-    for i, (x, y) in enumerate(level_xy):
-        out[i] = _read_patch(reader, level, int(x), int(y), read_px, patch_px)
-    return out
-
-
-def _cached_patches(store_path: str, slide_id: str, token: str) -> Any:
-    """The worker thread's open ``patches`` array; ``token`` changes when the group is redone."""
-    arrays: dict[tuple[str, str, str], Any] = getattr(_local, "arrays", None) or {}
-    _local.arrays = arrays
-    key = (store_path, slide_id, token)
-    array = arrays.get(key)
-    if array is None:
-        if len(arrays) >= 8:
-            arrays.pop(next(iter(arrays)))
-        array = arrays[key] = open_patches(store_path, slide_id)
-    return array
-
-
-def extract_chunk(
-    slide_path: str,
-    store_path: str,
-    slide_id: str,
-    token: str,
-    start: int,
-    level: int,
-    level_xy: np.ndarray,
-    read_px: int,
-    patch_px: int,
-    passthrough: bool = False,
-) -> int:
-    """Read a block of whole chunks' patches and write them into the store; return how many.
-
-    Image-codec stores get each chunk encoded here, patch by patch while the
-    decoded patch is still in cache, and written as the chunk's file (or, with
-    ``passthrough``, the source tiles' bytes); lossless stores go through Zarr.
-    """
-    array = _cached_patches(store_path, slide_id, token)
-    codec = image_codec_of(array)
-    if codec is None:
-        patches = read_patches(slide_path, level, level_xy, read_px, patch_px)
-        array[start : start + len(patches)] = patches
-        return len(patches)
-    reader = _cached_reader(slide_path)
-    direct = reader.direct_level(level) if passthrough else None
-    chunk = array.chunks[0]
-    for offset in range(0, len(level_xy), chunk):
-        block = level_xy[offset : offset + chunk]
-        if direct is not None:
-            try:
-                images = [direct.raw_tile(direct.tile_index(int(x), int(y))) for x, y in block]
-            except OSError as exc:
-                raise SlideError(slide_path, f"cannot read level {level} tiles: {exc}") from exc
-        else:
-            images = [
-                codec.encode_patch(_read_patch(reader, level, int(x), int(y), read_px, patch_px))
-                for x, y in block
-            ]
-        # The last chunk of an array is stored full size: repeat an image past the end.
-        images += images[-1:] * (chunk - len(images))
-        write_encoded_chunk(array, (start + offset) // chunk, pack_images(images))
-    return len(level_xy)
-
-
-# --- driver --------------------------------------------------------------------------------
 
 
 def tile_slides(

@@ -1,0 +1,28 @@
+"""The ``wsiflow`` command line: thin wrappers that parse, call, and report.
+
+With ``--json`` the human-readable output goes to stderr and the last (only)
+line of stdout is one JSON object summarising what was done.
+Exit codes: 0 success, 1 some item failed, 2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from ..errors import WsiflowError
+from . import demo, slides, tiles  # noqa: F401  (each module registers its commands)
+from ._common import app
+
+
+def main() -> None:
+    """Console-script entry point: typed errors become one line and exit code 1."""
+    try:
+        app()
+    except WsiflowError as exc:
+        for line in str(exc).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

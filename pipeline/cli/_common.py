@@ -1,0 +1,119 @@
+"""The Typer app, shared options, and the reporter every command prints through."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from .. import __version__
+from ..errors import ConfigError
+
+app = typer.Typer(
+    name="wsiflow",
+    help="Whole-slide pathology: slides to patches, models, tumor heatmaps and CAMELYON16 metrics.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="YAML config (see configs/); flags override its values."),
+]
+JsonOption = Annotated[
+    bool,
+    typer.Option("--json", help="End stdout with one JSON summary line (human output to stderr)."),
+]
+
+
+class Reporter:
+    """Human output to stdout, or to stderr when the JSON summary owns stdout."""
+
+    def __init__(self, as_json: bool):
+        self.as_json = as_json
+        stream = sys.stderr if as_json else sys.stdout
+        # Logs and CI capture get 120 columns instead of rich's 80 for non-terminals.
+        width = None if stream.isatty() else 120
+        self.console = Console(stderr=as_json, highlight=False, soft_wrap=True, width=width)
+        # Errors and warnings always go to stderr, one line each.
+        self.errors = Console(stderr=True, highlight=False, soft_wrap=True)
+
+    def finish(self, summary: dict[str, Any], exit_code: int = 0) -> None:
+        if self.as_json:
+            sys.stdout.write(json.dumps(summary, default=str) + "\n")
+            sys.stdout.flush()
+        raise typer.Exit(exit_code)
+
+    def progress(self) -> Progress:
+        return Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=False,
+        )
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"wsiflow {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show TensorFlow's C++ logs and debug output.")
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """Whole-slide pathology pipeline (tile, train, infer, evaluate, view)."""
+    if not verbose:
+        # Must happen before TensorFlow is first imported by any command.
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+        os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "3")
+
+
+def _load(config: Path | None, overrides: dict[str, Any]):
+    from ..config import load_config, with_overrides
+
+    return with_overrides(load_config(config), overrides)
+
+
+def _parse_size(text: str | None) -> tuple[int | None, int | None]:
+    if text is None:
+        return None, None
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not match:
+        raise ConfigError(
+            "--size",
+            [
+                (
+                    "--size",
+                    f"Expected WIDTHxHEIGHT in pixels, e.g. 8192x6144. Got {text!r} instead.",
+                    None,
+                )
+            ],
+        )
+    return int(match[1]), int(match[2])
+
+
+def _fail_usage(reporter: Reporter, error: Exception, command: str) -> None:
+    for line in str(error).splitlines():
+        reporter.errors.print(f"[red]error:[/red] {escape(line)}")
+    reporter.finish({"command": command, "ok": False, "error": str(error)}, exit_code=2)

@@ -1,0 +1,208 @@
+"""Commands about patch stores: tile, preview."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from ..errors import ConfigError, WsiflowError
+from ._common import ConfigOption, JsonOption, Reporter, _fail_usage, _load, app
+
+
+@app.command()
+def tile(
+    slides: Annotated[
+        list[Path], typer.Argument(help="Slide files or folders (searched recursively).")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Zarr patch store to write (STORE.zarr).")
+    ],
+    annotations: Annotated[
+        Path | None,
+        typer.Option(
+            "--annotations", "-a", help="Folder of <slide>.xml (ASAP) or .geojson (QuPath)."
+        ),
+    ] = None,
+    mpp: Annotated[
+        float | None, typer.Option("--mpp", help="Patch resolution in µm/px (0.5 ~ 20x).")
+    ] = None,
+    level: Annotated[
+        int | None, typer.Option("--level", help="Read this pyramid level instead of --mpp.")
+    ] = None,
+    patch_size: Annotated[
+        int | None, typer.Option("--patch-size", help="Patch side in pixels.")
+    ] = None,
+    stride: Annotated[int | None, typer.Option("--stride", help="Grid step in pixels.")] = None,
+    scheduler: Annotated[
+        str | None, typer.Option("--scheduler", help="Existing Dask scheduler address (tcp://...).")
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option("--workers", "-w", help="Local Dask worker processes (default: cores)."),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Redo slides already complete.")
+    ] = False,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Find tissue, label patches from annotations, extract them into a Zarr store (Dask)."""
+    from ..slide import find_slides
+
+    reporter = Reporter(as_json)
+    try:
+        if level is not None and mpp is not None:
+            raise ConfigError(
+                "command-line options", [("--mpp/--level", "give one, not both", None)]
+            )
+        from ..config import CLEAR
+
+        overrides: dict[str, Any] = {
+            "tiling.patch_px": patch_size,
+            "tiling.stride_px": stride,
+            "orchestration.scheduler": scheduler,
+            "orchestration.workers": workers,
+        }
+        if level is not None:
+            overrides.update({"tiling.level": level, "tiling.target_mpp": CLEAR})
+        elif mpp is not None:
+            overrides.update({"tiling.target_mpp": mpp, "tiling.level": CLEAR})
+        cfg = _load(config, overrides)
+    except ConfigError as exc:
+        _fail_usage(reporter, exc, "tile")
+    paths = find_slides(slides)
+    if annotations is not None and not annotations.is_dir():
+        _fail_usage(
+            reporter,
+            ConfigError("--annotations", [(str(annotations), "no such folder", None)]),
+            "tile",
+        )
+    summary = run_tile(reporter, paths, out, cfg, annotations_dir=annotations, overwrite=overwrite)
+    reporter.finish(summary, exit_code=0 if summary["ok"] else 1)
+
+
+def run_tile(
+    reporter: Reporter, paths: list[Path], out: Path, cfg, *, annotations_dir, overwrite
+) -> dict:
+    """Tile ``paths`` into ``out`` with a progress bar and a per-slide table; return the summary."""
+    from ..cluster import dask_client
+    from ..store import store_bytes
+    from ..tiling import tile_slides
+
+    started = time.perf_counter()
+    orchestration = cfg.orchestration
+    results = []
+    with reporter.progress() as progress:
+        slides_task = progress.add_task("slides", total=len(paths), rate="")
+        patches_task = progress.add_task("patches", total=0, rate="")
+        t0 = time.perf_counter()
+        done = {"patches": 0}
+
+        def planned(n: int) -> None:
+            progress.update(patches_task, total=(progress.tasks[patches_task].total or 0) + n)
+
+        def wrote(n: int) -> None:
+            done["patches"] += n
+            rate = done["patches"] / max(time.perf_counter() - t0, 1e-9)
+            progress.update(patches_task, advance=n, rate=f"{rate:,.0f} patches/s")
+
+        def finished(result) -> None:
+            if result.status == "failed":
+                reporter.errors.print(f"[red]failed:[/red] {escape(result.reason)}")
+            progress.update(slides_task, advance=1, rate=f"{result.slide_id} {result.status}")
+
+        with dask_client(
+            orchestration.scheduler,
+            workers=orchestration.workers,
+            threads_per_worker=orchestration.threads_per_worker,
+        ) as client:
+            results = tile_slides(
+                client,
+                paths,
+                out,
+                cfg.tiling,
+                annotations_dir=annotations_dir,
+                overwrite=overwrite,
+                on_planned=planned,
+                on_patches=wrote,
+                on_slide=finished,
+            )
+    seconds = time.perf_counter() - started
+    table = Table(title=f"Patch store {out}")
+    for column in ("slide", "status", "patches", "tumor", "level", "read px", "s"):
+        table.add_column(column, no_wrap=column == "slide")
+    for r in results:
+        colour = {"failed": "red", "skipped": "yellow"}.get(r.status, "green")
+        table.add_row(
+            r.slide_id,
+            f"[{colour}]{r.status}[/{colour}]",
+            str(r.patches),
+            str(r.tumor_patches),
+            "-" if r.level is None else str(r.level),
+            "-" if r.read_px is None else str(r.read_px),
+            f"{r.seconds:.1f}",
+        )
+    reporter.console.print(table)
+    failures = [
+        {"slide": r.slide_id, "path": r.path, "reason": r.reason}
+        for r in results
+        if r.status == "failed"
+    ]
+    written = sum(r.patches for r in results if r.status == "done")
+    stored = [r for r in results if r.status != "failed"]
+    size = store_bytes(out) if out.exists() else 0
+    raw = sum(r.patches for r in stored) * cfg.tiling.patch_px**2 * 3
+    slide_bytes = sum(Path(r.path).stat().st_size for r in stored if Path(r.path).exists())
+    reporter.console.print(
+        f"{written:,} patches written in {seconds:.1f} s; store {size / 1e6:,.1f} MB "
+        f"({cfg.tiling.codec}, quality {cfg.tiling.codec_quality}): "
+        f"raw pixels / {raw / max(size, 1):.1f}, {size / max(slide_bytes, 1):.2f} x the slide files"
+    )
+    return {
+        "command": "tile",
+        "ok": not failures and bool(results),
+        "store": str(out),
+        "slides": len(results),
+        "done": sum(r.status == "done" for r in results),
+        "skipped": sum(r.status == "skipped" for r in results),
+        "failed": len(failures),
+        "patches": sum(r.patches for r in results if r.status != "failed"),
+        "tumor_patches": sum(r.tumor_patches for r in results if r.status != "failed"),
+        "patches_written": written,
+        "store_bytes": size,
+        "raw_pixel_bytes": raw,
+        "slide_file_bytes": slide_bytes,
+        "seconds": round(seconds, 2),
+        "failures": failures,
+        "per_slide": [r.summary_row() for r in results],
+    }
+
+
+@app.command()
+def preview(
+    store: Annotated[Path, typer.Argument(help="A Zarr patch store written by `wsiflow tile`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Contact sheet PNG to write.")],
+    slide: Annotated[
+        str | None, typer.Option("--slide", help="Only this slide id (default: all slides).")
+    ] = None,
+    per_class: Annotated[int, typer.Option("--per-class", help="Patches per class.")] = 16,
+    seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
+    as_json: JsonOption = False,
+) -> None:
+    """Write a contact sheet of random tumor and normal patches with labels and coordinates."""
+    from ..preview import contact_sheet
+
+    reporter = Reporter(as_json)
+    try:
+        shown = contact_sheet(store, out, slide_id=slide, per_class=per_class, seed=seed)
+    except (WsiflowError, FileNotFoundError) as exc:
+        _fail_usage(reporter, exc, "preview")
+    reporter.console.print(
+        f"wrote {out}: {shown['tumor']} tumor and {shown['normal']} normal patches"
+    )
+    reporter.finish({"command": "preview", "ok": True, "out": str(out), **shown})

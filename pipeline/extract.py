@@ -1,0 +1,113 @@
+"""Worker side of tiling: read patches with a cached slide handle and write store chunks.
+
+Each worker thread keeps its slides and Zarr arrays open between tasks
+(opening costs milliseconds each; a task is ~0.1 s of work).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .codecs import image_codec_of, pack_images
+from .errors import SlideError
+from .slide import SlideReader, open_slide
+from .store import open_patches, write_encoded_chunk
+
+_local = threading.local()
+
+
+def _cached_reader(path: str) -> SlideReader:
+    """The worker thread's open reader for ``path`` (a few kept, oldest closed)."""
+    readers: dict[str, SlideReader] = getattr(_local, "readers", None) or {}
+    _local.readers = readers
+    reader = readers.get(path)
+    if reader is None:
+        if len(readers) >= 4:
+            oldest = next(iter(readers))
+            readers.pop(oldest).close()
+        reader = readers[path] = open_slide(path)
+    return reader
+
+
+def _read_patch(
+    reader: SlideReader, level: int, x: int, y: int, read_px: int, patch_px: int
+) -> np.ndarray:
+    patch = reader.read_level(level, (x, y), (read_px, read_px))
+    if read_px != patch_px:
+        patch = np.asarray(
+            Image.fromarray(patch).resize((patch_px, patch_px), Image.Resampling.BILINEAR)
+        )
+    return patch
+
+
+def read_patches(
+    slide_path: str, level: int, level_xy: np.ndarray, read_px: int, patch_px: int
+) -> np.ndarray:
+    """Read ``(n, patch_px, patch_px, 3)`` uint8 patches at ``level_xy`` (level pixels)."""
+    reader = _cached_reader(slide_path)
+    out = np.empty((len(level_xy), patch_px, patch_px, 3), dtype=np.uint8)
+    for i, (x, y) in enumerate(level_xy):
+        out[i] = _read_patch(reader, level, int(x), int(y), read_px, patch_px)
+    return out
+
+
+def _cached_patches(store_path: str, slide_id: str, token: str) -> Any:
+    """The worker thread's open ``patches`` array; ``token`` changes when the group is redone."""
+    arrays: dict[tuple[str, str, str], Any] = getattr(_local, "arrays", None) or {}
+    _local.arrays = arrays
+    key = (store_path, slide_id, token)
+    array = arrays.get(key)
+    if array is None:
+        if len(arrays) >= 8:
+            arrays.pop(next(iter(arrays)))
+        array = arrays[key] = open_patches(store_path, slide_id)
+    return array
+
+
+def extract_chunk(
+    slide_path: str,
+    store_path: str,
+    slide_id: str,
+    token: str,
+    start: int,
+    level: int,
+    level_xy: np.ndarray,
+    read_px: int,
+    patch_px: int,
+    passthrough: bool = False,
+) -> int:
+    """Read a block of whole chunks' patches and write them into the store; return how many.
+
+    Image-codec stores get each chunk encoded here, patch by patch while the
+    decoded patch is still in cache, and written as the chunk's file (or, with
+    ``passthrough``, the source tiles' bytes); lossless stores go through Zarr.
+    """
+    array = _cached_patches(store_path, slide_id, token)
+    codec = image_codec_of(array)
+    if codec is None:
+        patches = read_patches(slide_path, level, level_xy, read_px, patch_px)
+        array[start : start + len(patches)] = patches
+        return len(patches)
+    reader = _cached_reader(slide_path)
+    direct = reader.direct_level(level) if passthrough else None
+    chunk = array.chunks[0]
+    for offset in range(0, len(level_xy), chunk):
+        block = level_xy[offset : offset + chunk]
+        if direct is not None:
+            try:
+                images = [direct.raw_tile(direct.tile_index(int(x), int(y))) for x, y in block]
+            except OSError as exc:
+                raise SlideError(slide_path, f"cannot read level {level} tiles: {exc}") from exc
+        else:
+            images = [
+                codec.encode_patch(_read_patch(reader, level, int(x), int(y), read_px, patch_px))
+                for x, y in block
+            ]
+        # The last chunk of an array is stored full size: repeat an image past the end.
+        images += images[-1:] * (chunk - len(images))
+        write_encoded_chunk(array, (start + offset) // chunk, pack_images(images))
+    return len(level_xy)

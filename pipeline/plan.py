@@ -1,0 +1,174 @@
+"""Planning one slide's tiling: resolution, tissue, labels and which patches to extract.
+
+Pure reads of the slide (an overview) and its annotation file; runs as one
+Dask task per slide and returns a :class:`SlidePlan` for the driver.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import imagecodecs
+import numpy as np
+
+from . import __version__
+from .annotations import check_within, read_annotations
+from .config import TilingConfig
+from .errors import NoTissueError
+from .grid import PatchTable, Resolution, choose_resolution, select_patches
+from .masks import PlacedMask, rasterize_tumor
+from .slide import SlideReader, open_slide
+from .store import file_identity, fingerprint
+from .tissue import detect_tissue
+
+#: Tumor masks are rasterised at this many samples per patch side.
+TUMOR_SAMPLES_PER_PATCH = 16
+#: Overview used for tissue detection when the slide records no mpp: downsample 32.
+NO_MPP_OVERVIEW_DOWNSAMPLE = 32.0
+ANNOTATION_SUFFIXES = (".xml", ".geojson", ".json")
+
+
+@dataclass(frozen=True)
+class SlideJob:
+    """One slide to tile and the annotation file that goes with it (None: all normal)."""
+
+    slide_id: str
+    path: Path
+    annotation: Path | None
+
+
+@dataclass(frozen=True)
+class SlidePlan:
+    """Everything the extraction tasks and the store need for one slide."""
+
+    job: SlideJob
+    resolution: Resolution
+    table: PatchTable
+    attrs: dict[str, Any] = field(repr=False)
+    passthrough: bool = False
+
+
+def find_annotation(slide_path: Path, annotations_dir: Path | None) -> Path | None:
+    """``<dir>/<slide stem>.xml`` (or ``.geojson``/``.json``) if it exists."""
+    if annotations_dir is None:
+        return None
+    for suffix in ANNOTATION_SUFFIXES:
+        candidate = annotations_dir / f"{slide_path.stem}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def job_fingerprint(job: SlideJob, config: TilingConfig) -> str:
+    """Identity of the inputs (slide, annotation) and the tiling config."""
+    payload: dict[str, Any] = {"config": config.model_dump(mode="json"), "version": __version__}
+    payload["slide"] = file_identity(job.path) if job.path.exists() else str(job.path)
+    payload["annotation"] = None if job.annotation is None else file_identity(job.annotation)
+    return fingerprint(payload)
+
+
+def plan_slide(job: SlideJob, config: TilingConfig) -> SlidePlan:
+    """Open the slide, find tissue, rasterise annotations and choose and label the patches."""
+    stride_px = config.stride_px or config.patch_px
+    with open_slide(job.path) as reader:
+        info = reader.info
+        resolution = choose_resolution(
+            info,
+            patch_px=config.patch_px,
+            stride_px=stride_px,
+            target_mpp=config.target_mpp,
+            level=config.level,
+        )
+        tissue = _tissue_mask(reader, config.tissue_mpp)
+        passthrough = _can_pass_through(reader, resolution, stride_px, config)
+    polygons = []
+    if job.annotation is not None:
+        polygons = read_annotations(job.annotation)
+        check_within(job.annotation, polygons, info.level0_wh)
+    level_w, level_h = info.level_wh[resolution.level]
+    level_scale = (info.level0_wh[0] / level_w, info.level0_wh[1] / level_h)
+    tumor = rasterize_tumor(
+        polygons, resolution.level0_patch_px / TUMOR_SAMPLES_PER_PATCH, info.level0_wh
+    )
+    table = select_patches(
+        (level_w, level_h),
+        level_scale,
+        resolution,
+        tissue,
+        tumor,
+        min_tissue_fraction=config.min_tissue_fraction,
+        label_rule=config.label_rule,
+        tumor_threshold=config.tumor_threshold,
+    )
+    if len(table) == 0:
+        raise NoTissueError(
+            job.path,
+            f"no patch has >= {config.min_tissue_fraction:.0%} tissue "
+            "(blank slide, or lower tiling.min_tissue_fraction)",
+        )
+    attrs = {
+        "slide": file_identity(job.path),
+        "annotation": None if job.annotation is None else file_identity(job.annotation),
+        "vendor": info.vendor,
+        "level0_wh": list(info.level0_wh),
+        "mpp": None if info.mpp_xy is None else list(info.mpp_xy),
+        "level": resolution.level,
+        "downsample": resolution.downsample,
+        "level_mpp": resolution.level_mpp,
+        "patch_mpp": resolution.patch_mpp,
+        "patch_px": resolution.patch_px,
+        "stride_px": stride_px,
+        "read_px": resolution.read_px,
+        "read_stride_px": resolution.read_stride_px,
+        "resampled": resolution.resampled,
+        "passthrough": passthrough,
+        "config": config.model_dump(mode="json"),
+        "wsiflow_version": __version__,
+    }
+    return SlidePlan(
+        job=job, resolution=resolution, table=table, attrs=attrs, passthrough=passthrough
+    )
+
+
+def _can_pass_through(
+    reader: SlideReader, resolution: Resolution, stride_px: int, config: TilingConfig
+) -> bool:
+    """Whether patches are exactly the level's stored JPEG tiles, decoding to the same pixels.
+
+    Then the tiles' bytes go into the store as they are: no decode, no
+    re-encode, no generation loss (the source quality is kept, not
+    ``codec_quality``).
+    """
+    direct = reader.direct_level(resolution.level)
+    if (
+        not config.passthrough
+        or config.codec != "jpeg"
+        or direct is None
+        or not direct.whole_jpeg_tiles
+        or resolution.resampled
+        or not (resolution.read_px == stride_px == direct.tile_w == direct.tile_h)
+        or direct.width < direct.tile_w
+        or direct.height < direct.tile_h
+    ):
+        return False
+    # The store decodes with plain imagecodecs: check it agrees with the TIFF decoder.
+    index = direct.tile_index(0, 0)
+    try:
+        stored = imagecodecs.jpeg8_decode(direct.raw_tile(index))
+        return bool(np.array_equal(stored, direct.tile(index)))
+    except Exception:  # any doubt: decode and re-encode instead
+        return False
+
+
+def _tissue_mask(reader: SlideReader, tissue_mpp: float) -> PlacedMask:
+    info = reader.info
+    if info.mpp_xy is None:
+        downsample = NO_MPP_OVERVIEW_DOWNSAMPLE
+    else:
+        downsample = tissue_mpp / ((info.mpp_xy[0] + info.mpp_xy[1]) / 2)
+    overview, scale = reader.overview(max(1.0, downsample))
+    overview_mpp = (info.mpp_xy[0] if info.mpp_xy else 1.0) * scale[0]
+    mask = detect_tissue(overview, mpp=overview_mpp)
+    return PlacedMask(mask=mask, origin_xy=(0.0, 0.0), scale_xy=scale)
