@@ -1,0 +1,1 @@
+"""Keras models: a configurable CNN, MNIST, and (coming) patch classifiers."""

@@ -72,3 +72,7 @@ class AnnotationError(FileError, ValueError):
 
 class StoreError(FileError, ValueError):
     """A patch store is missing, incomplete or not a wsiflow store."""
+
+
+class DatasetError(FileError, ValueError):
+    """A dataset file or folder is missing or malformed (MNIST IDX/npz, ...)."""

@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import APERIO_SLIDE
 
 WSIFLOW = str(Path(sys.executable).parent / "wsiflow")
-COMMANDS = ["synth", "info", "config", "tile", "preview", "demo"]
+COMMANDS = ["synth", "info", "config", "tile", "preview", "mnist", "demo"]
 
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
