@@ -1,0 +1,233 @@
+"""Patch stores to ``tf.data``: slide-level splits, class balance, augmentation, prefetching.
+
+Random single-patch reads from Zarr cost ~1-3 ms each (PERF_NOTES), so the
+training stream reads whole chunks (64 patches) in a random order across
+slides, keeps every tumor patch and a matching random share of normal ones,
+and mixes them in a shuffle buffer. Validation reads every patch, in order,
+unaugmented.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from pipeline.errors import StoreError
+
+#: Rows of H&E optical density (Ruifrok & Johnston), as skimage's rgb2hed uses.
+_RGB_FROM_HED = np.array(
+    [[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float32
+)
+_RGB_FROM_HED[2] = np.cross(_RGB_FROM_HED[0], _RGB_FROM_HED[1])
+_RGB_FROM_HED /= np.linalg.norm(_RGB_FROM_HED, axis=1, keepdims=True)
+_HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class SlidePatches:
+    """One complete slide group of a patch store: where it is and its labels."""
+
+    store: str
+    slide_id: str
+    labels: np.ndarray  # (N,) int8
+    patch_px: int
+    patch_mpp: float | None
+    chunk_patches: int
+
+    @property
+    def tumor(self) -> int:
+        return int((self.labels == 1).sum())
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def open_stores(paths: list[Path] | tuple[Path, ...]) -> list[SlidePatches]:
+    """The complete slide groups of every store, checked for what training needs.
+
+    Raises :class:`StoreError` naming the store for a missing or empty store,
+    a group without labels, mixed patch sizes, or data of a single class.
+    """
+    slides: list[SlidePatches] = []
+    for path in paths:
+        path = Path(path)
+        if not (path / "zarr.json").is_file():
+            raise StoreError(
+                path, "not a Zarr patch store (no zarr.json); write one with `wsiflow tile`"
+            )
+        root = zarr.open_group(str(path), mode="r")
+        complete = [k for k in sorted(root.group_keys()) if root[k].attrs.get("complete") is True]
+        if not complete:
+            raise StoreError(
+                path, "holds no complete slide (empty store, or tiling never finished)"
+            )
+        for slide_id in complete:
+            group = root[slide_id]
+            if "labels" not in group or "patches" not in group:
+                raise StoreError(path, f"slide {slide_id!r} has no labels/patches arrays")
+            patches = group["patches"]
+            slides.append(
+                SlidePatches(
+                    store=str(path),
+                    slide_id=slide_id,
+                    labels=np.asarray(group["labels"][:], dtype=np.int8),
+                    patch_px=int(patches.shape[1]),
+                    patch_mpp=group.attrs.get("patch_mpp"),
+                    chunk_patches=int(patches.chunks[0]),
+                )
+            )
+    sizes = {s.patch_px for s in slides}
+    if len(sizes) > 1:
+        raise StoreError(
+            Path(slides[0].store), f"Expected one patch size. Got {sorted(sizes)} instead."
+        )
+    tumor = sum(s.tumor for s in slides)
+    total = sum(len(s) for s in slides)
+    if tumor == 0 or tumor == total:
+        which = "tumor" if tumor == 0 else "normal"
+        raise StoreError(
+            Path(slides[0].store), f"has no {which} patch: a classifier needs both classes"
+        )
+    return slides
+
+
+def split_by_slide(
+    slides: list[SlidePatches], validation_fraction: float, seed: int = 0
+) -> tuple[list[SlidePatches], list[SlidePatches]]:
+    """Split whole slides into training and validation; no slide is in both.
+
+    Slides with tumor and slides without are split separately, so both sides
+    get tumor slides whenever there are at least two.
+    """
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for group in ([s for s in slides if s.tumor], [s for s in slides if not s.tumor]):
+        order = rng.permutation(len(group))
+        # At least one slide on each side when the group has two or more.
+        n_val = round(len(group) * validation_fraction)
+        n_val = min(max(n_val, 1), len(group) - 1) if len(group) >= 2 else 0
+        val += [group[i] for i in order[:n_val]]
+        train += [group[i] for i in order[n_val:]]
+    if not val:
+        raise ValueError(
+            f"Expected at least two slides to split by slide. Received: {len(slides)} slide(s)"
+        )
+    return train, val
+
+
+def balanced_chunks(
+    slides: list[SlidePatches], seed: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Endless ``(patches, labels)`` from whole chunks in random order, classes balanced.
+
+    Every tumor patch is kept; normal patches are kept with probability
+    #tumor / #normal, so the stream is balanced in expectation.
+    """
+    tumor = sum(s.tumor for s in slides)
+    normal = sum(len(s) - s.tumor for s in slides)
+    keep_normal = min(1.0, tumor / max(normal, 1))
+    chunks = [
+        (i, start) for i, s in enumerate(slides) for start in range(0, len(s), s.chunk_patches)
+    ]
+    arrays = {}
+    rng = np.random.default_rng(seed)
+    while True:
+        for k in rng.permutation(len(chunks)):
+            i, start = chunks[k]
+            slide = slides[i]
+            labels = slide.labels[start : start + slide.chunk_patches]
+            keep = (labels == 1) | (rng.random(len(labels)) < keep_normal)
+            if not keep.any():
+                continue
+            key = (slide.store, slide.slide_id)
+            if key not in arrays:
+                arrays[key] = zarr.open_array(f"{slide.store}/{slide.slide_id}/patches", mode="r")
+            patches = arrays[key][start : start + len(labels)]
+            yield patches[keep], labels[keep]
+
+
+def all_patches(slides: list[SlidePatches]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Every patch once, slide by slide and chunk by chunk (validation, inference)."""
+    for slide in slides:
+        array = zarr.open_array(f"{slide.store}/{slide.slide_id}/patches", mode="r")
+        for start in range(0, len(slide), slide.chunk_patches):
+            yield (
+                array[start : start + slide.chunk_patches],
+                slide.labels[start : start + slide.chunk_patches],
+            )
+
+
+def make_dataset(
+    slides: list[SlidePatches],
+    *,
+    batch_size: int,
+    training: bool,
+    seed: int = 0,
+    preprocess: Callable | None = None,
+    shuffle_buffer: int = 2048,
+):
+    """A ``tf.data.Dataset`` of ``(float32 images, float32 labels)`` batches.
+
+    Training: balanced endless stream, shuffled, augmented (flips, 90°
+    rotations, brightness/contrast, H&E stain jitter); validation: every
+    patch once, as stored. ``preprocess`` (the backbone's own) maps 0-255
+    float images; without it images are scaled to 0-1. Prefetched.
+    """
+    import tensorflow as tf
+
+    px = slides[0].patch_px
+
+    def patches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        # A new source each time the dataset is iterated (one pass per validation run).
+        source = balanced_chunks(slides, seed) if training else all_patches(slides)
+        for chunk, labels in source:
+            yield from zip(chunk, labels, strict=True)
+
+    dataset = tf.data.Dataset.from_generator(
+        patches,
+        output_signature=(
+            tf.TensorSpec((px, px, 3), tf.uint8),
+            tf.TensorSpec((), tf.int8),
+        ),
+    )
+    if training:
+        dataset = dataset.shuffle(shuffle_buffer, seed=seed)
+        dataset = dataset.map(_augment_fn(seed), num_parallel_calls=tf.data.AUTOTUNE)
+    else:
+        dataset = dataset.map(lambda x, y: (tf.cast(x, tf.float32), y))
+    scale = preprocess or (lambda x: x / 255.0)
+    dataset = dataset.map(
+        lambda x, y: (scale(x), tf.cast(y, tf.float32)), num_parallel_calls=tf.data.AUTOTUNE
+    )
+    return dataset.batch(batch_size, drop_remainder=training).prefetch(tf.data.AUTOTUNE)
+
+
+def _augment_fn(seed: int):
+    import tensorflow as tf
+
+    hed_from_rgb = tf.constant(_HED_FROM_RGB)
+    rgb_from_hed = tf.constant(_RGB_FROM_HED)
+    generator = tf.random.Generator.from_seed(seed)
+
+    def augment(image, label):
+        x = tf.cast(image, tf.float32)
+        x = tf.image.rot90(x, k=generator.uniform((), 0, 4, dtype=tf.int32))
+        flip = generator.uniform(())
+        x = tf.cond(flip < 0.5, lambda: tf.image.flip_left_right(x), lambda: x)
+        # H&E stain jitter: scale and shift each stain's optical density a little.
+        od = -tf.math.log((x + 1.0) / 256.0)
+        hed = tf.reshape(od, (-1, 3)) @ hed_from_rgb
+        alpha = generator.uniform((3,), 0.95, 1.05)
+        beta = generator.uniform((3,), -0.02, 0.02)
+        od = tf.reshape((hed * alpha + beta) @ rgb_from_hed, tf.shape(x))
+        x = tf.exp(-od) * 256.0 - 1.0
+        x = x + generator.uniform((), -12.0, 12.0)  # brightness
+        mean = tf.reduce_mean(x)
+        x = (x - mean) * generator.uniform((), 0.9, 1.1) + mean  # contrast
+        return tf.clip_by_value(x, 0.0, 255.0), label
+
+    return augment

@@ -1,0 +1,92 @@
+"""Patch stores to tf.data: slide-level split, balance, augmentation only in training, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.data import all_patches, balanced_chunks, make_dataset, open_stores, split_by_slide
+from pipeline.errors import StoreError
+from pipeline.store import create_slide_group, mark_complete, open_patches, open_root
+
+
+def _store(path, slides: dict[str, int], n: int = 100, px: int = 16, codec: str = "zstd"):
+    """A real patch store: each slide gets ``n`` patches, the first ``tumor`` labelled 1."""
+    root = open_root(path)
+    rng = np.random.default_rng(0)
+    for slide_id, tumor in slides.items():
+        group = create_slide_group(
+            root,
+            slide_id,
+            n_patches=n,
+            patch_px=px,
+            chunk_patches=16,
+            codec=codec,
+            codec_quality=90,
+            attrs={"patch_mpp": 0.5},
+        )
+        labels = np.zeros(n, dtype=np.int8)
+        labels[:tumor] = 1
+        group["labels"][:] = labels
+        patches = rng.integers(0, 256, (n, px, px, 3), dtype=np.uint8)
+        patches[:, 0, 0, 0] = labels.astype(np.uint8) * 255  # label readable from the pixels
+        open_patches(path, slide_id)[:] = patches
+        mark_complete(group, {})
+    return path
+
+
+def test_open_and_split_by_slide(tmp_path):
+    store = _store(tmp_path / "a.zarr", {"t1": 20, "t2": 10, "t3": 5, "n1": 0, "n2": 0, "n3": 0})
+    slides = open_stores([store])
+    assert [s.slide_id for s in slides] == ["n1", "n2", "n3", "t1", "t2", "t3"]
+    for seed in range(5):
+        train, val = split_by_slide(slides, 0.34, seed=seed)
+        train_ids, val_ids = {s.slide_id for s in train}, {s.slide_id for s in val}
+        assert not train_ids & val_ids and len(train_ids | val_ids) == 6
+        assert any(s.tumor for s in train) and any(s.tumor for s in val)
+
+
+def test_balanced_stream(tmp_path):
+    store = _store(tmp_path / "a.zarr", {"t1": 10, "n1": 0, "n2": 0})
+    slides = open_stores([store])
+    stream = balanced_chunks(slides, seed=0)
+    labels = np.concatenate([next(stream)[1] for _ in range(400)])
+    assert 0.4 < labels.mean() < 0.6  # 10 tumor among 300 patches, balanced to ~half
+
+
+def test_training_is_augmented_validation_is_not(tmp_path):
+    pytest.importorskip("tensorflow")
+    store = _store(tmp_path / "a.zarr", {"t1": 30, "n1": 0})
+    slides = open_stores([store])
+    val = make_dataset(slides, batch_size=50, training=False)
+    stored = np.concatenate([chunk for chunk, _ in all_patches(slides)]).astype(np.float32) / 255
+    for _ in range(2):  # a full pass each time it is iterated
+        seen = np.concatenate([x.numpy() for x, _ in val])
+        np.testing.assert_allclose(seen, stored, atol=1e-6)
+    train = make_dataset(slides, batch_size=32, training=True, seed=1)
+    x, y = next(iter(train))
+    assert x.shape == (32, 16, 16, 3) and y.shape == (32,)
+    assert float(x.numpy().min()) >= 0.0 and float(x.numpy().max()) <= 1.0
+    # Augmented patches are not stored patches (rotations, stain and brightness jitter).
+    flat = stored.reshape(len(stored), -1)
+    nearest = np.abs(flat[None, :, :] - x.numpy().reshape(32, 1, -1)).mean(axis=2).min(axis=1)
+    assert nearest.min() > 0.005
+
+
+@pytest.mark.parametrize(
+    ("slides", "message"),
+    [({"n1": 0, "n2": 0}, "has no tumor patch"), ({"t1": 100}, "has no normal patch")],
+)
+def test_single_class_data_is_refused(tmp_path, slides, message):
+    with pytest.raises(StoreError, match=message):
+        open_stores([_store(tmp_path / "a.zarr", slides)])
+
+
+def test_empty_or_missing_store(tmp_path):
+    open_root(tmp_path / "empty.zarr")
+    with pytest.raises(StoreError, match="empty.zarr: holds no complete slide"):
+        open_stores([tmp_path / "empty.zarr"])
+    with pytest.raises(StoreError, match="not a Zarr patch store"):
+        open_stores([tmp_path / "absent.zarr"])
+    with pytest.raises(ValueError, match="at least two slides"):
+        split_by_slide(open_stores([_store(tmp_path / "one.zarr", {"t1": 5})]), 0.5)
