@@ -212,8 +212,7 @@ def test_killed_run_leaves_no_false_complete_group(cli_cohort, tmp_path):
     import zarr
 
     store = tmp_path / "s.zarr"
-    args = [
-        WSIFLOW,
+    tile_args = [
         "tile",
         str(cli_cohort),
         "--out",
@@ -222,9 +221,8 @@ def test_killed_run_leaves_no_false_complete_group(cli_cohort, tmp_path):
         "32",
         "--mpp",
         "0.25",
-        "--workers",
-        "2",
     ]
+    args = [WSIFLOW, *tile_args, "--workers", "2"]
     process = subprocess.Popen(
         args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
@@ -241,17 +239,7 @@ def test_killed_run_leaves_no_false_complete_group(cli_cohort, tmp_path):
         group = root[slide_id]
         patches = group["patches"]
         assert patches.nchunks_initialized == patches.nchunks
-    rerun = run(
-        "tile",
-        str(cli_cohort),
-        "--out",
-        str(store),
-        "--patch-size",
-        "32",
-        "--mpp",
-        "0.25",
-        "--json",
-    )
+    rerun = run(*tile_args, "--json")
     summary = last_json(rerun)
     assert summary["ok"] and summary["skipped"] == len(complete)
     assert summary["done"] + summary["skipped"] == 4
