@@ -103,8 +103,6 @@ def test_cnn_reaches_97_percent_on_real_mnist(tmp_path):
             "mnist",
             "--data",
             str(MNIST_DIR),
-            "--epochs",
-            "5",
             "--out",
             str(model),
             "--json",
