@@ -85,13 +85,6 @@ class SlideReader:
             except Exception:  # tifffile cannot parse it: OpenSlide reads everything
                 self._direct = None
 
-    @property
-    def direct_levels(self) -> tuple[int, ...]:
-        """Levels read by direct tile decoding (the rest go through OpenSlide)."""
-        if self._direct is None:
-            return ()
-        return tuple(k for k, level in enumerate(self._direct.levels) if level is not None)
-
     def direct_level(self, level: int) -> DirectLevel | None:
         """The direct tile reader of ``level``, or None when it goes through OpenSlide."""
         return None if self._direct is None else self._direct.levels[level]
@@ -104,7 +97,7 @@ class SlideReader:
         Outside the slide is :data:`BACKGROUND_RGB`. Through OpenSlide the
         level-0 position is ``round(level_xy * downsample)``.
         """
-        direct = None if self._direct is None else self._direct.levels[level]
+        direct = self.direct_level(level)
         if direct is not None:
             try:
                 return direct.read(level_xy[0], level_xy[1], size_wh[0], size_wh[1])

@@ -44,13 +44,9 @@ class DirectLevel:
         if cached is not None:
             self._cache.move_to_end(index)
             return cached
-        count = self._counts[index]
-        if count == 0:
+        if self._counts[index] == 0:
             return None
-        data = os.pread(self._fd, count, self._offsets[index])
-        if len(data) != count:
-            raise OSError(f"tile {index} is truncated: {len(data)} of {count} bytes")
-        segment, _, _ = self._decode(data, index, jpegtables=self._jpegtables)
+        segment, _, _ = self._decode(self.raw_tile(index), index, jpegtables=self._jpegtables)
         tile = segment.reshape(self.tile_h, self.tile_w, -1)[..., :3]
         tile.flags.writeable = False
         self._cache[index] = tile
@@ -85,7 +81,7 @@ class DirectLevel:
             and y >= 0
             and y + h <= self.height
         ):
-            tile = self.tile((y // h) * self.tiles_across + x // w)
+            tile = self.tile(self.tile_index(x, y))
             if tile is not None:
                 return tile
         out = np.full((h, w, 3), background, dtype=np.uint8)
