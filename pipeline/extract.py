@@ -7,6 +7,7 @@ Each worker thread keeps its slides and Zarr arrays open between tasks
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -20,17 +21,23 @@ from .store import open_patches, write_encoded_chunk
 _local = threading.local()
 
 
+def _thread_cached(slot: str, key: Any, open_: Callable[[], Any], limit: int) -> Any:
+    """The worker thread's open object for ``key`` in ``slot``; past ``limit``, the oldest goes."""
+    cache: dict[Any, Any] = getattr(_local, slot, None) or {}
+    setattr(_local, slot, cache)
+    value = cache.get(key)
+    if value is None:
+        if len(cache) >= limit:
+            oldest = cache.pop(next(iter(cache)))
+            if hasattr(oldest, "close"):
+                oldest.close()
+        value = cache[key] = open_()
+    return value
+
+
 def _cached_reader(path: str) -> SlideReader:
     """The worker thread's open reader for ``path`` (a few kept, oldest closed)."""
-    readers: dict[str, SlideReader] = getattr(_local, "readers", None) or {}
-    _local.readers = readers
-    reader = readers.get(path)
-    if reader is None:
-        if len(readers) >= 4:
-            oldest = next(iter(readers))
-            readers.pop(oldest).close()
-        reader = readers[path] = open_slide(path)
-    return reader
+    return _thread_cached("readers", path, lambda: open_slide(path), limit=4)
 
 
 def _read_patch(
@@ -57,15 +64,9 @@ def read_patches(
 
 def _cached_patches(store_path: str, slide_id: str, token: str) -> Any:
     """The worker thread's open ``patches`` array; ``token`` changes when the group is redone."""
-    arrays: dict[tuple[str, str, str], Any] = getattr(_local, "arrays", None) or {}
-    _local.arrays = arrays
-    key = (store_path, slide_id, token)
-    array = arrays.get(key)
-    if array is None:
-        if len(arrays) >= 8:
-            arrays.pop(next(iter(arrays)))
-        array = arrays[key] = open_patches(store_path, slide_id)
-    return array
+    return _thread_cached(
+        "arrays", (store_path, slide_id, token), lambda: open_patches(store_path, slide_id), limit=8
+    )
 
 
 def extract_chunk(

@@ -130,8 +130,9 @@ def open_patches(store_path: Path | str, slide_id: str) -> zarr.Array:
 def write_encoded_chunk(array: zarr.Array, chunk_index: int, data: bytes) -> None:
     """Store already-encoded bytes as chunk ``chunk_index`` of a local patches array.
 
-    For patches copied from the source slide's JPEG tiles (see
-    :func:`pipeline.codecs.pack_images`); the file appears atomically.
+    For image-codec chunks built with :func:`pipeline.codecs.pack_images`,
+    from patches the worker encoded or from the source slide's own JPEG
+    tiles; the file appears atomically.
     """
     key = array.metadata.encode_chunk_key((chunk_index, 0, 0, 0))
     path = Path(str(array.store.root)) / array.path / key
