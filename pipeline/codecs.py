@@ -96,6 +96,10 @@ class PatchImageCodec(ArrayBytesCodec):
     def encode_chunk(self, patches: np.ndarray) -> bytes:
         return pack_images([self.encode_patch(p) for p in patches])
 
+    def decode_image(self, data: bytes) -> np.ndarray:
+        """One encoded patch back to ``(h, w, 3)`` uint8."""
+        return _DECODERS[self.format](data)
+
     def decode_chunk(self, data: bytes, shape: tuple[int, ...]) -> np.ndarray:
         if data[:4] != _MAGIC:
             raise ValueError(f"not a {CODEC_NAME} chunk (bad magic bytes)")
@@ -105,9 +109,8 @@ class PatchImageCodec(ArrayBytesCodec):
         if count != shape[0]:
             raise ValueError(f"chunk holds {count} patches, expected {shape[0]}")
         offset = 8 + 4 * count
-        decode = _DECODERS[self.format]
         for i, length in enumerate(lengths):
-            out[i] = decode(data[offset : offset + length])
+            out[i] = self.decode_image(data[offset : offset + length])
             offset += length
         return out
 

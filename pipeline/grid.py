@@ -60,7 +60,7 @@ def choose_resolution(
             "Expected exactly one of target_mpp and level. "
             f"Received: target_mpp={target_mpp}, level={level}"
         )
-    mpp0 = None if info.mpp_xy is None else (info.mpp_xy[0] + info.mpp_xy[1]) / 2
+    mpp0 = info.mpp
     if level is not None:
         if not 0 <= level < info.level_count:
             raise SlideError(

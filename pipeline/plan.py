@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import imagecodecs
 import numpy as np
 
 from . import __version__
 from .annotations import check_within, read_annotations
+from .codecs import PatchImageCodec
 from .config import TilingConfig
 from .errors import NoTissueError
 from .grid import PatchTable, Resolution, choose_resolution, select_patches
@@ -153,22 +153,19 @@ def _can_pass_through(
         or direct.height < direct.tile_h
     ):
         return False
-    # The store decodes with plain imagecodecs: check it agrees with the TIFF decoder.
+    # The store will decode the copied bytes with its codec: check it agrees with the TIFF decoder.
     index = direct.tile_index(0, 0)
     try:
-        stored = imagecodecs.jpeg8_decode(direct.raw_tile(index))
+        stored = PatchImageCodec(format="jpeg").decode_image(direct.raw_tile(index))
         return bool(np.array_equal(stored, direct.tile(index)))
     except Exception:  # any doubt: decode and re-encode instead
         return False
 
 
 def _tissue_mask(reader: SlideReader, tissue_mpp: float) -> PlacedMask:
-    info = reader.info
-    if info.mpp_xy is None:
-        downsample = NO_MPP_OVERVIEW_DOWNSAMPLE
-    else:
-        downsample = tissue_mpp / ((info.mpp_xy[0] + info.mpp_xy[1]) / 2)
+    mpp = reader.info.mpp
+    downsample = NO_MPP_OVERVIEW_DOWNSAMPLE if mpp is None else tissue_mpp / mpp
     overview, scale = reader.overview(max(1.0, downsample))
-    overview_mpp = (info.mpp_xy[0] if info.mpp_xy else 1.0) * scale[0]
+    overview_mpp = (1.0 if mpp is None else mpp) * scale[0]
     mask = detect_tissue(overview, mpp=overview_mpp)
     return PlacedMask(mask=mask, origin_xy=(0.0, 0.0), scale_xy=scale)

@@ -55,6 +55,11 @@ class SlideInfo:
     def level_count(self) -> int:
         return len(self.level_wh)
 
+    @property
+    def mpp(self) -> float | None:
+        """Level-0 µm per pixel (mean of x and y), or ``None`` when the file records none."""
+        return None if self.mpp_xy is None else (self.mpp_xy[0] + self.mpp_xy[1]) / 2
+
 
 class SlideReader:
     """A slide opened with OpenSlide. Use as a context manager or call :meth:`close`.
