@@ -128,15 +128,11 @@ def tile_slides(
     n_workers = max(1, len(client.scheduler_info().get("workers", {})))
     in_flight_cap = max_in_flight or 4 * n_workers
     max_active = 2 * n_workers  # slides planned but not finished: bounds the driver's memory
-    started: dict[str, float] = {}
     plan_queue = deque(pending)
     chunk_queue: deque[tuple[str, int, np.ndarray]] = deque()
-    plans: dict[Any, tuple[SlideJob, str]] = {}
+    plans: dict[Any, tuple[SlideJob, str, float]] = {}  # future -> job, digest, start time
     chunks: dict[Any, str] = {}
-    active: dict[str, SlidePlan] = {}  # planned slides still being written
-    groups: dict[str, Any] = {}
-    tokens: dict[str, str] = {}  # unique per (re)created group: workers cache open arrays by it
-    remaining: dict[str, int] = {}
+    active: dict[str, _Writing] = {}  # planned slides still being written
     # Results come with the completion events: future.result() would cost a
     # synchronous round trip (~8 ms) per task in the driver.
     work = as_completed(loop=client.loop, with_results=True, raise_errors=False)
@@ -147,20 +143,20 @@ def tile_slides(
             # one is extracted, so workers never wait for a plan between slides.
             if plan_queue and len(active) + len(plans) < max_active:
                 job, digest = plan_queue.popleft()
-                started[job.slide_id] = time.perf_counter()
                 future = client.submit(plan_slide, job, config, pure=False)
-                plans[future] = (job, digest)
+                plans[future] = (job, digest, time.perf_counter())
             elif chunk_queue:
                 slide_id, start, xy = chunk_queue.popleft()
                 if slide_id not in active:
                     continue  # the slide failed meanwhile
-                plan = active[slide_id]
+                writing = active[slide_id]
+                plan = writing.plan
                 future = client.submit(
                     extract_chunk,
                     str(plan.job.path),
                     str(store_path),
                     slide_id,
-                    tokens[slide_id],
+                    writing.token,
                     start,
                     plan.resolution.level,
                     xy,
@@ -185,7 +181,7 @@ def tile_slides(
         # A failed task's outcome is (type, exception, traceback).
         error = outcome[1] if future.status == "error" else None
         if future in plans:
-            job, digest = plans.pop(future)
+            job, digest, started = plans.pop(future)
             if error is not None:
                 fail(job, error)
                 submit_some()
@@ -208,9 +204,13 @@ def tile_slides(
             group["tumor_fraction"][:] = plan.table.tumor_fraction
             group["tissue_fraction"][:] = plan.table.tissue_fraction
             group["coords"][:] = plan.table.level0_xy
-            active[job.slide_id], groups[job.slide_id] = plan, group
-            tokens[job.slide_id] = f"{digest}-{time.time_ns()}"
-            remaining[job.slide_id] = -(-n // block)
+            active[job.slide_id] = _Writing(
+                plan=plan,
+                group=group,
+                token=f"{digest}-{time.time_ns()}",
+                remaining=-(-n // block),
+                started=started,
+            )
             chunk_queue.extend(
                 (job.slide_id, start, plan.table.level_xy[start : start + block])
                 for start in range(0, n, block)
@@ -220,38 +220,50 @@ def tile_slides(
             submit_some()
             continue
         slide_id = chunks.pop(future)
-        plan = active.get(slide_id)
-        if plan is None:  # an earlier chunk of this slide failed
+        writing = active.get(slide_id)
+        if writing is None:  # an earlier chunk of this slide failed
             submit_some()
             continue
+        plan = writing.plan
         if error is not None:
             fail(plan.job, error)
             submit_some()
             continue
-        written = outcome
         if on_patches is not None:
-            on_patches(written)
-        remaining[slide_id] -= 1
-        if remaining[slide_id] == 0:
-            table = active.pop(slide_id).table
+            on_patches(outcome)
+        writing.remaining -= 1
+        if writing.remaining == 0:
+            del active[slide_id]
+            table = plan.table
             result = SlideResult(
                 slide_id,
                 str(plan.job.path),
                 "done",
                 patches=len(table),
                 tumor_patches=int(table.labels.sum()),
-                seconds=round(time.perf_counter() - started[slide_id], 2),
+                seconds=round(time.perf_counter() - writing.started, 2),
                 level=plan.resolution.level,
                 read_px=plan.resolution.read_px,
             )
             mark_complete(
-                groups.pop(slide_id), {"patches": len(table), "tumor_patches": result.tumor_patches}
+                writing.group, {"patches": len(table), "tumor_patches": result.tumor_patches}
             )
             results.append(result)
             _finish(root, result, on_slide)
         submit_some()
     order = {path: i for i, path in enumerate(map(str, slides))}
     return sorted(results, key=lambda r: order.get(r.path, len(order)))
+
+
+@dataclass
+class _Writing:
+    """A planned slide whose chunks are being written (driver-side state)."""
+
+    plan: SlidePlan
+    group: Any
+    token: str  # unique per (re)created group: workers cache open arrays by it
+    remaining: int  # extraction tasks not yet finished
+    started: float  # perf_counter() when its plan was submitted
 
 
 def _finish(root: Any, result: SlideResult, on_slide: Callable[[SlideResult], None] | None) -> None:
