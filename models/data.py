@@ -45,6 +45,10 @@ class SlidePatches:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def open_patches(self) -> zarr.Array:
+        """The slide's ``patches`` array, read-only."""
+        return zarr.open_array(str(Path(self.store) / self.slide_id / "patches"), mode="r")
+
 
 def open_stores(paths: list[Path] | tuple[Path, ...]) -> list[SlidePatches]:
     """The complete slide groups of every store, checked for what training needs.
@@ -143,17 +147,16 @@ def balanced_chunks(
             keep = (labels == 1) | (rng.random(len(labels)) < keep_normal)
             if not keep.any():
                 continue
-            key = (slide.store, slide.slide_id)
-            if key not in arrays:
-                arrays[key] = zarr.open_array(f"{slide.store}/{slide.slide_id}/patches", mode="r")
-            patches = arrays[key][start : start + len(labels)]
+            if i not in arrays:
+                arrays[i] = slide.open_patches()
+            patches = arrays[i][start : start + len(labels)]
             yield patches[keep], labels[keep]
 
 
 def all_patches(slides: list[SlidePatches]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Every patch once, slide by slide and chunk by chunk (validation, inference)."""
     for slide in slides:
-        array = zarr.open_array(f"{slide.store}/{slide.slide_id}/patches", mode="r")
+        array = slide.open_patches()
         for start in range(0, len(slide), slide.chunk_patches):
             yield (
                 array[start : start + slide.chunk_patches],
