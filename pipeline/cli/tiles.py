@@ -96,20 +96,17 @@ def run_tile(
 
     started = time.perf_counter()
     orchestration = cfg.orchestration
-    results = []
     with reporter.progress() as progress:
         slides_task = progress.add_task("slides", total=len(paths), rate="")
         patches_task = progress.add_task("patches", total=0, rate="")
-        t0 = time.perf_counter()
-        done = {"patches": 0}
 
         def planned(n: int) -> None:
             progress.update(patches_task, total=(progress.tasks[patches_task].total or 0) + n)
 
         def wrote(n: int) -> None:
-            done["patches"] += n
-            rate = done["patches"] / max(time.perf_counter() - t0, 1e-9)
-            progress.update(patches_task, advance=n, rate=f"{rate:,.0f} patches/s")
+            progress.update(patches_task, advance=n)
+            rate = progress.tasks[patches_task].completed / max(time.perf_counter() - started, 1e-9)
+            progress.update(patches_task, rate=f"{rate:,.0f} patches/s")
 
         def finished(result) -> None:
             if result.status == "failed":
