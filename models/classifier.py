@@ -3,8 +3,8 @@
 Weights: ``imagenet`` (Keras downloads ``~/.keras/models/<file>`` once),
 ``none``, or a path to a weights file for the backbone. Two-phase
 fine-tuning: :func:`freeze_backbone` trains the head with the base frozen
-(BatchNorm always in inference mode), :func:`unfreeze_top` then opens the top
-N layers for a lower learning rate.
+(a pretrained base's BatchNorm always runs in inference mode),
+:func:`unfreeze_top` then opens the top N layers for a lower learning rate.
 """
 
 from __future__ import annotations
@@ -66,6 +66,57 @@ def build_classifier(backbone: str, patch_px: int, *, weights: str = "none", dro
     import keras
     from keras import layers
 
+    check_backbone(backbone, patch_px)
+    shape = (patch_px, patch_px, 3)
+    if backbone == "small_cnn":
+        if weights not in ("none", None):
+            raise WeightsError(
+                Path(str(weights)), "small_cnn has no pretrained weights; use --weights none"
+            )
+        # One conv per block from 16 filters: ~36 M multiply-adds per 96 px patch,
+        # less than MobileNetV2's ~55 M, for quick CPU runs and tests.
+        model = build_cnn(
+            shape,
+            1,
+            filters=(16, 32, 64, 128),
+            convs_per_block=1,
+            pooling="global_average",
+            batch_norm=True,
+            dense_units=(64,),
+            dropout=dropout,
+            name="small_cnn_classifier",
+        )
+        _settle_batch_norm(model)
+        return model, None
+    base = _backbone(backbone, shape, weights)
+    inputs = keras.Input(shape=shape, name="image")
+    # Pretrained: BatchNorm stays in inference mode. From scratch: it learns its statistics.
+    x = base(inputs) if weights in ("none", None) else base(inputs, training=False)
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    x = layers.Dropout(dropout, name="dropout")(x)
+    # float32 output also under a mixed-precision policy (a stable sigmoid and loss).
+    outputs = layers.Dense(1, activation="sigmoid", dtype="float32", name="tumor_probability")(x)
+    if weights in ("none", None):
+        _settle_batch_norm(base)
+    return keras.Model(inputs, outputs, name=f"{backbone}_classifier"), base
+
+
+def _settle_batch_norm(model, momentum: float = 0.9) -> None:
+    """From scratch, let BatchNorm's moving statistics follow the data within ~20 steps.
+
+    keras.applications use momentum 0.99-0.999, made for long ImageNet runs:
+    after a few hundred steps the moving statistics still sit near their
+    initial values and validation (which uses them) sees a different model.
+    """
+    import keras
+
+    for layer in model._flatten_layers(include_self=False):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = momentum
+
+
+def check_backbone(backbone: str, patch_px: int) -> Backbone:
+    """The backbone's spec; ``ValueError`` if unknown or ``patch_px`` is too small for it."""
     if backbone not in BACKBONES:
         raise ValueError(
             f"Expected backbone in {sorted(BACKBONES)}. Received: backbone={backbone!r}"
@@ -76,30 +127,7 @@ def build_classifier(backbone: str, patch_px: int, *, weights: str = "none", dro
             f"Expected patches of at least {spec.min_px} px for {backbone}. "
             f"Received: patch_px={patch_px}"
         )
-    shape = (patch_px, patch_px, 3)
-    if backbone == "small_cnn":
-        if weights not in ("none", None):
-            raise WeightsError(
-                Path(str(weights)), "small_cnn has no pretrained weights; use --weights none"
-            )
-        model = build_cnn(
-            shape,
-            1,
-            filters=(32, 64, 128),
-            pooling="global_average",
-            batch_norm=True,
-            dense_units=(64,),
-            dropout=dropout,
-            name="small_cnn_classifier",
-        )
-        return model, None
-    base = _backbone(backbone, shape, weights)
-    inputs = keras.Input(shape=shape, name="image")
-    x = base(inputs, training=False)  # BatchNorm stays in inference mode, also when unfrozen
-    x = layers.GlobalAveragePooling2D(name="pool")(x)
-    x = layers.Dropout(dropout, name="dropout")(x)
-    outputs = layers.Dense(1, activation="sigmoid", name="tumor_probability")(x)
-    return keras.Model(inputs, outputs, name=f"{backbone}_classifier"), base
+    return spec
 
 
 def _backbone(backbone: str, shape: tuple[int, int, int], weights: str):

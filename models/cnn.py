@@ -83,7 +83,9 @@ def build_cnn(
     if dropout:
         x = layers.Dropout(dropout, name="dropout_head")(x)
     if num_classes == 1:
-        outputs = layers.Dense(1, activation="sigmoid", name="probability")(x)
-    else:
-        outputs = layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+        outputs = layers.Dense(1, activation="sigmoid", dtype="float32", name="probability")(x)
+    else:  # float32 output also under a mixed-precision policy
+        outputs = layers.Dense(
+            num_classes, activation="softmax", dtype="float32", name="probabilities"
+        )(x)
     return keras.Model(inputs, outputs, name=name)

@@ -37,6 +37,7 @@ class SlidePatches:
     patch_px: int
     patch_mpp: float | None
     chunk_patches: int
+    fingerprint: str | None = None  # of the tiling inputs and config (resume, model metadata)
 
     @property
     def tumor(self) -> int:
@@ -82,6 +83,7 @@ def open_stores(paths: list[Path] | tuple[Path, ...]) -> list[SlidePatches]:
                     patch_px=int(patches.shape[1]),
                     patch_mpp=group.attrs.get("patch_mpp"),
                     chunk_patches=int(patches.chunks[0]),
+                    fingerprint=group.attrs.get("fingerprint"),
                 )
             )
     sizes = {s.patch_px for s in slides}
@@ -153,15 +155,56 @@ def balanced_chunks(
             yield patches[keep], labels[keep]
 
 
-def all_patches(slides: list[SlidePatches]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Every patch once, slide by slide and chunk by chunk (validation, inference)."""
-    for slide in slides:
-        array = slide.open_patches()
-        for start in range(0, len(slide), slide.chunk_patches):
-            yield (
-                array[start : start + slide.chunk_patches],
-                slide.labels[start : start + slide.chunk_patches],
-            )
+def all_patches(
+    slides: list[SlidePatches], max_patches: int | None = None, seed: int = 0
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Every patch once, slide by slide and chunk by chunk (validation, inference).
+
+    With ``max_patches``, a fixed subset of whole chunks (the same on every
+    pass): chunks holding tumor first, then a seeded random share of the rest.
+    """
+    chunks = _chosen_chunks(slides, max_patches, seed)
+    arrays: dict[int, zarr.Array] = {}
+    for i, start in chunks:
+        slide = slides[i]
+        if i not in arrays:
+            arrays = {i: slide.open_patches()}  # chunks come slide by slide: keep one open
+        stop = start + slide.chunk_patches
+        yield arrays[i][start:stop], slide.labels[start:stop]
+
+
+def count_patches(slides: list[SlidePatches], max_patches: int | None = None, seed: int = 0) -> int:
+    """How many patches :func:`all_patches` yields with the same arguments."""
+    return sum(
+        min(slides[i].chunk_patches, len(slides[i]) - start)
+        for i, start in _chosen_chunks(slides, max_patches, seed)
+    )
+
+
+def _chosen_chunks(
+    slides: list[SlidePatches], max_patches: int | None, seed: int
+) -> list[tuple[int, int]]:
+    chunks = [
+        (i, start) for i, s in enumerate(slides) for start in range(0, len(s), s.chunk_patches)
+    ]
+    if max_patches is not None and sum(len(s) for s in slides) > max_patches:
+        chunks = _chunk_subset(slides, chunks, max_patches, seed)
+    return chunks
+
+
+def _chunk_subset(slides, chunks, max_patches: int, seed: int) -> list[tuple[int, int]]:
+    rng = np.random.default_rng(seed)
+    order = [chunks[k] for k in rng.permutation(len(chunks))]
+    size = {c: len(slides[c[0]].labels[c[1] : c[1] + slides[c[0]].chunk_patches]) for c in chunks}
+    has_tumor = {c: bool(slides[c[0]].labels[c[1] : c[1] + size[c]].any()) for c in chunks}
+    order.sort(key=lambda c: not has_tumor[c])  # stable: tumor chunks first, each group shuffled
+    chosen, total = [], 0
+    for chunk in order:
+        if total >= max_patches:
+            break
+        chosen.append(chunk)
+        total += size[chunk]
+    return sorted(chosen)
 
 
 def make_dataset(
@@ -172,12 +215,14 @@ def make_dataset(
     seed: int = 0,
     preprocess: Callable | None = None,
     shuffle_buffer: int = 2048,
+    max_patches: int | None = None,
 ):
     """A ``tf.data.Dataset`` of ``(float32 images, float32 labels)`` batches.
 
     Training: balanced endless stream, shuffled, augmented (flips, 90°
     rotations, brightness/contrast, H&E stain jitter); validation: every
-    patch once, as stored. ``preprocess`` (the backbone's own) maps 0-255
+    patch once (or the fixed subset of :func:`all_patches` with
+    ``max_patches``), as stored. ``preprocess`` (the backbone's own) maps 0-255
     float images; without it images are scaled to 0-1. Prefetched.
     """
     import tensorflow as tf
@@ -186,7 +231,10 @@ def make_dataset(
 
     def patches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         # A new source each time the dataset is iterated (one pass per validation run).
-        source = balanced_chunks(slides, seed) if training else all_patches(slides)
+        if training:
+            source = balanced_chunks(slides, seed)
+        else:
+            source = all_patches(slides, max_patches, seed)
         for chunk, labels in source:
             yield from zip(chunk, labels, strict=True)
 
@@ -206,7 +254,11 @@ def make_dataset(
     dataset = dataset.map(
         lambda x, y: (scale(x), tf.cast(y, tf.float32)), num_parallel_calls=tf.data.AUTOTUNE
     )
-    return dataset.batch(batch_size, drop_remainder=training).prefetch(tf.data.AUTOTUNE)
+    dataset = dataset.batch(batch_size, drop_remainder=training)
+    if not training:  # a known length: Keras shows progress and expects the end
+        n = count_patches(slides, max_patches, seed)
+        dataset = dataset.apply(tf.data.experimental.assert_cardinality(-(-n // batch_size)))
+    return dataset.prefetch(tf.data.AUTOTUNE)
 
 
 def _augment_fn(seed: int):

@@ -87,8 +87,17 @@ class TrainingConfig(_Section):
     learning_rate: float = Field(1e-3, gt=0)
     fine_tune_learning_rate: float = Field(1e-4, gt=0)
     validation_fraction: float = Field(0.25, gt=0, lt=1)
-    early_stopping_patience: int = Field(3, ge=1)
-    mixed_precision: bool = False
+    steps_per_epoch: int | None = Field(
+        None, ge=1, description="None: each training tumor patch once and as many normal (>= 25)"
+    )
+    validation_max_patches: int | None = Field(
+        20000, ge=1, description="a fixed seeded subset of validation chunks; None: all"
+    )
+    early_stopping_patience: int = Field(3, ge=1, description="epochs without a better val AUC")
+    reduce_lr_patience: int = Field(2, ge=1, description="epochs before the rate is cut 5x")
+    mixed_precision: bool = Field(
+        False, description="float16 compute on GPUs (bfloat16 on CPUs), float32 weights"
+    )
     seed: int = Field(0, ge=0)
     mlflow: bool = False
     mlflow_tracking_uri: str | None = None

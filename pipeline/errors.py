@@ -74,5 +74,9 @@ class StoreError(FileError, ValueError):
     """A patch store is missing, incomplete or not a wsiflow store."""
 
 
+class ModelError(FileError, ValueError):
+    """A model directory is missing, incomplete, or does not fit the data it is used with."""
+
+
 class DatasetError(FileError, ValueError):
     """A dataset file or folder is missing or malformed (MNIST IDX/npz, ...)."""

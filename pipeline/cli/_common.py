@@ -117,3 +117,10 @@ def _fail_usage(reporter: Reporter, error: Exception, command: str) -> None:
     for line in str(error).splitlines():
         reporter.errors.print(f"[red]error:[/red] {escape(line)}")
     reporter.finish({"command": command, "ok": False, "error": str(error)}, exit_code=2)
+
+
+def _fail_data(reporter: Reporter, error: Exception, command: str) -> None:
+    """Bad input data (exit 1): the error names the file and the reason."""
+    for line in str(error).splitlines():
+        reporter.errors.print(f"[red]error:[/red] {escape(line)}")
+    reporter.finish({"command": command, "ok": False, "error": str(error)}, exit_code=1)

@@ -1,15 +1,15 @@
-"""Commands that train models: mnist."""
+"""Commands that train models: mnist, train."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from ..errors import DatasetError
-from ._common import JsonOption, Reporter, _fail_usage, app
+from ..errors import ConfigError, DatasetError, WsiflowError
+from ._common import ConfigOption, JsonOption, Reporter, _fail_data, _fail_usage, _load, app
 
 #: The held-out split used when only MNIST's 10,000 test digits are available.
 TEST_ONLY_TRAIN, TEST_ONLY_HOLDOUT = 8000, 2000
@@ -78,3 +78,174 @@ def mnist(
             "model": None if out is None else str(out),
         }
     )
+
+
+@app.command()
+def train(
+    stores: Annotated[
+        list[Path], typer.Argument(help="Zarr patch stores written by `wsiflow tile`.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Model directory to write.")],
+    backbone: Annotated[
+        str | None,
+        typer.Option(
+            "--backbone",
+            help="mobilenetv2, resnet50, inceptionv3, efficientnetb0 or small_cnn.",
+        ),
+    ] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            "--weights",
+            help="imagenet, none, a backbone weights file, or a wsiflow model directory "
+            "(fine-tune it).",
+        ),
+    ] = None,
+    replicas: Annotated[
+        int | None,
+        typer.Option(
+            "--replicas", min=1, help="Logical CPU devices for MirroredStrategy (no GPUs)."
+        ),
+    ] = None,
+    epochs: Annotated[
+        int | None,
+        typer.Option(
+            "--epochs", min=1, help="Total epochs (head epochs as configured, the rest fine-tune)."
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", min=1, help="Batch per replica.")
+    ] = None,
+    steps_per_epoch: Annotated[
+        int | None, typer.Option("--steps-per-epoch", min=1, help="Training steps per epoch.")
+    ] = None,
+    mixed_precision: Annotated[
+        bool | None,
+        typer.Option(
+            "--mixed-precision/--no-mixed-precision",
+            help="float16 (GPU) / bfloat16 (CPU) compute.",
+        ),
+    ] = None,
+    mlflow: Annotated[
+        bool | None,
+        typer.Option("--mlflow/--no-mlflow", help="Log to MLflow (pip install 'wsiflow[mlflow]')."),
+    ] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Split and training seed.")] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Discard a finished or interrupted run in --out.")
+    ] = False,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Train a patch classifier (transfer learning, MirroredStrategy) on patch stores.
+
+    A finished run with the same stores and settings is reused; an interrupted
+    one resumes from its last epoch; --overwrite starts afresh.
+    """
+    reporter = Reporter(as_json)
+    try:
+        overrides: dict[str, Any] = {
+            "training.backbone": backbone,
+            "training.weights": weights,
+            "training.replicas": replicas,
+            "training.batch_per_replica": batch_size,
+            "training.steps_per_epoch": steps_per_epoch,
+            "training.mixed_precision": mixed_precision,
+            "training.mlflow": mlflow,
+            "training.seed": seed,
+        }
+        cfg = _load(config, overrides)
+        if epochs is not None:
+            head = min(cfg.training.head_epochs, epochs)
+            cfg = _load(
+                config,
+                {
+                    **overrides,
+                    "training.head_epochs": head,
+                    "training.fine_tune_epochs": epochs - head,
+                },
+            )
+    except ConfigError as exc:
+        _fail_usage(reporter, exc, "train")
+    summary = run_train(reporter, stores, out, cfg, overwrite=overwrite)
+    reporter.finish(summary)
+
+
+def run_train(reporter: Reporter, stores: list[Path], out: Path, cfg, *, overwrite: bool) -> dict:
+    """Train with a per-step progress bar and one line per epoch; return the summary."""
+    from models.train import train_classifier
+
+    training = cfg.training
+    with reporter.progress() as progress:
+        steps_task = progress.add_task("epoch", total=None, rate="")
+
+        def on_batch(epoch: int, step: int, steps: int) -> None:
+            progress.update(steps_task, completed=step, total=steps, description=f"epoch {epoch}")
+
+        def on_epoch(record) -> None:
+            logs = record.logs
+            mark = "  [green]best[/green]" if record.improved else ""
+            stop = "  [yellow]early stop[/yellow]" if record.stopped else ""
+            progress.console.print(
+                f"epoch {record.epoch}/{record.total_epochs} {record.phase:<9} "
+                f"loss {logs['loss']:.4f} auc {logs['auc']:.4f}  "
+                f"val_loss {logs['val_loss']:.4f} val_auc {logs['val_auc']:.4f}  "
+                f"{logs['seconds']:.0f} s, {logs['patches_per_s']:,.0f} patches/s{mark}{stop}"
+            )
+
+        try:
+            result = train_classifier(
+                stores,
+                out,
+                training,
+                config=cfg.model_dump(mode="json"),
+                overwrite=overwrite,
+                on_epoch=on_epoch,
+                on_batch=on_batch,
+            )
+            progress.remove_task(steps_task)
+        except WsiflowError as exc:
+            progress.stop()
+            _fail_data(reporter, exc, "train")
+        except ValueError as exc:  # unknown backbone, patch too small, no epochs, ...
+            progress.stop()
+            _fail_usage(reporter, exc, "train")
+    meta = result.metadata
+    metrics = meta["metrics"]
+    train_slides, val_slides = meta["slides"]["train"], meta["slides"]["validation"]
+    if result.reused:
+        reporter.console.print(f"{out}: already trained on these stores with these settings")
+    elif result.resumed_at_epoch:
+        reporter.console.print(f"resumed after epoch {result.resumed_at_epoch}")
+    reporter.console.print(
+        f"{meta['backbone']} on {meta['patch_px']} px patches; "
+        f"{len(train_slides)} training / {len(val_slides)} validation slides; "
+        f"{meta['replicas']} replica(s), global batch {meta['global_batch']}"
+    )
+    reporter.console.print(
+        f"best validation AUC {metrics['val_auc']:.4f} at epoch {metrics['best_epoch']} "
+        f"of {metrics['epochs_run']}; model in {out / 'model.keras'}"
+    )
+    return {
+        "command": "train",
+        "ok": True,
+        "model_dir": str(out),
+        "reused": result.reused,
+        "resumed_at_epoch": result.resumed_at_epoch,
+        "backbone": meta["backbone"],
+        "weights": meta["weights"],
+        "patch_px": meta["patch_px"],
+        "patch_mpp": meta["patch_mpp"],
+        "replicas": meta["replicas"],
+        "global_batch": meta["global_batch"],
+        "steps_per_epoch": meta["steps_per_epoch"],
+        "train_slides": [s["slide_id"] for s in train_slides],
+        "validation_slides": [s["slide_id"] for s in val_slides],
+        "val_auc": metrics["val_auc"],
+        "val_loss": metrics["val_loss"],
+        "val_accuracy": metrics["val_accuracy"],
+        "best_epoch": metrics["best_epoch"],
+        "epochs_run": metrics["epochs_run"],
+        "history": meta["history"],
+        "seconds": round(result.seconds, 1),
+    }
