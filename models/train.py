@@ -40,6 +40,7 @@ from pipeline.store import fingerprint
 
 from .classifier import (
     BACKBONES,
+    WeightsError,
     build_classifier,
     check_backbone,
     freeze_backbone,
@@ -99,6 +100,7 @@ class TrainResult:
     reused: bool = False
     resumed_at_epoch: int = 0
     seconds: float = 0.0
+    last_model: Any = None  # the model after the last epoch (model.keras holds the best)
 
 
 @dataclass
@@ -199,6 +201,13 @@ def train_classifier(
         raise ModelError(
             parent_dir,
             f"was trained on {parent['patch_px']} px patches; the stores hold {px} px patches",
+        )
+    weights_file = cfg.weights not in ("none", "imagenet") and parent is None
+    if weights_file and not Path(cfg.weights).is_file():
+        raise WeightsError(
+            Path(cfg.weights),
+            "no such weights file or wsiflow model directory "
+            "(expected imagenet, none, a weights file or a model directory)",
         )
     spec = check_backbone(backbone, px)
     pretrained = parent is not None or (cfg.weights != "none" and backbone != "small_cnn")
@@ -350,7 +359,11 @@ def train_classifier(
     write_json_atomic(out_dir / METADATA_FILE, metadata)  # the model is complete from here
     shutil.rmtree(checkpoints, ignore_errors=True)
     return TrainResult(
-        out_dir, metadata, resumed_at_epoch=resumed_at, seconds=time.perf_counter() - started
+        out_dir,
+        metadata,
+        resumed_at_epoch=resumed_at,
+        seconds=time.perf_counter() - started,
+        last_model=model,
     )
 
 

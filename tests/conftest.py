@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,19 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 APERIO_SLIDE = SHARED_DATA / "slides" / "CMU-1-Small-Region.svs"
+WSIFLOW = str(Path(sys.executable).parent / "wsiflow")
+
+
+def run(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """The installed console script, as a user runs it."""
+    return subprocess.run(
+        [WSIFLOW, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, check=False
+    )
+
+
+def last_json(result: subprocess.CompletedProcess) -> dict:
+    """The JSON summary a command prints as its last stdout line with --json."""
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="session")

@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import APERIO_SLIDE
+from tests.conftest import APERIO_SLIDE, WSIFLOW, last_json, run
 
-WSIFLOW = str(Path(sys.executable).parent / "wsiflow")
-COMMANDS = ["synth", "info", "config", "tile", "preview", "mnist", "demo"]
-
-
-def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [WSIFLOW, *args], capture_output=True, text=True, timeout=600, cwd=cwd, check=False
-    )
-
-
-def last_json(result: subprocess.CompletedProcess) -> dict:
-    return json.loads(result.stdout.strip().splitlines()[-1])
+COMMANDS = ["synth", "info", "config", "tile", "preview", "mnist", "train", "demo"]
 
 
 def test_help_lists_every_command():

@@ -1,0 +1,249 @@
+"""Training from real patch stores of a generated cohort: MirroredStrategy, phases, resume, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+
+from models.classifier import WeightsError, build_classifier, preprocess_fn  # noqa: E402
+from models.saved import METADATA_FILE, load_model_dir, read_metadata  # noqa: E402
+from models.train import distribution_strategy, train_classifier  # noqa: E402
+from pipeline.config import TilingConfig, TrainingConfig  # noqa: E402
+from pipeline.errors import ModelError, StoreError  # noqa: E402
+from tests.conftest import WSIFLOW, last_json, run  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def store(small_cohort, tmp_path_factory):
+    """Every slide of the 4-slide cohort (2 with tumor) tiled at level 0 into 64 px patches."""
+    from pipeline.cluster import dask_client
+    from pipeline.tiling import tile_slides
+
+    root = small_cohort.root
+    annotations = tmp_path_factory.mktemp("annotations")
+    for xml in root.glob("*/lesion_annotations/*.xml"):
+        shutil.copy(xml, annotations)
+    out = tmp_path_factory.mktemp("train-store") / "patches.zarr"
+    slides = [root / r.image for r in small_cohort.slides]
+    with dask_client(workers=1) as client:
+        results = tile_slides(
+            client,
+            slides,
+            out,
+            TilingConfig(target_mpp=0.243, patch_px=64),
+            annotations_dir=annotations,
+        )
+    assert all(r.status == "done" for r in results)
+    assert sum(r.tumor_patches > 0 for r in results) == 2
+    return out
+
+
+def _cfg(**changes) -> TrainingConfig:
+    base = dict(
+        backbone="small_cnn",
+        head_epochs=1,
+        fine_tune_epochs=0,
+        batch_per_replica=16,
+        steps_per_epoch=4,
+        validation_max_patches=256,
+    )
+    return TrainingConfig(**{**base, **changes})
+
+
+def test_two_replicas_train_to_a_high_validation_auc(store, tmp_path):
+    """The CLI in a fresh process: 2 logical CPU devices, the loss falls, val AUC >= 0.95."""
+    out = tmp_path / "model"
+    result = run(
+        "train", str(store), "--out", str(out), "--backbone", "small_cnn",
+        "--replicas", "2", "--batch-size", "16", "--epochs", "4", "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = last_json(result)
+    assert summary["replicas"] == 2 and summary["global_batch"] == 32
+    losses = [epoch["loss"] for epoch in summary["history"]]
+    assert losses[-1] < losses[0] * 0.7, losses
+    assert summary["val_auc"] >= 0.95, summary["history"]
+    assert not set(summary["train_slides"]) & set(summary["validation_slides"])
+    metadata = read_metadata(out)
+    assert metadata["devices"][1].endswith("CPU:1")
+    assert metadata["patch_px"] == 64 and metadata["patch_mpp"] == pytest.approx(0.243)
+    assert metadata["class_names"] == ["normal", "tumor"]
+    assert metadata["preprocessing"] == "unit_scale"
+    assert metadata["training"]["replicas"] == 2
+    assert metadata["stores"] == [str(store)]
+    with (out / "history.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    assert not (out / "checkpoints").exists()
+    # The saved best model reproduces the recorded validation AUC on the validation slides.
+    model, _ = load_model_dir(out)
+    from models.data import make_dataset, open_stores
+
+    val_ids = set(summary["validation_slides"])
+    val = [s for s in open_stores([store]) if s.slide_id in val_ids]
+    data = make_dataset(val, batch_size=64, training=False, preprocess=preprocess_fn("unit_scale"))
+    auc = keras.metrics.AUC(num_thresholds=500)
+    for x, y in data:
+        auc.update_state(y, model.predict_on_batch(x))
+    assert float(auc.result()) >= 0.95
+    # Same stores and settings again: reused, not retrained.
+    again = run("train", str(store), "--out", str(out), "--backbone", "small_cnn",
+                "--replicas", "2", "--batch-size", "16", "--epochs", "4", "--json")  # fmt: skip
+    assert again.returncode == 0 and last_json(again)["reused"] is True
+
+
+def test_phase_one_keeps_pretrained_weights_and_phase_two_changes_only_the_top(store, tmp_path):
+    """A backbone weights file: the head trains first (base frozen), then the top layers."""
+    keras.utils.set_random_seed(123)  # not the weights training itself would start from
+    _, base = build_classifier("mobilenetv2", 64)
+    weights = tmp_path / "base.weights.h5"
+    base.save_weights(weights)
+    pretrained = [w.copy() for w in base.get_weights()]
+    per_layer = [[w.copy() for w in layer.get_weights()] for layer in base.layers]
+
+    cfg = _cfg(backbone="mobilenetv2", weights=str(weights), head_epochs=1, fine_tune_epochs=0)
+    head_only = train_classifier([store], tmp_path / "head", cfg)
+    assert [p["name"] for p in head_only.metadata["phases"]] == ["head"]
+    model, metadata = load_model_dir(tmp_path / "head")
+    trained_base = model.get_layer(metadata["base_layer"])
+    for before, after in zip(pretrained, trained_base.get_weights(), strict=True):
+        np.testing.assert_array_equal(before, after)
+    head = model.get_layer("tumor_probability").get_weights()[0]
+    assert not np.allclose(head, 0) and head.std() > 0
+
+    cfg = _cfg(
+        backbone="mobilenetv2", weights=str(weights), head_epochs=1, fine_tune_epochs=1,
+        fine_tune_layers=10, early_stopping_patience=5,
+    )  # fmt: skip
+    both = train_classifier([store], tmp_path / "both", cfg)
+    assert [p["name"] for p in both.metadata["phases"]] == ["head", "fine_tune"]
+    assert both.metadata["metrics"]["epochs_run"] == 2
+    tuned = both.last_model.get_layer(both.metadata["base_layer"])
+    changed = [
+        layer.name
+        for layer, start in zip(tuned.layers, per_layer, strict=True)
+        if any(not np.array_equal(a, b) for a, b in zip(layer.get_weights(), start, strict=True))
+    ]
+    top = {layer.name for layer in tuned.layers[-10:]}
+    assert changed and set(changed) <= top, changed
+    assert not any(isinstance(tuned.get_layer(n), keras.layers.BatchNormalization) for n in changed)
+
+
+def test_fine_tune_from_a_previous_wsiflow_model(store, tmp_path):
+    first = train_classifier([store], tmp_path / "first", _cfg(backbone="mobilenetv2"))
+    assert [p["name"] for p in first.metadata["phases"]] == ["full"]  # from scratch: one phase
+    # One epoch, so the saved best model is the last one: loading it changes no prediction.
+    saved, _ = load_model_dir(tmp_path / "first")
+    x = np.random.default_rng(0).uniform(-1, 1, (32, 64, 64, 3)).astype("float32")
+    np.testing.assert_array_equal(
+        saved.predict(x, verbose=0), first.last_model.predict(x, verbose=0)
+    )
+    cfg = _cfg(backbone="resnet50", weights=str(tmp_path / "first"), fine_tune_epochs=1)
+    second = train_classifier([store], tmp_path / "second", cfg)
+    meta = second.metadata
+    assert meta["backbone"] == "mobilenetv2"  # the parent's, whatever the config says
+    assert meta["parent_model"] == str(tmp_path / "first")
+    assert [p["name"] for p in meta["phases"]] == ["head", "fine_tune"]
+    assert meta["base_layer"] == first.metadata["base_layer"]
+
+
+def test_a_killed_run_resumes_and_never_looks_finished(store, tmp_path):
+    out = tmp_path / "model"
+    args = ["train", str(store), "--out", str(out), "--backbone", "small_cnn",
+            "--epochs", "3", "--steps-per-epoch", "6", "--batch-size", "16"]  # fmt: skip
+    process = subprocess.Popen(
+        [WSIFLOW, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    state = out / "checkpoints" / "state.json"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None and not state.is_file():
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run ended before it could be interrupted"
+    done = json.loads(state.read_text())["epoch"]
+    assert 1 <= done < 3
+    assert not (out / METADATA_FILE).exists()
+    with pytest.raises(ModelError, match="not a wsiflow model directory"):
+        load_model_dir(out)
+    resumed = run(*args, "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    summary = last_json(resumed)
+    assert summary["resumed_at_epoch"] == done
+    assert [e["epoch"] for e in summary["history"]] == [1, 2, 3]
+    assert f"resumed after epoch {done}" in resumed.stderr
+    # Other settings into the same directory: refused, unless --overwrite.
+    other = run(*args[:-2], "--batch-size", "8", "--json")
+    assert other.returncode == 1
+    assert f"{out}: holds a model trained on other stores or settings" in other.stderr
+    replaced = run(*args[:-2], "--batch-size", "8", "--epochs", "1", "--overwrite", "--json")
+    assert replaced.returncode == 0, replaced.stderr
+    assert last_json(replaced)["global_batch"] == 8 and last_json(replaced)["epochs_run"] == 1
+
+
+def test_mixed_precision_trains_and_restores_the_policy(store, tmp_path):
+    result = train_classifier([store], tmp_path / "m", _cfg(mixed_precision=True))
+    assert keras.mixed_precision.global_policy().name == "float32"
+    model, _ = load_model_dir(tmp_path / "m")
+    assert model.get_layer("block1_conv1").dtype_policy.compute_dtype == "bfloat16"
+    assert model.output.dtype == "float32"
+    assert np.isfinite(result.metadata["metrics"]["val_loss"])
+
+
+def test_bad_inputs_fail_before_training(store, tmp_path):
+    out = tmp_path / "never"
+    empty = tmp_path / "empty.zarr"
+    empty.mkdir()
+    with pytest.raises(StoreError, match="not a Zarr patch store"):
+        train_classifier([empty], out, _cfg())
+    with pytest.raises(ValueError, match="at least 75 px for inceptionv3"):
+        train_classifier([store], out, _cfg(backbone="inceptionv3"))
+    with pytest.raises(WeightsError, match="absent.weights.h5: no such weights file"):
+        train_classifier([store], out, _cfg(weights=str(tmp_path / "absent.weights.h5")))
+    with pytest.raises(ValueError, match="at least one training epoch"):
+        train_classifier([store], out, _cfg(head_epochs=0))
+    assert not out.exists()
+    # One tumor slide is not enough for a slide-level split with tumor on both sides.
+    import zarr
+
+    single = tmp_path / "single.zarr"
+    shutil.copytree(store, single)
+    tumor_slides = [
+        k for k in zarr.open_group(str(single)).group_keys()
+        if np.asarray(zarr.open_array(str(single / k / "labels"))[:]).any()
+    ]  # fmt: skip
+    shutil.rmtree(single / tumor_slides[0])
+    with pytest.raises(StoreError, match="have no tumor patch"):
+        train_classifier([single], out, _cfg())
+    assert not out.exists()
+
+
+def test_cli_usage_errors(store, tmp_path):
+    unknown = run("train", str(store), "--out", str(tmp_path / "m"), "--backbone", "vgg16")
+    assert unknown.returncode == 2
+    assert "training.backbone" in unknown.stderr and "vgg16" in unknown.stderr
+    missing = run("train", str(tmp_path / "absent.zarr"), "--out", str(tmp_path / "m"))
+    assert missing.returncode == 1
+    assert f"{tmp_path / 'absent.zarr'}: not a Zarr patch store" in missing.stderr
+
+
+def test_replicas_cannot_grow_once_tensorflow_runs():
+    import tensorflow as tf
+
+    tf.constant(1.0)  # the runtime is up in this process
+    have = len(tf.config.list_logical_devices("CPU"))
+    with pytest.raises(RuntimeError, match="choose the replicas before TensorFlow runs"):
+        distribution_strategy(have + 1)
