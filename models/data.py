@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from pipeline.codecs import image_codec_of
 from pipeline.errors import StoreError
+from pipeline.store import read_encoded_chunk
 
 #: Rows of H&E optical density (Ruifrok & Johnston), as skimage's rgb2hed uses.
 _RGB_FROM_HED = np.array(
@@ -151,8 +153,20 @@ def balanced_chunks(
                 continue
             if i not in arrays:
                 arrays[i] = slide.open_patches()
-            patches = arrays[i][start : start + len(labels)]
-            yield patches[keep], labels[keep]
+            yield _read_kept(arrays[i], start, len(labels), keep), labels[keep]
+
+
+def _read_kept(array: zarr.Array, start: int, n: int, keep: np.ndarray) -> np.ndarray:
+    """The kept patches of one chunk; with the patch image codec only they are decoded.
+
+    Tumor is rare (a few % of CAMELYON16 patches), so a balanced stream keeps
+    few normal patches per chunk: decoding just those saves most of the work.
+    """
+    codec = image_codec_of(array)
+    data = read_encoded_chunk(array, start // array.chunks[0]) if codec else None
+    if data is None:
+        return array[start : start + n][keep]
+    return codec.decode_some(data, np.flatnonzero(keep))
 
 
 def all_patches(

@@ -101,18 +101,18 @@ class PatchImageCodec(ArrayBytesCodec):
         return _DECODERS[self.format](data)
 
     def decode_chunk(self, data: bytes, shape: tuple[int, ...]) -> np.ndarray:
-        if data[:4] != _MAGIC:
-            raise ValueError(f"not a {CODEC_NAME} chunk (bad magic bytes)")
-        (count,) = struct.unpack_from("<I", data, 4)
-        lengths = struct.unpack_from(f"<{count}I", data, 8)
+        spans = _spans(data)
+        if len(spans) != shape[0]:
+            raise ValueError(f"chunk holds {len(spans)} patches, expected {shape[0]}")
         out = np.empty(shape, dtype=np.uint8)
-        if count != shape[0]:
-            raise ValueError(f"chunk holds {count} patches, expected {shape[0]}")
-        offset = 8 + 4 * count
-        for i, length in enumerate(lengths):
-            out[i] = self.decode_image(data[offset : offset + length])
-            offset += length
+        for i, (start, stop) in enumerate(spans):
+            out[i] = self.decode_image(data[start:stop])
         return out
+
+    def decode_some(self, data: bytes, indices: np.ndarray) -> np.ndarray:
+        """Only the patches at ``indices`` of an encoded chunk (the others stay undecoded)."""
+        spans = _spans(data)
+        return np.stack([self.decode_image(data[slice(*spans[i])]) for i in indices])
 
     async def _decode_single(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> NDBuffer:
         array = self.decode_chunk(chunk_bytes.to_bytes(), tuple(chunk_spec.shape))
@@ -132,6 +132,16 @@ def image_codec_of(array: object) -> PatchImageCodec | None:
         if isinstance(codec, PatchImageCodec):
             return codec
     return None
+
+
+def _spans(data: bytes) -> list[tuple[int, int]]:
+    """Byte ranges of each encoded patch in a chunk written by :func:`pack_images`."""
+    if data[:4] != _MAGIC:
+        raise ValueError(f"not a {CODEC_NAME} chunk (bad magic bytes)")
+    (count,) = struct.unpack_from("<I", data, 4)
+    lengths = struct.unpack_from(f"<{count}I", data, 8)
+    ends = np.cumsum((8 + 4 * count, *lengths))
+    return list(zip(ends[:-1].tolist(), ends[1:].tolist(), strict=True))
 
 
 def pack_images(images: list[bytes]) -> bytes:

@@ -142,6 +142,15 @@ def write_encoded_chunk(array: zarr.Array, chunk_index: int, data: bytes) -> Non
     os.replace(partial, path)
 
 
+def read_encoded_chunk(array: zarr.Array, chunk_index: int) -> bytes | None:
+    """The stored bytes of chunk ``chunk_index`` of a local patches array (None if absent)."""
+    key = array.metadata.encode_chunk_key((chunk_index, 0, 0, 0))
+    try:
+        return (Path(str(array.store.root)) / array.path / key).read_bytes()
+    except (AttributeError, FileNotFoundError):  # not a local store, or an empty chunk
+        return None
+
+
 def mark_complete(group: zarr.Group, extra: dict[str, Any]) -> None:
     """Record ``extra`` and, last of all, ``complete: true``."""
     group.attrs.update(extra)

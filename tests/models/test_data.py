@@ -90,3 +90,32 @@ def test_empty_or_missing_store(tmp_path):
         open_stores([tmp_path / "absent.zarr"])
     with pytest.raises(ValueError, match="at least two slides"):
         split_by_slide(open_stores([_store(tmp_path / "one.zarr", {"t1": 5})]), 0.5)
+
+
+def test_image_codec_chunks_decode_only_the_kept_patches(tmp_path):
+    """The balanced stream decodes kept patches alone; they equal a full read of the chunk."""
+    from models.data import _read_kept
+
+    store = _store(tmp_path / "j.zarr", {"t1": 10, "n1": 0}, codec="jpeg")
+    slide = open_stores([store])[0]
+    array = slide.open_patches()
+    keep = np.zeros(16, dtype=bool)
+    keep[[0, 3, 15]] = True
+    for start in (0, 16, 96):  # first, middle and last (partial, 4 patches) chunks
+        n = min(16, len(slide) - start)
+        np.testing.assert_array_equal(
+            _read_kept(array, start, n, keep[:n]), array[start : start + n][keep[:n]]
+        )
+
+
+def test_validation_subset_is_fixed_and_keeps_tumor_chunks(tmp_path):
+    from models.data import count_patches
+
+    store = _store(tmp_path / "a.zarr", {"t1": 20, "n1": 0, "n2": 0}, n=160)
+    slides = open_stores([store])
+    subset = [labels for _, labels in all_patches(slides, max_patches=64, seed=3)]
+    again = [labels for _, labels in all_patches(slides, max_patches=64, seed=3)]
+    assert sum(map(len, subset)) == count_patches(slides, 64, 3) == 64
+    assert all((a == b).all() for a, b in zip(subset, again, strict=True))
+    assert sum(int(labels.sum()) for labels in subset) == 20  # every tumor chunk is in
+    assert count_patches(slides) == 480
