@@ -35,7 +35,7 @@ import numpy as np
 
 from pipeline import __version__
 from pipeline.config import TrainingConfig
-from pipeline.errors import ModelError, StoreError
+from pipeline.errors import ModelError, StoreError, WsiflowError
 from pipeline.store import fingerprint
 
 from .classifier import (
@@ -210,7 +210,8 @@ def train_classifier(
             "(expected imagenet, none, a weights file or a model directory)",
         )
     spec = check_backbone(backbone, px)
-    pretrained = parent is not None or (cfg.weights != "none" and backbone != "small_cnn")
+    # Something to protect from a fresh head's first gradients: a pretrained backbone.
+    pretrained = backbone != "small_cnn" and (parent is not None or cfg.weights != "none")
     phases = plan_phases(cfg, pretrained)
     train, val = split_by_slide(slides, cfg.validation_fraction, cfg.seed)
     _check_split(train, val)
@@ -223,6 +224,7 @@ def train_classifier(
             "parent": parent.get("fingerprint") if parent else None,
         }
     )
+    mlflow = _mlflow_or_error() if cfg.mlflow else None
     state = _prepare_dir(out_dir, digest, overwrite)
     if isinstance(state, dict):  # finished with the same inputs and settings
         return TrainResult(out_dir, state, reused=True, seconds=time.perf_counter() - started)
@@ -251,7 +253,7 @@ def train_classifier(
         keras.mixed_precision.set_global_policy(_mixed_policy())
     keras.utils.set_random_seed(cfg.seed)
     checkpoints = out_dir / CHECKPOINTS
-    mlflow_run = _start_mlflow(cfg, out_dir) if cfg.mlflow else None
+    mlflow_run = _start_mlflow(mlflow, cfg, out_dir) if mlflow else None
     try:
         with strategy.scope():
             if state.epoch:
@@ -309,12 +311,12 @@ def train_classifier(
                 verbose=0,
             )
             state.phase_done = True
+    except BaseException:
+        if mlflow_run is not None:
+            mlflow.end_run(status="FAILED")
+        raise
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
-        if mlflow_run is not None:
-            import mlflow
-
-            mlflow.end_run()
     metadata = {
         "complete": True,
         "format": 1,
@@ -358,6 +360,11 @@ def train_classifier(
         raise ModelError(out_dir / MODEL_FILE, "no epoch produced a validation AUC to keep")
     write_json_atomic(out_dir / METADATA_FILE, metadata)  # the model is complete from here
     shutil.rmtree(checkpoints, ignore_errors=True)
+    if mlflow_run is not None:
+        best = {f"wsiflow_{k}": v for k, v in metadata["metrics"].items() if v is not None}
+        mlflow.log_metrics(best)
+        mlflow.log_artifact(str(out_dir / METADATA_FILE))
+        mlflow.end_run()
     return TrainResult(
         out_dir,
         metadata,
@@ -598,20 +605,31 @@ def _mixed_policy() -> str:
     return "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16"
 
 
-def _start_mlflow(cfg: TrainingConfig, out_dir: Path):
+def _mlflow_or_error():
     try:
         import mlflow
+        import mlflow.tensorflow  # its import needs pandas
     except ImportError as exc:
-        raise ModelError(
-            out_dir,
-            "MLflow tracking was asked for but mlflow is not installed: "
-            "pip install 'wsiflow[mlflow]'",
+        raise WsiflowError(
+            f"MLflow tracking was asked for (training.mlflow) but cannot be used: {exc}; "
+            "pip install 'wsiflow[mlflow]'"
         ) from exc
-    mlflow.set_tracking_uri(cfg.mlflow_tracking_uri or (Path.cwd() / "mlruns").as_uri())
+    return mlflow
+
+
+def _start_mlflow(mlflow, cfg: TrainingConfig, out_dir: Path):
+    """An MLflow run with Keras autologging, into ``./mlruns`` unless a URI is configured."""
+    uri = cfg.mlflow_tracking_uri
+    if uri is None:
+        # MLflow 3 keeps the file store in maintenance mode behind this switch.
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        uri = (Path.cwd() / "mlruns").as_uri()
+    mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("wsiflow")
-    mlflow.tensorflow.autolog(log_models=False)
+    # No dataset logging: MLflow would iterate the endless training stream to hash it.
+    mlflow.tensorflow.autolog(log_models=False, log_datasets=False, checkpoint=False, silent=True)
     run = mlflow.start_run(run_name=out_dir.name)
-    mlflow.log_params({f"training.{k}": v for k, v in cfg.model_dump(mode="json").items()})
+    mlflow.log_params({f"wsiflow.{k}": v for k, v in cfg.model_dump(mode="json").items()})
     return run
 
 

@@ -247,3 +247,21 @@ def test_replicas_cannot_grow_once_tensorflow_runs():
     have = len(tf.config.list_logical_devices("CPU"))
     with pytest.raises(RuntimeError, match="choose the replicas before TensorFlow runs"):
         distribution_strategy(have + 1)
+
+
+def test_mlflow_autolog_records_the_run(store, tmp_path, monkeypatch):
+    import mlflow  # the dev extra installs mlflow-skinny
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = (tmp_path / "mlruns").as_uri()
+    cfg = _cfg(mlflow=True, mlflow_tracking_uri=uri, head_epochs=2)
+    result = train_classifier([store], tmp_path / "m", cfg)
+    client = mlflow.tracking.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("wsiflow").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "m"
+    assert run.data.metrics["wsiflow_val_auc"] == pytest.approx(
+        result.metadata["metrics"]["val_auc"]
+    )
+    assert len(client.get_metric_history(run.info.run_id, "val_auc")) == 2  # autologged epochs
+    assert run.data.params["wsiflow.backbone"] == "small_cnn"
+    assert "wsiflow_model.json" in [a.path for a in client.list_artifacts(run.info.run_id)]
