@@ -21,6 +21,7 @@ is written last (see :mod:`models.saved`).
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import shutil
@@ -176,6 +177,7 @@ def train_classifier(
     *,
     config: dict[str, Any] | None = None,
     overwrite: bool = False,
+    replace_different: bool = False,
     on_epoch: Callable[[EpochRecord], None] | None = None,
     on_batch: Callable[[int, int, int], None] | None = None,
 ) -> TrainResult:
@@ -185,7 +187,9 @@ def train_classifier(
     backbone, patch size, weights, an ``out_dir`` holding another model) is
     checked before the first step. A finished ``out_dir`` with the same
     inputs and settings is reused; an interrupted one resumes; ``overwrite``
-    starts afresh. ``config`` (the whole resolved config) goes into the
+    starts afresh. A run with other inputs or settings in ``out_dir`` is an
+    error, or is replaced with ``replace_different`` (a directory the caller
+    owns, as the demo's). ``config`` (the whole resolved config) goes into the
     metadata for the record. ``on_epoch`` gets an :class:`EpochRecord` after
     every epoch, ``on_batch`` ``(epoch, step, steps)`` after every step.
     """
@@ -225,7 +229,7 @@ def train_classifier(
         }
     )
     mlflow = _mlflow_or_error() if cfg.mlflow else None
-    state = _prepare_dir(out_dir, digest, overwrite)
+    state = _prepare_dir(out_dir, digest, overwrite, replace_different)
     if isinstance(state, dict):  # finished with the same inputs and settings
         return TrainResult(out_dir, state, reused=True, seconds=time.perf_counter() - started)
     resumed_at = state.epoch
@@ -482,15 +486,14 @@ def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
-def _prepare_dir(out_dir: Path, digest: str, overwrite: bool) -> _State | dict[str, Any]:
+def _prepare_dir(
+    out_dir: Path, digest: str, overwrite: bool, replace_different: bool
+) -> _State | dict[str, Any]:
     """A fresh or resumed state for ``out_dir``, or the metadata of a finished same run."""
-    import json
-
-    owned = (MODEL_FILE, METADATA_FILE, HISTORY_FILE, "logs", CHECKPOINTS)
     if out_dir.exists() and not out_dir.is_dir():
         raise ModelError(out_dir, "exists and is not a directory")
-    if overwrite:
-        for name in owned:
+    if overwrite or (replace_different and _run_in(out_dir) not in (None, digest)):
+        for name in (MODEL_FILE, METADATA_FILE, HISTORY_FILE, "logs", CHECKPOINTS):
             target = out_dir / name
             if target.is_dir():
                 shutil.rmtree(target)
@@ -521,6 +524,18 @@ def _prepare_dir(out_dir: Path, digest: str, overwrite: bool) -> _State | dict[s
             raise other
         return _State(**saved)
     return _State(fingerprint=digest)
+
+
+def _run_in(out_dir: Path) -> str | None:
+    """The fingerprint of the run (finished or not) in ``out_dir``; None if there is none."""
+    for path in (out_dir / METADATA_FILE, out_dir / CHECKPOINTS / "state.json"):
+        try:
+            return json.loads(path.read_text()).get("fingerprint", "unknown")
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, AttributeError):
+            return "unreadable"
+    return None
 
 
 def _in_phase(state: _State, index: int) -> bool:

@@ -90,21 +90,26 @@ def test_config_command(tmp_path):
 def test_demo_runs_what_exists_and_says_what_does_not(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(
-        "slides:\n  synthetic:\n    slides: 4\n    width_px: 2048\n    height_px: 2048\n"
+        "slides:\n  synthetic:\n    slides: 6\n    width_px: 2048\n    height_px: 2048\n"
         f"  extra: [{APERIO_SLIDE.parent}, {tmp_path / 'absent'}]\n"
+        "tiling:\n  patch_px: 48\n"
+        "training:\n  backbone: small_cnn\n  head_epochs: 1\n  fine_tune_epochs: 0\n"
+        "  steps_per_epoch: 5\n"
     )
     result = run("demo", "--out", str(tmp_path / "out"), "--config", str(config), "--json")
     assert result.returncode == 0, result.stderr
     summary = last_json(result)
     assert summary["ok"] is True
-    assert summary["stages_run"] == ["synth", "inspect", "tile", "preview"]
+    assert summary["stages_run"] == ["synth", "inspect", "tile", "preview", "train"]
     assert summary["tile"]["patches"] > 0 and summary["tile"]["tumor_patches"] > 0
     assert (tmp_path / "out" / "preview.png").is_file()
-    assert "train" in summary["stages_not_available"]
+    assert summary["train"]["backbone"] == "small_cnn" and summary["train"]["epochs_run"] == 1
+    assert (tmp_path / "out" / "model" / "wsiflow_model.json").is_file()
+    assert "infer" in summary["stages_not_available"]
     assert "absent is not present" in result.stderr
     expected_real = [str(APERIO_SLIDE)] if APERIO_SLIDE.is_file() else []
     assert summary["real_slides"] == expected_real
-    assert summary["slides"] == 4 + len(expected_real)
+    assert summary["slides"] == 6 + len(expected_real)
 
 
 @pytest.fixture(scope="module")

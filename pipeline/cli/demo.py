@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from ..errors import ConfigError
+from ..errors import ConfigError, WsiflowError
 from ._common import ConfigOption, JsonOption, Reporter, _fail_usage, _load, app
 from .slides import inspect_slides, run_synth
 from .tiles import run_tile
@@ -32,8 +32,9 @@ def demo(
 
     This build runs the stages that exist: cohort generation, slide
     inspection with OpenSlide, tiling of the training slides into a Zarr patch
-    store and a contact sheet of it. Training, inference and evaluation are
-    reported as not yet available rather than faked.
+    store, a contact sheet of it, and training the patch classifier.
+    Inference and evaluation are reported as not yet available rather than
+    faked.
     """
     from ..slide import find_slides
 
@@ -97,7 +98,25 @@ def demo(
         summary["preview"] = str(sheet)
         reporter.console.print(f"Contact sheet of stored patches: {sheet}")
 
-    missing_stages = ["train", "infer", "evaluate", "serve"]
+    if tile_summary["tumor_patches"]:
+        from .learn import run_train
+
+        t0 = time.perf_counter()
+        try:
+            train_summary = run_train(
+                reporter, [store], out / "model", cfg, overwrite=False, replace_different=True
+            )
+        except (WsiflowError, ValueError) as exc:
+            reporter.errors.print(f"[red]train failed:[/red] {escape(str(exc))}")
+            failures.append({"stage": "train", "reason": str(exc)})
+        else:
+            stages["train"] = time.perf_counter() - t0
+            summary["train"] = {
+                k: train_summary[k]
+                for k in ("model_dir", "backbone", "val_auc", "best_epoch", "epochs_run", "reused")
+            }
+
+    missing_stages = ["infer", "evaluate", "serve"]
     reporter.console.print(
         "[bold]Not yet in this build:[/bold] "
         + ", ".join(missing_stages)

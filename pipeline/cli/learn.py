@@ -167,12 +167,29 @@ def train(
             )
     except ConfigError as exc:
         _fail_usage(reporter, exc, "train")
-    summary = run_train(reporter, stores, out, cfg, overwrite=overwrite)
+    try:
+        summary = run_train(reporter, stores, out, cfg, overwrite=overwrite)
+    except WsiflowError as exc:  # a store, model directory or weights file: named
+        _fail_data(reporter, exc, "train")
+    except ValueError as exc:  # unknown backbone, patch too small, no epochs, ...
+        _fail_usage(reporter, exc, "train")
     reporter.finish(summary)
 
 
-def run_train(reporter: Reporter, stores: list[Path], out: Path, cfg, *, overwrite: bool) -> dict:
-    """Train with a per-step progress bar and one line per epoch; return the summary."""
+def run_train(
+    reporter: Reporter,
+    stores: list[Path],
+    out: Path,
+    cfg,
+    *,
+    overwrite: bool,
+    replace_different: bool = False,
+) -> dict:
+    """Train with a per-step progress bar and one line per epoch; return the summary.
+
+    Bad inputs raise (:class:`WsiflowError` naming the file, ``ValueError``)
+    before the first step.
+    """
     from models.train import train_classifier
 
     training = cfg.training
@@ -193,23 +210,17 @@ def run_train(reporter: Reporter, stores: list[Path], out: Path, cfg, *, overwri
                 f"{logs['seconds']:.0f} s, {logs['patches_per_s']:,.0f} patches/s{mark}{stop}"
             )
 
-        try:
-            result = train_classifier(
-                stores,
-                out,
-                training,
-                config=cfg.model_dump(mode="json"),
-                overwrite=overwrite,
-                on_epoch=on_epoch,
-                on_batch=on_batch,
-            )
-            progress.remove_task(steps_task)
-        except WsiflowError as exc:
-            progress.stop()
-            _fail_data(reporter, exc, "train")
-        except ValueError as exc:  # unknown backbone, patch too small, no epochs, ...
-            progress.stop()
-            _fail_usage(reporter, exc, "train")
+        result = train_classifier(
+            stores,
+            out,
+            training,
+            config=cfg.model_dump(mode="json"),
+            overwrite=overwrite,
+            replace_different=replace_different,
+            on_epoch=on_epoch,
+            on_batch=on_batch,
+        )
+        progress.remove_task(steps_task)
     meta = result.metadata
     metrics = meta["metrics"]
     train_slides, val_slides = meta["slides"]["train"], meta["slides"]["validation"]
