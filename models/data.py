@@ -243,32 +243,30 @@ def make_dataset(
 
     px = slides[0].patch_px
 
-    def patches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         # A new source each time the dataset is iterated (one pass per validation run).
         if training:
-            source = balanced_chunks(slides, seed)
-        else:
-            source = all_patches(slides, max_patches, seed)
-        for chunk, labels in source:
-            yield from zip(chunk, labels, strict=True)
+            return balanced_chunks(slides, seed)
+        return all_patches(slides, max_patches, seed)
 
+    # Whole chunks cross from Python (one call per chunk, not per patch), then
+    # every per-patch step runs in TensorFlow on whole batches.
     dataset = tf.data.Dataset.from_generator(
-        patches,
+        chunks,
         output_signature=(
-            tf.TensorSpec((px, px, 3), tf.uint8),
-            tf.TensorSpec((), tf.int8),
+            tf.TensorSpec((None, px, px, 3), tf.uint8),
+            tf.TensorSpec((None,), tf.int8),
         ),
-    )
+    ).unbatch()
     if training:
         dataset = dataset.shuffle(shuffle_buffer, seed=seed)
-        dataset = dataset.map(_augment_fn(seed), num_parallel_calls=tf.data.AUTOTUNE)
-    else:
-        dataset = dataset.map(lambda x, y: (tf.cast(x, tf.float32), y))
+    dataset = dataset.batch(batch_size, drop_remainder=training)
+    augment = _augment_fn(seed) if training else (lambda x: tf.cast(x, tf.float32))
     scale = preprocess or (lambda x: x / 255.0)
     dataset = dataset.map(
-        lambda x, y: (scale(x), tf.cast(y, tf.float32)), num_parallel_calls=tf.data.AUTOTUNE
+        lambda x, y: (scale(augment(x)), tf.cast(y, tf.float32)),
+        num_parallel_calls=tf.data.AUTOTUNE,
     )
-    dataset = dataset.batch(batch_size, drop_remainder=training)
     if not training:  # a known length: Keras shows progress and expects the end
         n = count_patches(slides, max_patches, seed)
         dataset = dataset.apply(tf.data.experimental.assert_cardinality(-(-n // batch_size)))
@@ -276,27 +274,32 @@ def make_dataset(
 
 
 def _augment_fn(seed: int):
+    """Augment a ``(b, h, w, 3)`` uint8 batch, independently per patch, into 0-255 floats."""
     import tensorflow as tf
 
     hed_from_rgb = tf.constant(_HED_FROM_RGB)
     rgb_from_hed = tf.constant(_RGB_FROM_HED)
     generator = tf.random.Generator.from_seed(seed)
 
-    def augment(image, label):
-        x = tf.cast(image, tf.float32)
-        x = tf.image.rot90(x, k=generator.uniform((), 0, 4, dtype=tf.int32))
-        flip = generator.uniform(())
-        x = tf.cond(flip < 0.5, lambda: tf.image.flip_left_right(x), lambda: x)
+    def augment(images):
+        x = tf.cast(images, tf.float32)
+        b = tf.shape(x)[0]
+
+        def per_patch(low, high, channels=1):
+            return generator.uniform((b, 1, 1, channels), low, high)
+
+        # The 8 flips/rotations of a square: optional transpose, then optional flips.
+        x = tf.where(per_patch(0.0, 1.0) < 0.5, tf.transpose(x, (0, 2, 1, 3)), x)
+        x = tf.where(per_patch(0.0, 1.0) < 0.5, tf.reverse(x, axis=[2]), x)
+        x = tf.where(per_patch(0.0, 1.0) < 0.5, tf.reverse(x, axis=[1]), x)
         # H&E stain jitter: scale and shift each stain's optical density a little.
         od = -tf.math.log((x + 1.0) / 256.0)
-        hed = tf.reshape(od, (-1, 3)) @ hed_from_rgb
-        alpha = generator.uniform((3,), 0.95, 1.05)
-        beta = generator.uniform((3,), -0.02, 0.02)
-        od = tf.reshape((hed * alpha + beta) @ rgb_from_hed, tf.shape(x))
-        x = tf.exp(-od) * 256.0 - 1.0
-        x = x + generator.uniform((), -12.0, 12.0)  # brightness
-        mean = tf.reduce_mean(x)
-        x = (x - mean) * generator.uniform((), 0.9, 1.1) + mean  # contrast
-        return tf.clip_by_value(x, 0.0, 255.0), label
+        hed = tf.einsum("bhwc,cd->bhwd", od, hed_from_rgb)
+        hed = hed * per_patch(0.95, 1.05, 3) + per_patch(-0.02, 0.02, 3)
+        x = tf.exp(-tf.einsum("bhwd,dc->bhwc", hed, rgb_from_hed)) * 256.0 - 1.0
+        x = x + per_patch(-12.0, 12.0)  # brightness
+        mean = tf.reduce_mean(x, axis=(1, 2, 3), keepdims=True)
+        x = (x - mean) * per_patch(0.9, 1.1) + mean  # contrast
+        return tf.clip_by_value(x, 0.0, 255.0)
 
     return augment
