@@ -40,6 +40,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=15, help="training steps per measurement")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--work", type=Path, default=None, help="keep the cohort/stores here")
+    parser.add_argument(
+        "--models",
+        default=",".join(f"{b}:{px}" for b, px in MODELS),
+        help="comma-separated BACKBONE:PX (default: all three)",
+    )
     args = parser.parse_args()
 
     from models.train import distribution_strategy
@@ -50,7 +55,8 @@ def main() -> None:
         stores = _stores(work)
         print(f"{'model':<18} {'input':>8} {'limit':>8} {'e2e':>8} {'predict':>8}"
               f" {'input/limit':>12} {'e2e/limit':>10}   (patches/s)")  # fmt: skip
-        for backbone, px in MODELS:
+        for item in args.models.split(","):
+            backbone, px = item.split(":")[0], int(item.split(":")[1])
             row = [_measure(strategy, stores[px], backbone, args) for _ in range(args.repeats)]
             med = {k: statistics.median(r[k] for r in row) for k in row[0]}
             print(
