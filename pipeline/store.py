@@ -134,8 +134,7 @@ def write_encoded_chunk(array: zarr.Array, chunk_index: int, data: bytes) -> Non
     from patches the worker encoded or from the source slide's own JPEG
     tiles; the file appears atomically.
     """
-    key = array.metadata.encode_chunk_key((chunk_index, 0, 0, 0))
-    path = Path(str(array.store.root)) / array.path / key
+    path = _chunk_path(array, chunk_index)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     partial.write_bytes(data)
@@ -144,11 +143,16 @@ def write_encoded_chunk(array: zarr.Array, chunk_index: int, data: bytes) -> Non
 
 def read_encoded_chunk(array: zarr.Array, chunk_index: int) -> bytes | None:
     """The stored bytes of chunk ``chunk_index`` of a local patches array (None if absent)."""
-    key = array.metadata.encode_chunk_key((chunk_index, 0, 0, 0))
     try:
-        return (Path(str(array.store.root)) / array.path / key).read_bytes()
+        return _chunk_path(array, chunk_index).read_bytes()
     except (AttributeError, FileNotFoundError):  # not a local store, or an empty chunk
         return None
+
+
+def _chunk_path(array: zarr.Array, chunk_index: int) -> Path:
+    """The file of chunk ``chunk_index`` of a patches array in a local store."""
+    key = array.metadata.encode_chunk_key((chunk_index, 0, 0, 0))
+    return Path(str(array.store.root)) / array.path / key
 
 
 def mark_complete(group: zarr.Group, extra: dict[str, Any]) -> None:
