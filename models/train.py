@@ -40,7 +40,6 @@ from pipeline.errors import ModelError, StoreError, WsiflowError
 from pipeline.store import fingerprint
 
 from .classifier import (
-    BACKBONES,
     WeightsError,
     build_classifier,
     check_backbone,
@@ -433,8 +432,8 @@ class _Checkpointer(keras.callbacks.Callback):
         checkpoints = self.out_dir / CHECKPOINTS
         checkpoints.mkdir(parents=True, exist_ok=True)
         _save_atomic(self.model, checkpoints / "last.keras")
-        if improved:
-            _save_atomic(self.model, self.out_dir / MODEL_FILE)
+        if improved:  # the same model: copy the file rather than serialise it again
+            _copy_atomic(checkpoints / "last.keras", self.out_dir / MODEL_FILE)
             state.best, state.wait = record, 0
         else:
             state.wait += 1
@@ -477,6 +476,12 @@ def _save_atomic(model, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _copy_atomic(source: Path, path: Path) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, path)
+
+
 def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("w", newline="") as handle:
@@ -505,36 +510,42 @@ def _prepare_dir(
         "holds a model trained on other stores or settings; "
         "pass --overwrite to replace it or choose another --out",
     )
-    meta_path = out_dir / METADATA_FILE
-    if meta_path.is_file():
-        try:
-            metadata = json.loads(meta_path.read_text())
-        except (OSError, ValueError) as exc:
-            raise ModelError(meta_path, f"unreadable model metadata: {exc}") from exc
+    metadata = _read_json(out_dir / METADATA_FILE, "model metadata")
+    if metadata is not None:
         if metadata.get("complete") is True and metadata.get("fingerprint") == digest:
             return metadata
         raise other
-    state_path = out_dir / CHECKPOINTS / "state.json"
-    if state_path.is_file() and (out_dir / CHECKPOINTS / "last.keras").is_file():
-        try:
-            saved = json.loads(state_path.read_text())
-        except (OSError, ValueError) as exc:
-            raise ModelError(state_path, f"unreadable training state: {exc}") from exc
-        if saved.get("fingerprint") != digest:
-            raise other
-        return _State(**saved)
+    if (out_dir / CHECKPOINTS / "last.keras").is_file():
+        saved = _read_json(out_dir / CHECKPOINTS / "state.json", "training state")
+        if saved is not None:
+            if saved.get("fingerprint") != digest:
+                raise other
+            return _State(**saved)
     return _State(fingerprint=digest)
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any] | None:
+    """A JSON object the run wrote; None if absent, :class:`ModelError` if unreadable."""
+    try:
+        payload = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise ModelError(path, f"unreadable {what}: {exc}") from exc
+    if not isinstance(payload, dict):
+        raise ModelError(path, f"unreadable {what}: not a JSON object")
+    return payload
 
 
 def _run_in(out_dir: Path) -> str | None:
     """The fingerprint of the run (finished or not) in ``out_dir``; None if there is none."""
     for path in (out_dir / METADATA_FILE, out_dir / CHECKPOINTS / "state.json"):
         try:
-            return json.loads(path.read_text()).get("fingerprint", "unknown")
-        except FileNotFoundError:
-            continue
-        except (OSError, ValueError, AttributeError):
+            payload = _read_json(path, "run record")
+        except ModelError:
             return "unreadable"
+        if payload is not None:
+            return payload.get("fingerprint", "unknown")
     return None
 
 
@@ -649,7 +660,6 @@ def _start_mlflow(mlflow, cfg: TrainingConfig, out_dir: Path):
 
 
 __all__ = [
-    "BACKBONES",
     "EpochRecord",
     "Phase",
     "TrainResult",
