@@ -142,6 +142,8 @@ def train(
     A finished run with the same stores and settings is reused; an interrupted
     one resumes from its last epoch; --overwrite starts afresh.
     """
+    from ..config import with_overrides
+
     reporter = Reporter(as_json)
     try:
         overrides: dict[str, Any] = {
@@ -157,13 +159,8 @@ def train(
         cfg = _load(config, overrides)
         if epochs is not None:
             head = min(cfg.training.head_epochs, epochs)
-            cfg = _load(
-                config,
-                {
-                    **overrides,
-                    "training.head_epochs": head,
-                    "training.fine_tune_epochs": epochs - head,
-                },
+            cfg = with_overrides(
+                cfg, {"training.head_epochs": head, "training.fine_tune_epochs": epochs - head}
             )
     except ConfigError as exc:
         _fail_usage(reporter, exc, "train")
