@@ -177,14 +177,13 @@ def all_patches(
     With ``max_patches``, a fixed subset of whole chunks (the same on every
     pass): chunks holding tumor first, then a seeded random share of the rest.
     """
-    chunks = _chosen_chunks(slides, max_patches, seed)
-    arrays: dict[int, zarr.Array] = {}
-    for i, start in chunks:
+    open_index, array = None, None
+    for i, start in _chosen_chunks(slides, max_patches, seed):
         slide = slides[i]
-        if i not in arrays:
-            arrays = {i: slide.open_patches()}  # chunks come slide by slide: keep one open
+        if i != open_index:  # chunks come slide by slide: keep one array open
+            open_index, array = i, slide.open_patches()
         stop = start + slide.chunk_patches
-        yield arrays[i][start:stop], slide.labels[start:stop]
+        yield array[start:stop], slide.labels[start:stop]
 
 
 def count_patches(slides: list[SlidePatches], max_patches: int | None = None, seed: int = 0) -> int:
