@@ -110,6 +110,12 @@ class InferenceConfig(_Section):
     batch_size: int = Field(64, ge=1, le=8192)
     queue_batches: int = Field(4, ge=1, le=256)
     detection_threshold: float = Field(0.5, gt=0, lt=1)
+    min_tissue_fraction: float | None = Field(
+        None, ge=0, le=1, description="None: the value the model's patches were tiled with"
+    )
+    workers: int | None = Field(
+        None, ge=1, description="None: one (TensorFlow uses every core); N GPUs: N, one each"
+    )
 
 
 class EvaluationConfig(_Section):

@@ -80,3 +80,7 @@ class ModelError(FileError, ValueError):
 
 class DatasetError(FileError, ValueError):
     """A dataset file or folder is missing or malformed (MNIST IDX/npz, ...)."""
+
+
+class ResultsError(FileError, ValueError):
+    """Inference outputs or evaluation inputs (detections, scores, reference CSV) are malformed."""

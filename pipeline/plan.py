@@ -81,7 +81,7 @@ def plan_slide(job: SlideJob, config: TilingConfig) -> SlidePlan:
             target_mpp=config.target_mpp,
             level=config.level,
         )
-        tissue = _tissue_mask(reader, config.tissue_mpp)
+        tissue, _ = tissue_mask(reader, config.tissue_mpp)
         passthrough = _can_pass_through(reader, resolution, stride_px, config)
     polygons = []
     if job.annotation is not None:
@@ -162,10 +162,14 @@ def _can_pass_through(
         return False
 
 
-def _tissue_mask(reader: SlideReader, tissue_mpp: float) -> PlacedMask:
+def tissue_mask(reader: SlideReader, tissue_mpp: float) -> tuple[PlacedMask, np.ndarray]:
+    """The slide's tissue mask at about ``tissue_mpp`` µm/px, and the RGB overview it came from.
+
+    Slides without mpp are looked at with downsample :data:`NO_MPP_OVERVIEW_DOWNSAMPLE`.
+    """
     mpp = reader.info.mpp
     downsample = NO_MPP_OVERVIEW_DOWNSAMPLE if mpp is None else tissue_mpp / mpp
     overview, scale = reader.overview(max(1.0, downsample))
     overview_mpp = (1.0 if mpp is None else mpp) * scale[0]
     mask = detect_tissue(overview, mpp=overview_mpp)
-    return PlacedMask(mask=mask, origin_xy=(0.0, 0.0), scale_xy=scale)
+    return PlacedMask(mask=mask, origin_xy=(0.0, 0.0), scale_xy=scale), overview

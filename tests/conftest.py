@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -46,3 +47,55 @@ def small_cohort(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("cohort")
     params = SyntheticConfig(slides=4, seed=7, width_px=3072, height_px=2560)
     return write_cohort(root, params, workers=2)
+
+
+@pytest.fixture(scope="session")
+def cohort_annotations(small_cohort, tmp_path_factory) -> Path:
+    """Every lesion annotation of ``small_cohort`` in one folder (training and testing)."""
+    annotations = tmp_path_factory.mktemp("annotations")
+    for xml in small_cohort.root.glob("*/lesion_annotations/*.xml"):
+        shutil.copy(xml, annotations)
+    return annotations
+
+
+@pytest.fixture(scope="session")
+def patch_store(small_cohort, cohort_annotations, tmp_path_factory) -> Path:
+    """Every slide of the 4-slide cohort (2 with tumor) tiled at level 0 into 64 px patches."""
+    from pipeline.cluster import dask_client
+    from pipeline.config import TilingConfig
+    from pipeline.tiling import tile_slides
+
+    out = tmp_path_factory.mktemp("train-store") / "patches.zarr"
+    slides = [small_cohort.root / r.image for r in small_cohort.slides]
+    with dask_client(workers=1) as client:
+        results = tile_slides(
+            client,
+            slides,
+            out,
+            TilingConfig(target_mpp=0.243, patch_px=64),
+            annotations_dir=cohort_annotations,
+        )
+    assert all(r.status == "done" for r in results)
+    assert sum(r.tumor_patches > 0 for r in results) == 2
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_model(patch_store, tmp_path_factory) -> Path:
+    """A small CNN trained on ``patch_store`` (val AUC checked), for inference tests."""
+    from models.train import train_classifier
+    from pipeline.config import TrainingConfig
+
+    out = tmp_path_factory.mktemp("trained") / "model"
+    cfg = TrainingConfig(
+        backbone="small_cnn",
+        head_epochs=4,
+        fine_tune_epochs=0,
+        batch_per_replica=32,
+        validation_max_patches=512,
+    )
+    result = train_classifier([patch_store], out, cfg)
+    metrics = result.metadata["metrics"]
+    # Accuracy too: heatmaps need calibrated probabilities, not only a good ranking.
+    assert metrics["val_auc"] >= 0.95 and metrics["val_accuracy"] >= 0.9, result.metadata["history"]
+    return out

@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import APERIO_SLIDE, WSIFLOW, last_json, run
 
-COMMANDS = ["synth", "info", "config", "tile", "preview", "mnist", "train", "demo"]
+COMMANDS = ["synth", "info", "config", "tile", "preview", "mnist", "train", "infer", "evaluate", "demo"]
 
 
 def test_help_lists_every_command():

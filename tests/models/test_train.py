@@ -18,7 +18,7 @@ keras = pytest.importorskip("keras")
 from models.classifier import WeightsError, build_classifier, preprocess_fn  # noqa: E402
 from models.saved import METADATA_FILE, load_model_dir, read_metadata  # noqa: E402
 from models.train import distribution_strategy, train_classifier  # noqa: E402
-from pipeline.config import TilingConfig, TrainingConfig  # noqa: E402
+from pipeline.config import TrainingConfig  # noqa: E402
 from pipeline.errors import ModelError, StoreError  # noqa: E402
 from tests.conftest import WSIFLOW, last_json, run  # noqa: E402
 
@@ -26,28 +26,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def store(small_cohort, tmp_path_factory):
-    """Every slide of the 4-slide cohort (2 with tumor) tiled at level 0 into 64 px patches."""
-    from pipeline.cluster import dask_client
-    from pipeline.tiling import tile_slides
-
-    root = small_cohort.root
-    annotations = tmp_path_factory.mktemp("annotations")
-    for xml in root.glob("*/lesion_annotations/*.xml"):
-        shutil.copy(xml, annotations)
-    out = tmp_path_factory.mktemp("train-store") / "patches.zarr"
-    slides = [root / r.image for r in small_cohort.slides]
-    with dask_client(workers=1) as client:
-        results = tile_slides(
-            client,
-            slides,
-            out,
-            TilingConfig(target_mpp=0.243, patch_px=64),
-            annotations_dir=annotations,
-        )
-    assert all(r.status == "done" for r in results)
-    assert sum(r.tumor_patches > 0 for r in results) == 2
-    return out
+def store(patch_store):
+    return patch_store
 
 
 def _cfg(**changes) -> TrainingConfig:

@@ -1,0 +1,271 @@
+"""Commands about trained models on slides: infer, evaluate."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from ..errors import ConfigError, WsiflowError
+from ._common import ConfigOption, JsonOption, Reporter, _fail_data, _fail_usage, _load, app
+
+
+@app.command()
+def infer(
+    model: Annotated[Path, typer.Argument(help="A model directory written by `wsiflow train`.")],
+    slides: Annotated[
+        list[Path], typer.Argument(help="Slide files or folders (searched recursively).")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Output folder (heatmaps, detections, scores).")
+    ],
+    stride: Annotated[
+        int | None,
+        typer.Option("--stride", help="Grid step in patch pixels (< patch size: overlap)."),
+    ] = None,
+    threshold: Annotated[
+        float | None, typer.Option("--threshold", help="Heatmap probability for detections.")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Patches per prediction batch.")
+    ] = None,
+    scheduler: Annotated[
+        str | None, typer.Option("--scheduler", help="Existing Dask scheduler address (tcp://...).")
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option("--workers", "-w", help="Local worker processes (default 1; one per GPU)."),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Redo slides already complete.")
+    ] = False,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Predict tumor heatmaps, lesion detections and slide scores for whole slides.
+
+    Slides complete in --out for the same slide, model and settings are
+    skipped; a slide that fails is reported and the others go on.
+    """
+    from ..slide import find_slides
+
+    reporter = Reporter(as_json)
+    try:
+        cfg = _load(
+            config,
+            {
+                "inference.stride_px": stride,
+                "inference.detection_threshold": threshold,
+                "inference.batch_size": batch_size,
+                "inference.workers": workers,
+                "orchestration.scheduler": scheduler,
+            },
+        )
+    except ConfigError as exc:
+        _fail_usage(reporter, exc, "infer")
+    paths = find_slides(slides)
+    if not paths:
+        _fail_usage(
+            reporter, ValueError(f"no slides found in {', '.join(map(str, slides))}"), "infer"
+        )
+    try:
+        summary = run_infer(reporter, model, paths, out, cfg, overwrite=overwrite)
+    except WsiflowError as exc:  # the model directory: named
+        _fail_data(reporter, exc, "infer")
+    reporter.finish(summary, exit_code=0 if summary["ok"] else 1)
+
+
+def run_infer(
+    reporter: Reporter, model: Path, paths: list[Path], out: Path, cfg, *, overwrite: bool
+) -> dict[str, Any]:
+    """Infer ``paths`` with a progress bar and a per-slide table; return the summary.
+
+    Raises :class:`WsiflowError` for an unusable model before any slide is read.
+    """
+    from ..cluster import dask_client
+    from ..infer_tasks import model_spec
+    from ..inference import infer_slides
+
+    model_spec(model)  # a missing or unfinished model fails here, before a cluster starts
+    started = time.perf_counter()
+    inference = cfg.inference
+    n_workers = inference.workers or 1
+    tf_threads = max(1, (os.cpu_count() or 1) // n_workers)
+    with reporter.progress() as progress:
+        slides_task = progress.add_task("slides", total=len(paths), rate="")
+        patches_task = progress.add_task("patches", total=0, rate="")
+        first_patch: list[float] = []
+
+        def planned(n: int) -> None:
+            progress.update(patches_task, total=(progress.tasks[patches_task].total or 0) + n)
+
+        def predicted(n: int) -> None:
+            if not first_patch:
+                first_patch.append(time.perf_counter())
+            progress.update(patches_task, advance=n)
+            rate = progress.tasks[patches_task].completed / max(time.perf_counter() - started, 1e-9)
+            progress.update(patches_task, rate=f"{rate:,.0f} patches/s")
+
+        def finished(result) -> None:
+            if result.status == "failed":
+                reporter.errors.print(f"[red]failed:[/red] {escape(result.reason)}")
+            progress.update(slides_task, advance=1, rate=f"{result.slide_id} {result.status}")
+
+        with dask_client(
+            cfg.orchestration.scheduler, workers=n_workers, threads_per_worker=1
+        ) as client:
+            results = infer_slides(
+                client,
+                model,
+                paths,
+                out,
+                inference,
+                overwrite=overwrite,
+                tf_threads=tf_threads,
+                on_planned=planned,
+                on_patches=predicted,
+                on_slide=finished,
+            )
+    seconds = time.perf_counter() - started
+    table = Table(title=f"Inference {out}")
+    for column in ("slide", "status", "patches", "score", "detections", "s"):
+        table.add_column(column, no_wrap=column == "slide")
+    for r in results:
+        colour = {"failed": "red", "skipped": "yellow"}.get(r.status, "green")
+        table.add_row(
+            r.slide_id,
+            f"[{colour}]{r.status}[/{colour}]",
+            str(r.patches),
+            "-" if r.score is None else f"{r.score:.3f}",
+            str(r.detections),
+            f"{r.seconds:.1f}",
+        )
+    reporter.console.print(table)
+    predicted_patches = sum(r.patches for r in results if r.status == "done")
+    reporter.console.print(
+        f"{predicted_patches:,} patches predicted in {seconds:.1f} s; "
+        f"heatmaps in {out / 'heatmaps'}, detections in {out / 'detections'}, "
+        f"slide scores in {out / 'scores.csv'}"
+    )
+    failures = [
+        {"slide": r.slide_id, "path": r.path, "reason": r.reason}
+        for r in results
+        if r.status == "failed"
+    ]
+    return {
+        "command": "infer",
+        "ok": not failures and bool(results),
+        "model_dir": str(model),
+        "out": str(out),
+        "slides": len(results),
+        "done": sum(r.status == "done" for r in results),
+        "skipped": sum(r.status == "skipped" for r in results),
+        "failed": len(failures),
+        "patches": sum(r.patches for r in results if r.status != "failed"),
+        "patches_predicted": predicted_patches,
+        "seconds": round(seconds, 2),
+        "scores": {r.slide_id: r.score for r in results if r.score is not None},
+        "failures": failures,
+        "per_slide": [r.summary_row() for r in results],
+    }
+
+
+@app.command()
+def evaluate(
+    results: Annotated[Path, typer.Argument(help="An output folder of `wsiflow infer`.")],
+    reference: Annotated[
+        Path,
+        typer.Option("--reference", "-r", help="CAMELYON16 reference.csv (name,Tumor|Normal)."),
+    ],
+    annotations: Annotated[
+        Path, typer.Option("--annotations", "-a", help="Folder of <slide>.xml lesion annotations.")
+    ],
+    slides_dir: Annotated[
+        Path, typer.Option("--slides", "-s", help="Folder with the slides (for size and µm/px).")
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Where to write the report (default: RESULTS)."),
+    ] = None,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Slide-level ROC AUC and lesion-level FROC, as the CAMELYON16 evaluation script."""
+    reporter = Reporter(as_json)
+    try:
+        cfg = _load(config, {})
+        for name, path in (("--annotations", annotations), ("--slides", slides_dir)):
+            if not path.is_dir():
+                raise ConfigError(name, [(str(path), "no such folder", None)])
+        if not reference.is_file():
+            raise ConfigError("--reference", [(str(reference), "no such file", None)])
+    except ConfigError as exc:
+        _fail_usage(reporter, exc, "evaluate")
+    try:
+        summary = run_evaluate(reporter, results, reference, annotations, slides_dir, cfg, out=out)
+    except (WsiflowError, ValueError) as exc:
+        _fail_data(reporter, exc, "evaluate")
+    reporter.finish(summary)
+
+
+def run_evaluate(
+    reporter: Reporter,
+    results: Path,
+    reference: Path,
+    annotations: Path,
+    slides_dir: Path,
+    cfg,
+    *,
+    out: Path | None = None,
+) -> dict[str, Any]:
+    """Evaluate and print the metrics; return the summary (raises on bad inputs)."""
+    from ..evaluate import evaluate as run
+
+    evaluation = run(results, reference, annotations, slides_dir, cfg.evaluation, out_dir=out)
+    report = evaluation.report
+    table = Table(title=f"CAMELYON16 evaluation of {results}")
+    for column in ("slide", "tumor", "score", "lesions", "found", "ITCs", "FPs"):
+        table.add_column(column, no_wrap=column == "slide")
+    for row in report["per_slide"]:
+        table.add_row(
+            row["slide"],
+            "yes" if row["tumor"] else "no",
+            f"{row['score']:.3f}",
+            str(row["lesions"]),
+            str(row["lesions_found"]),
+            str(row["itcs"]),
+            str(row["false_positives"]),
+        )
+    reporter.console.print(table)
+    if report["slide_auc"] is not None:
+        reporter.console.print(
+            f"slide AUC {report['slide_auc']:.4f} ({report['tumor_slides']} tumor, "
+            f"{report['normal_slides']} normal slides)"
+        )
+    if report["froc"] is not None:
+        points = ", ".join(
+            f"{s:.2f}@{r:g}"
+            for r, s in zip(report["froc_fp_rates"], report["froc_sensitivities"], strict=True)
+        )
+        reporter.console.print(
+            f"FROC {report['froc']:.4f} (sensitivity@FPs/slide: {points}; "
+            f"{report['lesions']} lesions, {report['isolated_tumor_cells']} ITCs)"
+        )
+    for metric, reason in report["undefined"].items():
+        reporter.errors.print(f"[yellow]{metric} undefined:[/yellow] {escape(reason)}")
+    if report["not_evaluated"]:
+        reporter.errors.print(
+            "[yellow]not evaluated (no results):[/yellow] "
+            + escape(", ".join(report["not_evaluated"]))
+        )
+    reporter.console.print("wrote " + ", ".join(str(path) for path in evaluation.files.values()))
+    return {
+        "command": "evaluate",
+        "ok": True,
+        **{k: v for k, v in report.items() if k not in ("roc_curve", "froc_curve")},
+    }

@@ -1,0 +1,181 @@
+"""Tumor heatmaps: stitching patch probabilities, lesion detections and slide scores.
+
+A heatmap has one cell per grid stride: cell ``(row, col)`` covers level-0
+pixels ``[col * cx, (col + 1) * cx) x [row * cy, (row + 1) * cy)`` where
+``(cx, cy)`` is ``level0_cell_px``. A patch at grid index ``(i, j)`` covers
+``cells_per_patch`` cells along each side from ``(j, i)``; each cell holds the
+mean probability of the predicted patches covering it, and 0 where none does
+(background, or tissue below the patch threshold).
+
+Pure functions and a small accumulator: arrays in, arrays out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from skimage import measure
+
+
+@dataclass(frozen=True)
+class HeatmapGrid:
+    """Geometry of one slide's heatmap: ``shape`` (rows, cols) and its level-0 placement."""
+
+    shape: tuple[int, int]
+    level0_cell_px: tuple[float, float]
+    cells_per_patch: int
+
+    def cell_centers_level0(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """``(N, 2)`` int64 level-0 x, y of the centres of cells ``(rows, cols)``."""
+        cx, cy = self.level0_cell_px
+        x = np.floor((np.asarray(cols) + 0.5) * cx).astype(np.int64)
+        y = np.floor((np.asarray(rows) + 0.5) * cy).astype(np.int64)
+        return np.stack([x, y], axis=1)
+
+
+def heatmap_grid(
+    level_wh: tuple[int, int],
+    level0_wh: tuple[int, int],
+    read_px: int,
+    read_stride_px: int,
+) -> HeatmapGrid:
+    """The heatmap of a patch grid of ``read_px`` patches every ``read_stride_px`` level pixels."""
+    level_w, level_h = level_wh
+    cols = max(1, -(-level_w // read_stride_px))
+    rows = max(1, -(-level_h // read_stride_px))
+    scale_x, scale_y = level0_wh[0] / level_w, level0_wh[1] / level_h
+    return HeatmapGrid(
+        shape=(rows, cols),
+        level0_cell_px=(read_stride_px * scale_x, read_stride_px * scale_y),
+        cells_per_patch=max(1, round(read_px / read_stride_px)),
+    )
+
+
+class HeatmapAccumulator:
+    """Sums and counts of patch probabilities per cell; :meth:`heatmap` gives the means."""
+
+    def __init__(self, grid: HeatmapGrid):
+        self.grid = grid
+        self._sum = np.zeros(grid.shape, dtype=np.float64)
+        self._count = np.zeros(grid.shape, dtype=np.int32)
+
+    def add(self, grid_ij: np.ndarray, probabilities: np.ndarray) -> None:
+        """Add ``(N,)`` probabilities of patches at ``(N, 2)`` grid indices (column, row)."""
+        grid_ij = np.asarray(grid_ij, dtype=np.int64).reshape(-1, 2)
+        probabilities = np.asarray(probabilities, dtype=np.float64)
+        rows_total, cols_total = self.grid.shape
+        k = self.grid.cells_per_patch
+        for dy in range(k):
+            for dx in range(k):
+                cols = grid_ij[:, 0] + dx
+                rows = grid_ij[:, 1] + dy
+                inside = (cols < cols_total) & (rows < rows_total)
+                np.add.at(self._sum, (rows[inside], cols[inside]), probabilities[inside])
+                np.add.at(self._count, (rows[inside], cols[inside]), 1)
+
+    @property
+    def covered(self) -> np.ndarray:
+        """``(rows, cols)`` bool: cells covered by at least one predicted patch."""
+        return self._count > 0
+
+    def heatmap(self) -> np.ndarray:
+        """``(rows, cols)`` float32 mean probability per cell, 0 where no patch was predicted."""
+        out = np.zeros(self.grid.shape, dtype=np.float32)
+        covered = self._count > 0
+        out[covered] = self._sum[covered] / self._count[covered]
+        return out
+
+
+@dataclass(frozen=True)
+class Detections:
+    """Lesion candidates: ``(N,)`` confidences and ``(N, 2)`` int64 level-0 x, y, best first."""
+
+    confidence: np.ndarray
+    level0_xy: np.ndarray
+    area_cells: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.confidence)
+
+
+def detect_lesions(heatmap: np.ndarray, grid: HeatmapGrid, threshold: float) -> Detections:
+    """One detection per 8-connected region of cells with probability >= ``threshold``.
+
+    Its confidence is the region's highest probability and its position the
+    centre of that cell (always on the region, unlike a centroid of a
+    curved lesion), so it lands on the lesion the region covers.
+    """
+    if not 0 < threshold < 1:
+        raise ValueError(f"Expected a detection threshold in (0, 1). Received: {threshold}")
+    regions = measure.label(heatmap >= threshold, connectivity=2)
+    n = int(regions.max())
+    if n == 0:
+        empty = np.zeros(0, dtype=np.float64)
+        return Detections(empty, np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=np.int64))
+    flat = regions.ravel()
+    values = heatmap.ravel().astype(np.float64)
+    # Highest cell of each region: sort by (region, value) and take each region's last.
+    order = np.lexsort((values, flat))
+    ends = np.searchsorted(flat[order], np.arange(1, n + 1), side="right") - 1
+    peak = order[ends]
+    rows, cols = np.unravel_index(peak, heatmap.shape)
+    confidence = values[peak]
+    area = np.bincount(flat, minlength=n + 1)[1:]
+    best = np.argsort(-confidence, kind="stable")
+    return Detections(
+        confidence[best], grid.cell_centers_level0(rows, cols)[best], area[best].astype(np.int64)
+    )
+
+
+def slide_score(heatmap: np.ndarray) -> float:
+    """The slide's tumor score: its highest cell (0 for a slide with no predicted patch)."""
+    return float(heatmap.max(initial=0.0))
+
+
+#: Probabilities below this are fully transparent in colour heatmaps and overlays.
+VISIBLE_FROM = 0.1
+#: Colour map of the heatmaps (matplotlib's perceptually uniform, colour-blind safe map).
+COLOR_MAP = "inferno"
+
+
+def colorize(heatmap: np.ndarray, *, visible_from: float = VISIBLE_FROM) -> np.ndarray:
+    """``(h, w, 4)`` uint8 RGBA of an ``(h, w)`` probability map (0-1).
+
+    Colour from :data:`COLOR_MAP`; transparent below ``visible_from``, then
+    alpha rising to opaque at 0.5, so normal tissue shows through.
+    """
+    import matplotlib
+
+    lut = (matplotlib.colormaps[COLOR_MAP](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
+    p = np.clip(np.nan_to_num(np.asarray(heatmap, dtype=np.float32)), 0.0, 1.0)
+    rgba = np.empty((*p.shape, 4), dtype=np.uint8)
+    rgba[..., :3] = lut[np.rint(p * 255).astype(np.uint8)]
+    alpha = np.clip((p - visible_from) / max(0.5 - visible_from, 1e-6), 0.0, 1.0)
+    rgba[..., 3] = np.where(p >= visible_from, np.rint(64 + 191 * alpha), 0).astype(np.uint8)
+    return rgba
+
+
+def overlay(
+    rgb: np.ndarray,
+    heatmap: np.ndarray,
+    grid: HeatmapGrid,
+    level0_wh: tuple[int, int],
+    *,
+    opacity: float = 0.7,
+) -> np.ndarray:
+    """Blend the colour heatmap over an ``(h, w, 3)`` uint8 image of the whole slide.
+
+    Each image pixel takes the cell under its centre in level-0 coordinates,
+    so the overlay is aligned whatever the image size.
+    """
+    h, w = rgb.shape[:2]
+    cx, cy = grid.level0_cell_px
+    xs = (np.arange(w) + 0.5) * (level0_wh[0] / w)
+    ys = (np.arange(h) + 0.5) * (level0_wh[1] / h)
+    cols = np.minimum((xs / cx).astype(np.int64), heatmap.shape[1] - 1)
+    rows = np.minimum((ys / cy).astype(np.int64), heatmap.shape[0] - 1)
+    rgba = colorize(heatmap)[rows][:, cols]
+    alpha = rgba[..., 3:4].astype(np.float32) / 255.0 * opacity
+    out = rgb.astype(np.float32) * (1 - alpha) + rgba[..., :3].astype(np.float32) * alpha
+    return np.rint(out).astype(np.uint8)

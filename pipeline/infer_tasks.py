@@ -1,0 +1,217 @@
+"""Worker side of inference: plan a slide, predict blocks of its patches.
+
+Tasks receive a slide path, the model directory and plain numbers, and open
+the slide and the model inside the worker: each worker process loads the
+model once (:func:`models.predict.cached_predictor`) and each worker thread
+keeps its slides open (:mod:`pipeline.extract`).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ModelError
+from .extract import _cached_reader, _read_patch
+from .grid import Resolution, choose_resolution, level0_boxes, patch_grid, slide_id_of
+from .heatmap import HeatmapGrid, heatmap_grid
+from .plan import tissue_mask
+from .slide import open_slide
+from .store import file_identity
+
+#: Longest side of the thumbnail under the overlay.
+THUMBNAIL_PX = 1024
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What inference needs to know about a model, from its metadata."""
+
+    model_dir: str
+    patch_px: int
+    patch_mpp: float | None
+    level: int | None
+    tissue_mpp: float
+    min_tissue_fraction: float
+    identity: dict[str, Any] = field(repr=False)
+
+
+def model_spec(model_dir: Path | str, min_tissue_fraction: float | None = None) -> ModelSpec:
+    """Read a finished model directory's metadata; :class:`ModelError` if it is not usable."""
+    from models.predict import model_identity
+    from models.saved import read_metadata
+
+    model_dir = Path(model_dir)
+    metadata = read_metadata(model_dir)
+    tiling = (metadata.get("config") or {}).get("tiling") or {}
+    patch_mpp = metadata.get("patch_mpp")
+    level = tiling.get("level")
+    if patch_mpp is None and level is None:
+        raise ModelError(
+            model_dir,
+            "its metadata records neither the patches' µm/px nor their pyramid level, "
+            "so slides cannot be read at the resolution it was trained on",
+        )
+    return ModelSpec(
+        model_dir=str(model_dir.resolve()),
+        patch_px=int(metadata["patch_px"]),
+        patch_mpp=None if patch_mpp is None else float(patch_mpp),
+        level=None if patch_mpp is not None else int(level),
+        tissue_mpp=float(tiling.get("tissue_mpp", 8.0)),
+        min_tissue_fraction=float(
+            min_tissue_fraction
+            if min_tissue_fraction is not None
+            else tiling.get("min_tissue_fraction", 0.5)
+        ),
+        identity=model_identity(model_dir),
+    )
+
+
+@dataclass(frozen=True)
+class InferencePlan:
+    """One slide's patches to predict and the heatmap they go into."""
+
+    slide_id: str
+    path: str
+    resolution: Resolution
+    grid: HeatmapGrid
+    level_xy: np.ndarray  # (N, 2) int64 level pixels of predicted patches
+    grid_ij: np.ndarray  # (N, 2) int64 heatmap column, row of each
+    level0_wh: tuple[int, int]
+    thumbnail: np.ndarray = field(repr=False)  # (h, w, 3) uint8 of the whole slide
+    attrs: dict[str, Any] = field(repr=False, default_factory=dict)
+
+
+def plan_inference(slide_path: str, spec: ModelSpec, stride_px: int | None) -> InferencePlan:
+    """Open the slide, find tissue and lay the model's patch grid over it."""
+    path = Path(slide_path)
+    stride = stride_px or spec.patch_px
+    with open_slide(path) as reader:
+        info = reader.info
+        resolution = choose_resolution(
+            info,
+            patch_px=spec.patch_px,
+            stride_px=stride,
+            target_mpp=spec.patch_mpp,
+            level=spec.level,
+        )
+        tissue, _ = tissue_mask(reader, spec.tissue_mpp)
+        # Streamed in blocks like the tissue overview: bounded memory whatever the slide.
+        thumbnail, _ = reader.overview(max(1.0, max(info.level0_wh) / THUMBNAIL_PX))
+    level_wh = info.level_wh[resolution.level]
+    level_scale = (info.level0_wh[0] / level_wh[0], info.level0_wh[1] / level_wh[1])
+    grid_xy = patch_grid(level_wh, resolution.read_px, resolution.read_stride_px)
+    fractions = tissue.fractions(level0_boxes(grid_xy, resolution.read_px, level_scale))
+    keep = fractions >= spec.min_tissue_fraction
+    grid_xy = grid_xy[keep]
+    grid = heatmap_grid(level_wh, info.level0_wh, resolution.read_px, resolution.read_stride_px)
+    attrs = {
+        "slide": file_identity(path),
+        "vendor": info.vendor,
+        "level0_wh": list(info.level0_wh),
+        "mpp": None if info.mpp_xy is None else list(info.mpp_xy),
+        "level": resolution.level,
+        "downsample": resolution.downsample,
+        "patch_px": resolution.patch_px,
+        "patch_mpp": resolution.patch_mpp,
+        "stride_px": stride,
+        "read_px": resolution.read_px,
+        "read_stride_px": resolution.read_stride_px,
+        "min_tissue_fraction": spec.min_tissue_fraction,
+        "patches": len(grid_xy),
+    }
+    return InferencePlan(
+        slide_id=slide_id_of(path),
+        path=str(path),
+        resolution=resolution,
+        grid=grid,
+        level_xy=grid_xy,
+        grid_ij=grid_xy // resolution.read_stride_px,
+        level0_wh=info.level0_wh,
+        thumbnail=thumbnail,
+        attrs=attrs,
+    )
+
+
+def predict_block(
+    slide_path: str,
+    model_dir: str,
+    level: int,
+    level_xy: np.ndarray,
+    read_px: int,
+    patch_px: int,
+    batch_size: int,
+    queue_batches: int,
+    tf_threads: int | None = None,
+) -> np.ndarray:
+    """Return ``(N,)`` float32 tumor probabilities of the patches at ``level_xy``.
+
+    A reader thread fills a queue of at most ``queue_batches`` batches while
+    this thread predicts, so decoding overlaps the model and at most
+    ``queue_batches + 2`` batches are in memory.
+    """
+    from models.predict import cached_predictor
+
+    predictor = cached_predictor(model_dir, batch_size=batch_size, threads=tf_threads)
+    return predict_streamed(
+        predictor, slide_path, level, level_xy, read_px, patch_px, batch_size, queue_batches
+    )
+
+
+def predict_streamed(
+    predictor: Callable[[np.ndarray], np.ndarray],
+    slide_path: str,
+    level: int,
+    level_xy: np.ndarray,
+    read_px: int,
+    patch_px: int,
+    batch_size: int,
+    queue_batches: int,
+) -> np.ndarray:
+    """:func:`predict_block` with a given predictor (a callable on uint8 batches)."""
+    n = len(level_xy)
+    out = np.empty(n, dtype=np.float32)
+    batches: queue.Queue = queue.Queue(maxsize=queue_batches)
+    stop = threading.Event()
+
+    def read() -> None:
+        try:
+            reader = _cached_reader(slide_path)
+            for start in range(0, n, batch_size):
+                xy = level_xy[start : start + batch_size]
+                batch = np.empty((len(xy), patch_px, patch_px, 3), dtype=np.uint8)
+                for i, (x, y) in enumerate(xy):
+                    batch[i] = _read_patch(reader, level, int(x), int(y), read_px, patch_px)
+                while not stop.is_set():
+                    try:
+                        batches.put((start, batch), timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as exc:  # handed to the predicting thread
+            batches.put((None, exc))
+            return
+        batches.put((None, None))
+
+    reader_thread = threading.Thread(target=read, name="wsiflow-reader", daemon=True)
+    reader_thread.start()
+    try:
+        while True:
+            start, batch = batches.get()
+            if start is None:
+                if batch is not None:
+                    raise batch
+                break
+            out[start : start + len(batch)] = predictor(batch)
+    finally:
+        stop.set()
+        reader_thread.join()
+    return out

@@ -1,0 +1,61 @@
+"""PNG plots of metrics: ROC, FROC and training curves (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .froc import Froc
+
+
+def plot_roc(path: Path, fpr: np.ndarray, tpr: np.ndarray, auc: float) -> None:
+    """The slide-level ROC curve with its AUC."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
+    ax.plot(fpr, tpr, drawstyle="default", lw=2, label=f"slides, AUC {auc:.3f}")
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="Slide-level ROC")
+    ax.set(xlim=(0, 1), ylim=(0, 1.02))
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_froc(path: Path, froc: Froc) -> None:
+    """The FROC curve with the six operating points of the score."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=100)
+    # np.interp holds the last sensitivity beyond the curve's end: draw it so.
+    fps = np.append(froc.fps_per_slide, max(max(froc.fp_rates), froc.fps_per_slide[-1]))
+    sensitivity = np.append(froc.sensitivity, froc.sensitivity[-1])
+    ax.plot(fps, sensitivity, lw=2, label=f"FROC score {froc.score:.3f}")
+    ax.scatter(froc.fp_rates, froc.sensitivities, c="C3", zorder=3, label="operating points")
+    ax.set_xscale("symlog", linthresh=0.25)
+    ax.set(
+        xlabel="average false positives per slide",
+        ylabel="sensitivity",
+        title="Lesion-level FROC (CAMELYON16)",
+        ylim=(0, 1.02),
+    )
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    partial = path.with_name(f".{path.name}.partial")
+    fig.savefig(partial, format="png")
+    plt.close(fig)
+    os.replace(partial, path)
