@@ -109,6 +109,9 @@ class InferenceConfig(_Section):
     stride_px: int | None = Field(None, ge=1, description="None: the model's patch size")
     batch_size: int = Field(64, ge=1, le=8192)
     queue_batches: int = Field(4, ge=1, le=256)
+    reader_threads: int = Field(
+        1, ge=1, le=64, description="threads reading patches per worker (2-4 to feed a GPU)"
+    )
     detection_threshold: float = Field(0.5, gt=0, lt=1)
     min_tissue_fraction: float | None = Field(
         None, ge=0, le=1, description="None: the value the model's patches were tiled with"

@@ -8,6 +8,8 @@ keeps its slides open (:mod:`pipeline.extract`).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -27,6 +29,8 @@ from .store import file_identity
 
 #: Longest side of the thumbnail under the overlay.
 THUMBNAIL_PX = 1024
+#: Width in level pixels of the column bands patches are read in (16 tiles of 256 px).
+READ_BAND_PX = 4096
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,9 @@ def plan_inference(slide_path: str, spec: ModelSpec, stride_px: int | None) -> I
     fractions = tissue.fractions(level0_boxes(grid_xy, resolution.read_px, level_scale))
     keep = fractions >= spec.min_tissue_fraction
     grid_xy = grid_xy[keep]
+    # Column bands, row by row within each: the reader's small tile cache then holds every
+    # tile a row of patches shares with the next, so each tile is decoded about once.
+    grid_xy = grid_xy[np.lexsort((grid_xy[:, 0], grid_xy[:, 1], grid_xy[:, 0] // READ_BAND_PX))]
     grid = heatmap_grid(level_wh, info.level0_wh, resolution.read_px, resolution.read_stride_px)
     attrs = {
         "slide": file_identity(path),
@@ -148,20 +155,22 @@ def predict_block(
     patch_px: int,
     batch_size: int,
     queue_batches: int,
+    reader_threads: int = 1,
     tf_threads: int | None = None,
 ) -> np.ndarray:
     """Return ``(N,)`` float32 tumor probabilities of the patches at ``level_xy``.
 
-    A reader thread fills a queue of at most ``queue_batches`` batches while
+    Reader threads fill a queue of at most ``queue_batches`` batches while
     this thread predicts, so decoding overlaps the model and at most
-    ``queue_batches + 2`` batches are in memory.
+    ``queue_batches + reader_threads + 1`` batches are in memory.
     """
     from models.predict import cached_predictor
 
     predictor = cached_predictor(model_dir, batch_size=batch_size, threads=tf_threads)
     return predict_streamed(
-        predictor, slide_path, level, level_xy, read_px, patch_px, batch_size, queue_batches
-    )
+        predictor, slide_path, level, level_xy, read_px, patch_px, batch_size, queue_batches,
+        reader_threads,
+    )  # fmt: skip
 
 
 def predict_streamed(
@@ -173,45 +182,74 @@ def predict_streamed(
     patch_px: int,
     batch_size: int,
     queue_batches: int,
+    reader_threads: int = 1,
 ) -> np.ndarray:
-    """:func:`predict_block` with a given predictor (a callable on uint8 batches)."""
+    """:func:`predict_block` with a given predictor (a callable on uint8 batches).
+
+    ``reader_threads`` threads read every n-th batch each (a fast GPU needs
+    more than one); batches are placed by their offset, so their order of
+    arrival does not matter.
+    """
     n = len(level_xy)
     out = np.empty(n, dtype=np.float32)
     batches: queue.Queue = queue.Queue(maxsize=queue_batches)
     stop = threading.Event()
 
-    def read() -> None:
+    def put(item: tuple) -> bool:
+        """Queue ``item`` unless the predicting side has stopped; whether it was queued."""
+        while not stop.is_set():
+            try:
+                batches.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read(first: int) -> None:
+        _lower_priority()
         try:
             reader = _cached_reader(slide_path)
-            for start in range(0, n, batch_size):
+            for start in range(first * batch_size, n, batch_size * reader_threads):
                 xy = level_xy[start : start + batch_size]
                 batch = np.empty((len(xy), patch_px, patch_px, 3), dtype=np.uint8)
                 for i, (x, y) in enumerate(xy):
                     batch[i] = _read_patch(reader, level, int(x), int(y), read_px, patch_px)
-                while not stop.is_set():
-                    try:
-                        batches.put((start, batch), timeout=0.5)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put((start, batch)):
                     return
         except BaseException as exc:  # handed to the predicting thread
-            batches.put((None, exc))
+            put((None, exc))
             return
-        batches.put((None, None))
+        put((None, None))
 
-    reader_thread = threading.Thread(target=read, name="wsiflow-reader", daemon=True)
-    reader_thread.start()
+    threads = [
+        threading.Thread(target=read, args=(k,), name=f"wsiflow-reader-{k}", daemon=True)
+        for k in range(reader_threads)
+    ]
+    for thread in threads:
+        thread.start()
     try:
-        while True:
+        running = len(threads)
+        while running:
             start, batch = batches.get()
             if start is None:
                 if batch is not None:
                     raise batch
-                break
+                running -= 1
+                continue
             out[start : start + len(batch)] = predictor(batch)
     finally:
         stop.set()
-        reader_thread.join()
+        for thread in threads:
+            thread.join()
     return out
+
+
+#: Niceness of reader threads: the model's threads win contended cores, the reader fills gaps.
+READER_NICENESS = 10
+
+
+def _lower_priority() -> None:
+    """Make this thread yield to the model's threads (Linux: threads have their own niceness)."""
+    # Not Linux, or not permitted: run at normal priority.
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), READER_NICENESS)

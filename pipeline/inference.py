@@ -192,6 +192,7 @@ def infer_slides(
                     plan.resolution.patch_px,
                     config.batch_size,
                     config.queue_batches,
+                    config.reader_threads,
                     tf_threads,
                     pure=False,
                 )

@@ -259,5 +259,5 @@ def _write_text(path: Path, text: str) -> None:
 
 def _write_png(path: Path, image: np.ndarray) -> None:
     partial = path.with_name(f".{path.name}.partial")
-    Image.fromarray(image).save(partial, format="PNG")
+    Image.fromarray(image).save(partial, format="PNG", compress_level=1)  # ~5x faster than 6
     os.replace(partial, path)

@@ -10,7 +10,18 @@ import pytest
 
 from tests.conftest import APERIO_SLIDE, WSIFLOW, last_json, run
 
-COMMANDS = ["synth", "info", "config", "tile", "preview", "mnist", "train", "infer", "evaluate", "demo"]
+COMMANDS = [
+    "synth",
+    "info",
+    "config",
+    "tile",
+    "preview",
+    "mnist",
+    "train",
+    "infer",
+    "evaluate",
+    "demo",
+]
 
 
 def test_help_lists_every_command():
@@ -87,7 +98,7 @@ def test_config_command(tmp_path):
     assert f"{bad}:2: orchestration.retries: Input should be a valid integer" in result.stderr
 
 
-def test_demo_runs_what_exists_and_says_what_does_not(tmp_path):
+def test_demo_runs_every_stage_and_says_what_does_not_exist(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(
         "slides:\n  synthetic:\n    slides: 6\n    width_px: 2048\n    height_px: 2048\n"
@@ -100,14 +111,26 @@ def test_demo_runs_what_exists_and_says_what_does_not(tmp_path):
     assert result.returncode == 0, result.stderr
     summary = last_json(result)
     assert summary["ok"] is True
-    assert summary["stages_run"] == ["synth", "inspect", "tile", "preview", "train"]
+    expected_real = [str(APERIO_SLIDE)] if APERIO_SLIDE.is_file() else []
+    infer_real = ["infer_real"] if expected_real else []
+    assert summary["stages_run"] == [
+        "synth", "inspect", "tile", "preview", "train", "infer", *infer_real, "evaluate"
+    ]  # fmt: skip
     assert summary["tile"]["patches"] > 0 and summary["tile"]["tumor_patches"] > 0
     assert (tmp_path / "out" / "preview.png").is_file()
     assert summary["train"]["backbone"] == "small_cnn" and summary["train"]["epochs_run"] == 1
     assert (tmp_path / "out" / "model" / "wsiflow_model.json").is_file()
-    assert "infer" in summary["stages_not_available"]
+    # The 2 testing slides are inferred and evaluated against the cohort's reference.
+    assert summary["infer"]["slides"] == 2 and summary["infer"]["done"] == 2
+    scores = (tmp_path / "out" / "inference" / "scores.csv").read_text().splitlines()
+    assert scores[0] == "slide,score" and len(scores) == 3
+    assert 0 <= summary["evaluate"]["slide_auc"] <= 1
+    assert (tmp_path / "out" / "inference" / "evaluation.json").is_file()
+    if expected_real:  # inferred apart: it is not in the reference
+        assert list(summary["infer_real"]["scores"]) == [APERIO_SLIDE.stem]
+    assert summary["stages_not_available"] == ["serve"]
+    assert "wsiflow demo results" in result.stderr and "slide AUC" in result.stderr
     assert "absent is not present" in result.stderr
-    expected_real = [str(APERIO_SLIDE)] if APERIO_SLIDE.is_file() else []
     assert summary["real_slides"] == expected_real
     assert summary["slides"] == 6 + len(expected_real)
 

@@ -30,11 +30,11 @@ def demo(
 ) -> None:
     """Run the main job on a generated CAMELYON16-format cohort (plus real slides if present).
 
-    This build runs the stages that exist: cohort generation, slide
-    inspection with OpenSlide, tiling of the training slides into a Zarr patch
-    store, a contact sheet of it, and training the patch classifier.
-    Inference and evaluation are reported as not yet available rather than
-    faked.
+    Stages: cohort generation, slide inspection with OpenSlide, tiling of
+    the training slides into a Zarr patch store and a contact sheet of it,
+    training the patch classifier, inference on the testing slides (and on
+    the real slides, apart) and CAMELYON16 evaluation; a results table at the
+    end. The viewer is reported as not yet available rather than faked.
     """
     from ..slide import find_slides
 
@@ -116,7 +116,14 @@ def demo(
                 for k in ("model_dir", "backbone", "val_auc", "best_epoch", "epochs_run", "reused")
             }
 
-    missing_stages = ["infer", "evaluate", "serve"]
+    model_dir = out / "model"
+    if "train" in stages:
+        failures += _infer_and_evaluate(
+            reporter, cfg, model_dir, cohort_dir, present, out, stages, summary
+        )
+
+    _results_table(reporter, summary, stages)
+    missing_stages = ["serve"]
     reporter.console.print(
         "[bold]Not yet in this build:[/bold] "
         + ", ".join(missing_stages)
@@ -133,3 +140,101 @@ def demo(
         total_seconds=round(time.perf_counter() - started, 2),
     )
     reporter.finish(summary, exit_code=1 if failures else 0)
+
+
+def _infer_and_evaluate(
+    reporter: Reporter,
+    cfg,
+    model_dir: Path,
+    cohort_dir: Path,
+    real_slides: list[Path],
+    out: Path,
+    stages: dict[str, float],
+    summary: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """Infer the testing slides and evaluate them; infer the real slides apart. Failures."""
+    from ..slide import find_slides
+    from .infer import run_evaluate, run_infer
+
+    failures: list[dict[str, Any]] = []
+    testing = cohort_dir / "testing"
+    t0 = time.perf_counter()
+    try:
+        infer_summary = run_infer(
+            reporter, model_dir, find_slides([testing / "images"]), out / "inference", cfg,
+            overwrite=False,
+        )  # fmt: skip
+    except WsiflowError as exc:
+        reporter.errors.print(f"[red]infer failed:[/red] {escape(str(exc))}")
+        return [{"stage": "infer", "reason": str(exc)}]
+    stages["infer"] = time.perf_counter() - t0
+    failures += infer_summary["failures"]
+    summary["infer"] = {
+        k: infer_summary[k] for k in ("out", "slides", "done", "skipped", "patches", "scores")
+    }
+    if real_slides:
+        t0 = time.perf_counter()
+        real_summary = run_infer(
+            reporter, model_dir, find_slides(real_slides), out / "inference_real", cfg,
+            overwrite=False,
+        )  # fmt: skip
+        stages["infer_real"] = time.perf_counter() - t0
+        failures += real_summary["failures"]
+        summary["infer_real"] = {k: real_summary[k] for k in ("out", "slides", "patches", "scores")}
+    if infer_summary["done"] + infer_summary["skipped"] == 0:
+        return failures
+    t0 = time.perf_counter()
+    try:
+        evaluation = run_evaluate(
+            reporter,
+            out / "inference",
+            testing / "reference.csv",
+            testing / "lesion_annotations",
+            testing / "images",
+            cfg,
+        )
+    except (WsiflowError, ValueError) as exc:
+        reporter.errors.print(f"[red]evaluate failed:[/red] {escape(str(exc))}")
+        return [*failures, {"stage": "evaluate", "reason": str(exc)}]
+    stages["evaluate"] = time.perf_counter() - t0
+    summary["evaluate"] = {
+        k: evaluation[k]
+        for k in ("slide_auc", "froc", "froc_sensitivities", "lesions", "undefined", "files")
+    }
+    return failures
+
+
+def _results_table(reporter: Reporter, summary: dict[str, Any], stages: dict[str, float]) -> None:
+    """The numbers a user looks for, and where the files are."""
+    from rich.table import Table
+
+    table = Table(title="wsiflow demo results", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    tile = summary.get("tile", {})
+    if tile:
+        table.add_row(
+            "patch store", f"{tile['patches']:,} patches ({tile['tumor_patches']:,} tumor)"
+        )
+    train = summary.get("train")
+    if train:
+        table.add_row(
+            "model", f"{train['backbone']}, validation AUC {train['val_auc']:.4f} "
+            f"(epoch {train['best_epoch']}) in {train['model_dir']}",
+        )  # fmt: skip
+    infer = summary.get("infer")
+    if infer:
+        table.add_row("test slides", f"{infer['slides']} slides, {infer['patches']:,} patches")
+        table.add_row("heatmaps", f"{infer['out']}/heatmaps (*_overlay.png)")
+    evaluation = summary.get("evaluate")
+    if evaluation:
+        auc, froc = evaluation["slide_auc"], evaluation["froc"]
+        table.add_row("slide AUC", "undefined" if auc is None else f"{auc:.4f}")
+        table.add_row("FROC", "undefined" if froc is None else f"{froc:.4f}")
+        table.add_row("curves", ", ".join(evaluation["files"].values()))
+    real = summary.get("infer_real")
+    if real:
+        scores = ", ".join(f"{k} {v:.3f}" for k, v in real["scores"].items())
+        table.add_row("real slides", f"{real['out']} (scores: {scores})")
+    table.add_row("time per stage", ", ".join(f"{k} {v:.0f} s" for k, v in stages.items()))
+    reporter.console.print(table)

@@ -74,3 +74,30 @@ def test_colour_heatmap_is_transparent_where_low_and_overlay_aligns():
     blended = overlay(white, heat, grid, (200, 200))
     np.testing.assert_array_equal(blended[:20], 255)  # top row of cells: transparent
     assert (blended[20:, :20] != 255).any(axis=-1).all()
+
+
+def test_streamed_prediction_places_batches_by_offset_with_several_readers(small_cohort):
+    """Any number of reader threads gives every patch its own value; errors reach the caller."""
+    from pipeline.errors import SlideNotFoundError
+    from pipeline.infer_tasks import predict_streamed
+    from pipeline.slide import open_slide
+
+    slide = small_cohort.root / small_cohort.slides[0].image
+    xy = np.array([[x, y] for y in range(0, 2048, 100) for x in range(0, 2560, 100)])
+
+    def mean_red(batch):  # a real function of the pixels, so misplaced batches show
+        return batch[..., 0].mean(axis=(1, 2)).astype(np.float32)
+
+    with open_slide(slide) as reader:
+        expected = np.array([reader.read_level(0, (x, y), (32, 32))[..., 0].mean() for x, y in xy])
+    for threads in (1, 3):
+        got = predict_streamed(mean_red, str(slide), 0, xy, 32, 32, 16, 2, threads)
+        np.testing.assert_allclose(got, expected, rtol=1e-6)
+    with pytest.raises(SlideNotFoundError, match="nope.tif: no such file"):
+        predict_streamed(mean_red, str(slide.with_name("nope.tif")), 0, xy, 32, 32, 16, 2, 2)
+
+    def failing(batch):
+        raise RuntimeError("model exploded")
+
+    with pytest.raises(RuntimeError, match="model exploded"):
+        predict_streamed(failing, str(slide), 0, xy, 32, 32, 8, 1, 2)  # returns, does not hang
