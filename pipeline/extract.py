@@ -35,12 +35,12 @@ def _thread_cached(slot: str, key: Any, open_: Callable[[], Any], limit: int) ->
     return value
 
 
-def _cached_reader(path: str) -> SlideReader:
+def cached_reader(path: str) -> SlideReader:
     """The worker thread's open reader for ``path`` (a few kept, oldest closed)."""
     return _thread_cached("readers", path, lambda: open_slide(path), limit=4)
 
 
-def _read_patch(
+def read_patch(
     reader: SlideReader, level: int, x: int, y: int, read_px: int, patch_px: int
 ) -> np.ndarray:
     patch = reader.read_level(level, (x, y), (read_px, read_px))
@@ -55,10 +55,10 @@ def read_patches(
     slide_path: str, level: int, level_xy: np.ndarray, read_px: int, patch_px: int
 ) -> np.ndarray:
     """Read ``(n, patch_px, patch_px, 3)`` uint8 patches at ``level_xy`` (level pixels)."""
-    reader = _cached_reader(slide_path)
+    reader = cached_reader(slide_path)
     out = np.empty((len(level_xy), patch_px, patch_px, 3), dtype=np.uint8)
     for i, (x, y) in enumerate(level_xy):
-        out[i] = _read_patch(reader, level, int(x), int(y), read_px, patch_px)
+        out[i] = read_patch(reader, level, int(x), int(y), read_px, patch_px)
     return out
 
 
@@ -93,7 +93,7 @@ def extract_chunk(
         patches = read_patches(slide_path, level, level_xy, read_px, patch_px)
         array[start : start + len(patches)] = patches
         return len(patches)
-    reader = _cached_reader(slide_path)
+    reader = cached_reader(slide_path)
     direct = reader.direct_level(level) if passthrough else None
     chunk = array.chunks[0]
     for offset in range(0, len(level_xy), chunk):
@@ -105,7 +105,7 @@ def extract_chunk(
                 raise SlideError(slide_path, f"cannot read level {level} tiles: {exc}") from exc
         else:
             images = [
-                codec.encode_patch(_read_patch(reader, level, int(x), int(y), read_px, patch_px))
+                codec.encode_patch(read_patch(reader, level, int(x), int(y), read_px, patch_px))
                 for x, y in block
             ]
         # The last chunk of an array is stored full size: repeat an image past the end.

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ModelError
-from .extract import _cached_reader, _read_patch
+from .extract import cached_reader, read_patch
 from .grid import Resolution, choose_resolution, level0_boxes, patch_grid, slide_id_of
 from .heatmap import HeatmapGrid, heatmap_grid
 from .plan import tissue_mask
@@ -208,12 +208,12 @@ def predict_streamed(
     def read(first: int) -> None:
         _lower_priority()
         try:
-            reader = _cached_reader(slide_path)
+            reader = cached_reader(slide_path)
             for start in range(first * batch_size, n, batch_size * reader_threads):
                 xy = level_xy[start : start + batch_size]
                 batch = np.empty((len(xy), patch_px, patch_px, 3), dtype=np.uint8)
                 for i, (x, y) in enumerate(xy):
-                    batch[i] = _read_patch(reader, level, int(x), int(y), read_px, patch_px)
+                    batch[i] = read_patch(reader, level, int(x), int(y), read_px, patch_px)
                 if not put((start, batch)):
                     return
         except BaseException as exc:  # handed to the predicting thread

@@ -33,6 +33,13 @@ JsonOption = Annotated[
     bool,
     typer.Option("--json", help="End stdout with one JSON summary line (human output to stderr)."),
 ]
+SlidesArgument = Annotated[
+    list[Path], typer.Argument(help="Slide files or folders (searched recursively).")
+]
+SchedulerOption = Annotated[
+    str | None, typer.Option("--scheduler", help="Existing Dask scheduler address (tcp://...).")
+]
+RedoOption = Annotated[bool, typer.Option("--overwrite", help="Redo slides already complete.")]
 
 
 class Reporter:

@@ -12,15 +12,24 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import ConfigError, WsiflowError
-from ._common import ConfigOption, JsonOption, Reporter, _fail_data, _fail_usage, _load, app
+from ._common import (
+    ConfigOption,
+    JsonOption,
+    RedoOption,
+    Reporter,
+    SchedulerOption,
+    SlidesArgument,
+    _fail_data,
+    _fail_usage,
+    _load,
+    app,
+)
 
 
 @app.command()
 def infer(
     model: Annotated[Path, typer.Argument(help="A model directory written by `wsiflow train`.")],
-    slides: Annotated[
-        list[Path], typer.Argument(help="Slide files or folders (searched recursively).")
-    ],
+    slides: SlidesArgument,
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Output folder (heatmaps, detections, scores).")
     ],
@@ -34,16 +43,12 @@ def infer(
     batch_size: Annotated[
         int | None, typer.Option("--batch-size", help="Patches per prediction batch.")
     ] = None,
-    scheduler: Annotated[
-        str | None, typer.Option("--scheduler", help="Existing Dask scheduler address (tcp://...).")
-    ] = None,
+    scheduler: SchedulerOption = None,
     workers: Annotated[
         int | None,
         typer.Option("--workers", "-w", help="Local worker processes (default 1; one per GPU)."),
     ] = None,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Redo slides already complete.")
-    ] = False,
+    overwrite: RedoOption = False,
     config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:

@@ -11,14 +11,22 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import ConfigError, WsiflowError
-from ._common import ConfigOption, JsonOption, Reporter, _fail_usage, _load, app
+from ._common import (
+    ConfigOption,
+    JsonOption,
+    RedoOption,
+    Reporter,
+    SchedulerOption,
+    SlidesArgument,
+    _fail_usage,
+    _load,
+    app,
+)
 
 
 @app.command()
 def tile(
-    slides: Annotated[
-        list[Path], typer.Argument(help="Slide files or folders (searched recursively).")
-    ],
+    slides: SlidesArgument,
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Zarr patch store to write (STORE.zarr).")
     ],
@@ -38,16 +46,12 @@ def tile(
         int | None, typer.Option("--patch-size", help="Patch side in pixels.")
     ] = None,
     stride: Annotated[int | None, typer.Option("--stride", help="Grid step in pixels.")] = None,
-    scheduler: Annotated[
-        str | None, typer.Option("--scheduler", help="Existing Dask scheduler address (tcp://...).")
-    ] = None,
+    scheduler: SchedulerOption = None,
     workers: Annotated[
         int | None,
         typer.Option("--workers", "-w", help="Local Dask worker processes (default: cores)."),
     ] = None,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Redo slides already complete.")
-    ] = False,
+    overwrite: RedoOption = False,
     config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
