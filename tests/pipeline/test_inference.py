@@ -266,3 +266,46 @@ def test_evaluate_errors_name_the_file_and_line(
     result = run("evaluate", str(copy), "--reference", str(reference), *args)
     assert result.returncode == 1
     assert f"{bad}: line 2: Expected a number and two integer pixel coordinates" in result.stderr
+
+
+def test_killed_run_resumes_and_never_lists_an_unfinished_slide(trained_model, slides, tmp_path):
+    """SIGKILL mid-run: scores.csv and inference.json list only slides whose files all exist."""
+    import signal
+    import subprocess
+    import time
+
+    from tests.conftest import WSIFLOW
+
+    many = tmp_path / "slides"
+    many.mkdir()
+    for copy in range(3):  # 12 slides: hard links under other names
+        for slide_id, path in slides.items():
+            os.link(path, many / f"{slide_id}_{copy}.tif")
+    out = tmp_path / "out"
+    args = [WSIFLOW, "infer", str(trained_model), str(many), "--out", str(out), "--batch-size", "8"]
+    process = subprocess.Popen(
+        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + 300
+    done: list[str] = []
+    while time.monotonic() < deadline and not done:
+        try:
+            manifest = json.loads((out / "inference.json").read_text())
+            done = [k for k, v in manifest["slides"].items() if v["status"] == "done"]
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run ended before it could be interrupted"
+    scores = read_scores(out / "scores.csv")
+    assert 1 <= len(scores) < 12
+    for slide_id in scores:
+        assert (out / "heatmaps" / f"{slide_id}.zarr").is_dir()
+        assert (out / "detections" / f"{slide_id}.csv").is_file()
+        assert (out / "heatmaps" / f"{slide_id}_overlay.png").is_file()
+    rerun = run("infer", str(trained_model), str(many), "--out", str(out), "--json")
+    assert rerun.returncode == 0, rerun.stderr
+    summary = last_json(rerun)
+    assert summary["skipped"] >= len(scores) and summary["done"] + summary["skipped"] == 12
+    assert len(read_scores(out / "scores.csv")) == 12
+    assert not list(out.rglob("*.partial"))
