@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint format venv clean
+.PHONY: demo test test-fast lint format venv browser clean
 
 venv: $(STAMP)
 
@@ -20,7 +20,16 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(BIN)/wsiflow demo --config configs/demo.yaml --out demo_out $(DEMO_ARGS)
 
-test: venv
+# The viewer's browser test needs Debian's Chromium and ChromeDriver (as root, or with sudo).
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  echo "installing Debian chromium + chromium-driver for the viewer's browser test"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  ( $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver ) \
+	    || echo "warning: could not install chromium; the browser test will be skipped"; \
+	fi
+
+test: venv browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 

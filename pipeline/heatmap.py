@@ -179,3 +179,28 @@ def overlay(
     alpha = rgba[..., 3:4].astype(np.float32) / 255.0 * opacity
     out = rgb.astype(np.float32) * (1 - alpha) + rgba[..., :3].astype(np.float32) * alpha
     return np.rint(out).astype(np.uint8)
+
+
+def sample_level0(
+    heatmap: np.ndarray,
+    level0_cell_px: tuple[float, float],
+    level0_box: tuple[float, float, float, float],
+    out_wh: tuple[int, int],
+) -> np.ndarray:
+    """``(h, w)`` float32 heatmap values under each pixel of an image of ``level0_box``.
+
+    Each output pixel takes the cell under its centre (level-0 coordinates);
+    outside the heatmap is 0. Used to draw heatmap tiles exactly over slide tiles.
+    """
+    x0, y0, x1, y1 = level0_box
+    w, h = out_wh
+    cx, cy = level0_cell_px
+    cols = np.floor((x0 + (np.arange(w) + 0.5) * ((x1 - x0) / w)) / cx).astype(np.int64)
+    rows = np.floor((y0 + (np.arange(h) + 0.5) * ((y1 - y0) / h)) / cy).astype(np.int64)
+    col_ok = (cols >= 0) & (cols < heatmap.shape[1])
+    row_ok = (rows >= 0) & (rows < heatmap.shape[0])
+    out = np.zeros((h, w), dtype=np.float32)
+    if col_ok.any() and row_ok.any():
+        inner = heatmap[rows[row_ok]][:, cols[col_ok]]
+        out[np.ix_(row_ok, col_ok)] = inner
+    return out

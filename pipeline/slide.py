@@ -189,6 +189,15 @@ class SlideReader:
             ) from None
         return _rgba_to_rgb(np.asarray(image))
 
+    def deepzoom(self, tile_px: int = 254, overlap: int = 1):
+        """An OpenSlide ``DeepZoomGenerator`` over this slide (DZI XML, tile geometry, tiles).
+
+        Tiles come back as PIL RGB images; bad levels or addresses raise ``ValueError``.
+        """
+        from openslide.deepzoom import DeepZoomGenerator
+
+        return DeepZoomGenerator(self._osr, tile_size=tile_px, overlap=overlap, limit_bounds=False)
+
     def close(self) -> None:
         if self._direct is not None:
             self._direct.close()

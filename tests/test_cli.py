@@ -128,7 +128,10 @@ def test_demo_runs_every_stage_and_says_what_does_not_exist(tmp_path):
     assert (tmp_path / "out" / "inference" / "evaluation.json").is_file()
     if expected_real:  # inferred apart: it is not in the reference
         assert list(summary["infer_real"]["scores"]) == [APERIO_SLIDE.stem]
-    assert summary["stages_not_available"] == ["serve"]
+    assert summary["stages_not_available"] == []
+    assert summary["serve_command"] == (
+        f"wsiflow serve {tmp_path / 'out' / 'cohort'} --heatmaps {tmp_path / 'out' / 'inference'}"
+    )
     assert "wsiflow demo results" in result.stderr and "slide AUC" in result.stderr
     assert "absent is not present" in result.stderr
     assert summary["real_slides"] == expected_real

@@ -1,0 +1,234 @@
+"""The DeepZoom viewer: a Flask app over a folder of slides and an inference folder.
+
+``create_app(slide_dir, heatmaps_dir)`` is the app factory (no module-level
+slide). Routes::
+
+    /                                             slides, thumbnails, heatmap or not
+    /view/<slide_id>                              OpenSeadragon page, heatmap overlay
+    /api/slides                                   JSON list of slides
+    /api/slides/<slide_id>/detections             JSON detections of the heatmap's run
+    /slides/<slide_id>.dzi                        Deep Zoom descriptor of the slide
+    /slides/<slide_id>_files/<level>/<col>_<row>.jpeg
+    /slides/<slide_id>/thumbnail.jpeg
+    /slides/<slide_id>/associated/<name>.jpeg     label, macro, thumbnail...
+    /heatmaps/<slide_id>.dzi                      same geometry as the slide's
+    /heatmaps/<slide_id>_files/<level>/<col>_<row>.png
+
+Anything not found, out of range or unreadable is 404, never 500.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+from flask import Flask, Response, abort, jsonify, render_template
+from PIL import Image
+
+from ..errors import WsiflowError
+from ..heatmap import COLOR_MAP, VISIBLE_FROM, colorize, sample_level0
+from ..results import read_detections
+from .catalog import Catalog
+
+#: Deep Zoom tile side and overlap (OpenSlide's example server uses the same).
+TILE_PX = 254
+OVERLAP = 1
+#: Encoded tiles kept in memory (~20-60 kB each).
+CACHE_TILES = 2048
+JPEG_QUALITY = 80
+
+
+def create_app(
+    slide_dir: Path | str, heatmaps_dir: Path | str | None = None, *, cache_tiles: int = CACHE_TILES
+) -> Flask:
+    """The viewer app for slides under ``slide_dir`` and heatmaps of ``wsiflow infer --out``."""
+    app = Flask(__name__)
+    catalog = Catalog(Path(slide_dir), None if heatmaps_dir is None else Path(heatmaps_dir))
+    app.extensions["wsiflow_catalog"] = catalog
+    cache = _TileCache(cache_tiles)
+    deepzooms: dict[str, object] = {}
+    dz_lock = threading.Lock()
+
+    def deepzoom(slide_id: str):
+        reader = catalog.reader(slide_id)
+        if reader is None:
+            abort(404)
+        with dz_lock:
+            dz = deepzooms.get(slide_id)
+            if dz is None or dz[0] is not reader:
+                dz = deepzooms[slide_id] = (reader, reader.deepzoom(TILE_PX, OVERLAP))
+        return dz[1]
+
+    @app.get("/")
+    def index():
+        entries = catalog.refresh()
+        rows = [(e, e.error is None and catalog.heatmap(e.slide_id) is not None) for e in entries]
+        return render_template("index.html", rows=rows, slide_dir=catalog.slide_dir)
+
+    @app.get("/view/<slide_id>")
+    def view(slide_id: str):
+        entry = catalog.entry(slide_id) or abort(404)
+        heatmap = catalog.heatmap(slide_id)
+        return render_template(
+            "slide.html",
+            entry=entry,
+            has_heatmap=heatmap is not None,
+            heatmap_attrs=None if heatmap is None else heatmap.attrs,
+            legend=_legend_stops(),
+            visible_from=VISIBLE_FROM,
+            color_map=COLOR_MAP,
+        )
+
+    @app.get("/api/slides")
+    def api_slides():
+        entries = catalog.refresh()
+        return jsonify(
+            [
+                {
+                    "id": e.slide_id,
+                    "path": e.relative,
+                    "readable": e.error is None,
+                    "error": e.error,
+                    "heatmap": e.error is None and catalog.heatmap(e.slide_id) is not None,
+                    **e.info,
+                }
+                for e in entries
+            ]
+        )
+
+    @app.get("/api/slides/<slide_id>/detections")
+    def api_detections(slide_id: str):
+        catalog.entry(slide_id) or abort(404)
+        path = catalog.detections_path(slide_id)
+        if path is None:
+            return jsonify([])
+        try:
+            confidences, level0_xy = read_detections(path)
+        except WsiflowError:
+            abort(404)
+        return jsonify(
+            [
+                {"confidence": float(c), "x": int(x), "y": int(y)}
+                for c, (x, y) in zip(confidences, level0_xy, strict=True)
+            ]
+        )
+
+    @app.get("/slides/<slide_id>.dzi")
+    def slide_dzi(slide_id: str):
+        return Response(deepzoom(slide_id).get_dzi("jpeg"), mimetype="application/xml")
+
+    @app.get("/slides/<slide_id>_files/<int:level>/<int:col>_<int:row>.jpeg")
+    def slide_tile(slide_id: str, level: int, col: int, row: int):
+        key = ("slide", slide_id, level, col, row)
+        data = cache.get(key)
+        if data is None:
+            dz = deepzoom(slide_id)
+            try:
+                tile = dz.get_tile(level, (col, row))
+            except (ValueError, WsiflowError):
+                abort(404)
+            except Exception:  # OpenSlide errors on a damaged region
+                abort(404)
+            data = _encode(tile, "JPEG")
+            cache.put(key, data)
+        return Response(data, mimetype="image/jpeg")
+
+    @app.get("/slides/<slide_id>/thumbnail.jpeg")
+    def slide_thumbnail(slide_id: str):
+        reader = catalog.reader(slide_id) or abort(404)
+        key = ("thumb", slide_id)
+        data = cache.get(key)
+        if data is None:
+            try:
+                data = _encode(Image.fromarray(reader.thumbnail((256, 256))), "JPEG")
+            except WsiflowError:
+                abort(404)
+            cache.put(key, data)
+        return Response(data, mimetype="image/jpeg")
+
+    @app.get("/slides/<slide_id>/associated/<name>.jpeg")
+    def associated(slide_id: str, name: str):
+        reader = catalog.reader(slide_id) or abort(404)
+        if name not in reader.info.associated_images:
+            abort(404)
+        try:
+            image = reader.associated_image(name)
+        except WsiflowError:
+            abort(404)
+        return Response(_encode(Image.fromarray(image), "JPEG"), mimetype="image/jpeg")
+
+    @app.get("/heatmaps/<slide_id>.dzi")
+    def heatmap_dzi(slide_id: str):
+        catalog.heatmap(slide_id) or abort(404)
+        return Response(deepzoom(slide_id).get_dzi("png"), mimetype="application/xml")
+
+    @app.get("/heatmaps/<slide_id>_files/<int:level>/<int:col>_<int:row>.png")
+    def heatmap_tile(slide_id: str, level: int, col: int, row: int):
+        heatmap = catalog.heatmap(slide_id) or abort(404)
+        key = ("heatmap", slide_id, id(heatmap), level, col, row)
+        data = cache.get(key)
+        if data is None:
+            dz = deepzoom(slide_id)
+            try:
+                (l0x, l0y), slide_level, (level_w, level_h) = dz.get_tile_coordinates(
+                    level, (col, row)
+                )
+                out_w, out_h = dz.get_tile_dimensions(level, (col, row))
+            except ValueError:
+                abort(404)
+            downsample = catalog.reader(slide_id).info.level_downsamples[slide_level]
+            box = (l0x, l0y, l0x + level_w * downsample, l0y + level_h * downsample)
+            values = sample_level0(heatmap.probability, heatmap.level0_cell_px, box, (out_w, out_h))
+            data = _encode(Image.fromarray(colorize(values), mode="RGBA"), "PNG")
+            cache.put(key, data)
+        return Response(data, mimetype="image/png")
+
+    @app.errorhandler(404)
+    def not_found(error):
+        return Response("not found\n", status=404, mimetype="text/plain")
+
+    return app
+
+
+class _TileCache:
+    """A thread-safe LRU of encoded tiles."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._items: OrderedDict[tuple, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> bytes | None:
+        with self._lock:
+            data = self._items.get(key)
+            if data is not None:
+                self._items.move_to_end(key)
+            return data
+
+    def put(self, key: tuple, data: bytes) -> None:
+        with self._lock:
+            self._items[key] = data
+            while len(self._items) > self.limit:
+                self._items.popitem(last=False)
+
+
+def _encode(image: Image.Image, format: str) -> bytes:
+    buffer = io.BytesIO()
+    if format == "JPEG":
+        image.convert("RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    else:
+        image.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def _legend_stops() -> list[tuple[float, str]]:
+    """CSS gradient stops of the heatmap colours with their transparency."""
+    values = np.linspace(0, 1, 11, dtype=np.float32)
+    rgba = colorize(values[None, :])[0]
+    return [
+        (float(v), f"rgba({r}, {g}, {b}, {a / 255:.2f})")
+        for v, (r, g, b, a) in zip(values, rgba.tolist(), strict=True)
+    ]

@@ -1,0 +1,183 @@
+"""What the viewer may serve: slides found under one folder, and their heatmaps.
+
+Only files found by scanning the configured folders are ever opened, looked
+up by slide id: a request cannot name a path. Files whose real location
+(symlinks resolved) lies outside the folder are left out. Open slides and
+loaded heatmaps are kept (a few, oldest closed) and reopened when the file
+changes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import WsiflowError
+from ..grid import slide_id_of
+from ..results import read_heatmap, read_manifest, slide_files
+from ..slide import SlideReader, find_slides, open_slide
+
+#: Open slides kept at once (each holds an OpenSlide handle and its tile cache).
+OPEN_SLIDES = 16
+
+
+@dataclass
+class SlideEntry:
+    """One slide of the catalogue; ``error`` says why it cannot be shown (None: readable)."""
+
+    slide_id: str
+    path: Path
+    relative: str
+    error: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Heatmap:
+    """A loaded heatmap: probabilities and their level-0 cell size."""
+
+    probability: np.ndarray
+    level0_cell_px: tuple[float, float]
+    attrs: dict[str, Any]
+
+
+class Catalog:
+    """The slides under ``slide_dir`` and, optionally, heatmaps in an inference folder."""
+
+    def __init__(self, slide_dir: Path, heatmaps_dir: Path | None = None):
+        self.slide_dir = Path(slide_dir).resolve()
+        self.heatmaps_dir = None if heatmaps_dir is None else Path(heatmaps_dir).resolve()
+        self._lock = threading.RLock()
+        self._entries: dict[str, SlideEntry] = {}
+        self._stamps: dict[Path, tuple[int, int]] = {}
+        self._open: OrderedDict[str, tuple[tuple[int, int], SlideReader]] = OrderedDict()
+        self._heatmaps: dict[str, tuple[tuple[int, int], Heatmap | None]] = {}
+        self.refresh()
+
+    def refresh(self) -> list[SlideEntry]:
+        """Rescan the folder (new, changed and removed slides); return the entries by id."""
+        found: dict[str, SlideEntry] = {}
+        for path in find_slides([self.slide_dir]):
+            real = path.resolve()
+            if not real.is_relative_to(self.slide_dir) or not real.is_file():
+                continue  # a symlink pointing out of the folder: never served
+            slide_id = slide_id_of(path)
+            relative = str(path.relative_to(self.slide_dir))
+            if slide_id in found:
+                other = found[slide_id].relative
+                found[f"{slide_id}@{relative}"] = SlideEntry(
+                    slide_id, real, relative, error=f"duplicate slide id (also {other})"
+                )
+                continue
+            found[slide_id] = self._entry(slide_id, real, relative)
+        with self._lock:
+            self._entries = found
+        return sorted(found.values(), key=lambda e: e.slide_id)
+
+    def _entry(self, slide_id: str, path: Path, relative: str) -> SlideEntry:
+        stamp = _stamp(path)
+        with self._lock:
+            previous = self._entries.get(slide_id)
+            if previous is not None and previous.path == path and self._stamps.get(path) == stamp:
+                return previous
+            self._stamps[path] = stamp
+        entry = SlideEntry(slide_id, path, relative)
+        try:
+            with open_slide(path) as reader:
+                info = reader.info
+        except WsiflowError as exc:
+            entry.error = exc.reason if hasattr(exc, "reason") else str(exc)
+            return entry
+        entry.info = {
+            "vendor": info.vendor,
+            "level0_wh": list(info.level0_wh),
+            "levels": info.level_count,
+            "mpp": info.mpp,
+            "objective_power": info.objective_power,
+            "associated_images": list(info.associated_images),
+        }
+        return entry
+
+    def entry(self, slide_id: str) -> SlideEntry | None:
+        """The readable slide ``slide_id``, or None (unknown id or unreadable slide)."""
+        with self._lock:
+            entry = self._entries.get(slide_id)
+        return entry if entry is not None and entry.error is None else None
+
+    def reader(self, slide_id: str) -> SlideReader | None:
+        """An open reader of ``slide_id`` (shared; OpenSlide reads are thread-safe)."""
+        entry = self.entry(slide_id)
+        if entry is None:
+            return None
+        stamp = _stamp(entry.path)
+        with self._lock:
+            cached = self._open.get(slide_id)
+            if cached is not None and cached[0] == stamp:
+                self._open.move_to_end(slide_id)
+                return cached[1]
+            try:
+                reader = open_slide(entry.path, direct=False)
+            except WsiflowError:
+                return None
+            if cached is not None:
+                cached[1].close()
+            self._open[slide_id] = (stamp, reader)
+            while len(self._open) > OPEN_SLIDES:
+                self._open.popitem(last=False)[1][1].close()
+            return reader
+
+    def heatmap(self, slide_id: str) -> Heatmap | None:
+        """The complete heatmap of ``slide_id`` in the heatmaps folder, if there is one."""
+        entry = self.entry(slide_id)
+        if entry is None or self.heatmaps_dir is None:
+            return None
+        files = slide_files(self.heatmaps_dir, slide_id)
+        zarr_json = files["heatmap"] / "zarr.json"
+        if not zarr_json.is_file():
+            return None
+        record = read_manifest(self.heatmaps_dir)["slides"].get(slide_id, {})
+        if record.get("status") not in ("done", "skipped"):
+            return None  # an interrupted or failed run: not shown as if complete
+        stamp = _stamp(zarr_json)
+        with self._lock:
+            cached = self._heatmaps.get(slide_id)
+            if cached is not None and cached[0] == stamp:
+                return cached[1]
+        try:
+            probability, attrs = read_heatmap(files["heatmap"])
+        except WsiflowError:
+            heatmap = None
+        else:
+            if list(attrs.get("level0_wh", [])) != entry.info.get("level0_wh"):
+                heatmap = None  # made from another slide with the same name
+            else:
+                cell = attrs["level0_cell_px"]
+                heatmap = Heatmap(probability, (float(cell[0]), float(cell[1])), attrs)
+        with self._lock:
+            self._heatmaps[slide_id] = (stamp, heatmap)
+        return heatmap
+
+    def detections_path(self, slide_id: str) -> Path | None:
+        if self.heatmap(slide_id) is None:
+            return None
+        path = slide_files(self.heatmaps_dir, slide_id)["detections"]
+        return path if path.is_file() else None
+
+    def close(self) -> None:
+        with self._lock:
+            for _, reader in self._open.values():
+                reader.close()
+            self._open.clear()
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    try:
+        stat = path.stat()
+    except OSError:
+        return (-1, -1)
+    return (stat.st_size, stat.st_mtime_ns)
