@@ -59,3 +59,25 @@ def _save(fig, path: Path) -> None:
     fig.savefig(partial, format="png")
     plt.close(fig)
     os.replace(partial, path)
+
+
+def plot_training(path: Path, history: list[dict]) -> None:
+    """Loss and AUC per epoch, training and validation, from a model's history."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=100)
+    for key, style in (("loss", "-"), ("val_loss", "--")):
+        left.plot(epochs, [row[key] for row in history], style, marker="o", label=key)
+    for key, style in (("auc", "-"), ("val_auc", "--")):
+        right.plot(epochs, [row[key] for row in history], style, marker="o", label=key)
+    left.set(xlabel="epoch", ylabel="binary cross-entropy", title="Loss")
+    right.set(xlabel="epoch", ylabel="ROC AUC", title="AUC", ylim=(0, 1.02))
+    for ax in (left, right):
+        ax.legend()
+        ax.set_xticks(epochs)
+    fig.tight_layout()
+    _save(fig, path)

@@ -128,6 +128,12 @@ def test_demo_runs_every_stage_and_says_what_does_not_exist(tmp_path):
     assert (tmp_path / "out" / "inference" / "evaluation.json").is_file()
     if expected_real:  # inferred apart: it is not in the reference
         assert list(summary["infer_real"]["scores"]) == [APERIO_SLIDE.stem]
+    report = (tmp_path / "out" / "report.html").read_text()
+    assert summary["report"] == str(tmp_path / "out" / "report.html")
+    assert "Slide AUC" in report and "test_001" in report and "Training" in report
+    # Self-contained: training curves, ROC and both test slides' overlays embedded, nothing fetched.
+    assert report.count('src="data:image/') >= 4
+    assert "src=\"http" not in report and "<script" not in report
     assert summary["stages_not_available"] == []
     assert summary["serve_command"] == (
         f"wsiflow serve {tmp_path / 'out' / 'cohort'} --heatmaps {tmp_path / 'out' / 'inference'}"

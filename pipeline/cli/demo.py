@@ -126,6 +126,8 @@ def demo(
         summary["serve_command"] = (
             f"wsiflow serve {cohort_dir} --heatmaps {summary['infer']['out']}"
         )
+    summary["report"] = str(out / "report.html")
+    _write_report(out, summary, stages)
     _results_table(reporter, summary, stages)
     missing_stages: list[str] = []
     summary.update(
@@ -203,39 +205,63 @@ def _infer_and_evaluate(
     return failures
 
 
-def _results_table(reporter: Reporter, summary: dict[str, Any], stages: dict[str, float]) -> None:
+def _result_rows(summary: dict[str, Any], stages: dict[str, float]) -> list[tuple[str, str]]:
     """The numbers a user looks for, and where the files are."""
+    rows = []
+    tile = summary.get("tile", {})
+    if tile:
+        rows.append(
+            ("patch store", f"{tile['patches']:,} patches ({tile['tumor_patches']:,} tumor)")
+        )
+    train = summary.get("train")
+    if train:
+        rows.append((
+            "model", f"{train['backbone']}, validation AUC {train['val_auc']:.4f} "
+            f"(epoch {train['best_epoch']}) in {train['model_dir']}",
+        ))  # fmt: skip
+    infer = summary.get("infer")
+    if infer:
+        rows.append(("test slides", f"{infer['slides']} slides, {infer['patches']:,} patches"))
+        rows.append(("heatmaps", f"{infer['out']}/heatmaps (*_overlay.png)"))
+    evaluation = summary.get("evaluate")
+    if evaluation:
+        auc, froc = evaluation["slide_auc"], evaluation["froc"]
+        rows.append(("slide AUC", "undefined" if auc is None else f"{auc:.4f}"))
+        rows.append(("FROC", "undefined" if froc is None else f"{froc:.4f}"))
+        rows.append(("curves", ", ".join(evaluation["files"].values())))
+    real = summary.get("infer_real")
+    if real:
+        scores = ", ".join(f"{k} {v:.3f}" for k, v in real["scores"].items())
+        rows.append(("real slides", f"{real['out']} (scores: {scores})"))
+    rows.append(("time per stage", ", ".join(f"{k} {v:.0f} s" for k, v in stages.items())))
+    if "report" in summary:
+        rows.append(("report", summary["report"]))
+    if "serve_command" in summary:
+        rows.append(("view", summary["serve_command"] + "  (then open http://127.0.0.1:8000/)"))
+    return rows
+
+
+def _results_table(reporter: Reporter, summary: dict[str, Any], stages: dict[str, float]) -> None:
     from rich.table import Table
 
     table = Table(title="wsiflow demo results", show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value")
-    tile = summary.get("tile", {})
-    if tile:
-        table.add_row(
-            "patch store", f"{tile['patches']:,} patches ({tile['tumor_patches']:,} tumor)"
-        )
-    train = summary.get("train")
-    if train:
-        table.add_row(
-            "model", f"{train['backbone']}, validation AUC {train['val_auc']:.4f} "
-            f"(epoch {train['best_epoch']}) in {train['model_dir']}",
-        )  # fmt: skip
-    infer = summary.get("infer")
-    if infer:
-        table.add_row("test slides", f"{infer['slides']} slides, {infer['patches']:,} patches")
-        table.add_row("heatmaps", f"{infer['out']}/heatmaps (*_overlay.png)")
-    evaluation = summary.get("evaluate")
-    if evaluation:
-        auc, froc = evaluation["slide_auc"], evaluation["froc"]
-        table.add_row("slide AUC", "undefined" if auc is None else f"{auc:.4f}")
-        table.add_row("FROC", "undefined" if froc is None else f"{froc:.4f}")
-        table.add_row("curves", ", ".join(evaluation["files"].values()))
-    real = summary.get("infer_real")
-    if real:
-        scores = ", ".join(f"{k} {v:.3f}" for k, v in real["scores"].items())
-        table.add_row("real slides", f"{real['out']} (scores: {scores})")
-    table.add_row("time per stage", ", ".join(f"{k} {v:.0f} s" for k, v in stages.items()))
-    if "serve_command" in summary:
-        table.add_row("view", summary["serve_command"] + "  (then open http://127.0.0.1:8000/)")
+    for what, value in _result_rows(summary, stages):
+        table.add_row(what, value)
     reporter.console.print(table)
+
+
+def _write_report(out: Path, summary: dict[str, Any], stages: dict[str, float]) -> Path:
+    """``OUT/report.html``: the results table, curves, heatmap overlays, per-slide table."""
+    from ..report import write_report
+
+    inference = [Path(summary[k]["out"]) for k in ("infer", "infer_real") if k in summary]
+    return write_report(
+        out / "report.html",
+        title="wsiflow demo",
+        summary_rows=_result_rows(summary, stages),
+        model_dir=Path(summary["train"]["model_dir"]) if "train" in summary else None,
+        inference_dirs=inference,
+        evaluation_dir=Path(summary["infer"]["out"]) if "evaluate" in summary else None,
+    )
