@@ -133,7 +133,7 @@ def test_demo_runs_every_stage_and_says_what_does_not_exist(tmp_path):
     assert "Slide AUC" in report and "test_001" in report and "Training" in report
     # Self-contained: training curves, ROC and both test slides' overlays embedded, nothing fetched.
     assert report.count('src="data:image/') >= 4
-    assert "src=\"http" not in report and "<script" not in report
+    assert 'src="http' not in report and "<script" not in report
     assert summary["stages_not_available"] == []
     assert summary["serve_command"] == (
         f"wsiflow serve {tmp_path / 'out' / 'cohort'} --heatmaps {tmp_path / 'out' / 'inference'}"
@@ -235,30 +235,30 @@ def test_killed_run_leaves_no_false_complete_group(cli_cohort, tmp_path):
 
     import zarr
 
+    # 12 slides (hard links under other names): whatever this machine's speed, some are
+    # still unwritten when the first group appears.
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    sources = sorted(cli_cohort.rglob("*.tif"))
+    for copy in range(3):
+        for path in sources:
+            os.link(path, slides / f"{path.stem}_{copy}.tif")
+    total = 3 * len(sources)
     store = tmp_path / "s.zarr"
-    tile_args = [
-        "tile",
-        str(cli_cohort),
-        "--out",
-        str(store),
-        "--patch-size",
-        "32",
-        "--mpp",
-        "0.25",
-    ]
+    tile_args = ["tile", str(slides), "--out", str(store), "--patch-size", "32", "--mpp", "0.25"]
     args = [WSIFLOW, *tile_args, "--workers", "2"]
     process = subprocess.Popen(
         args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not any(store.glob("*/zarr.json")):
-        time.sleep(0.1)
+        time.sleep(0.05)
     time.sleep(0.3)
     os.killpg(process.pid, signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL, "the run ended before it could be interrupted"
     root = zarr.open_group(str(store), mode="r")
     complete = [k for k in root.group_keys() if root[k].attrs.get("complete") is True]
-    assert len(complete) < 4, "nothing was left to interrupt"
+    assert len(complete) < total, "nothing was left to interrupt"
     for slide_id in complete:
         group = root[slide_id]
         patches = group["patches"]
@@ -266,4 +266,4 @@ def test_killed_run_leaves_no_false_complete_group(cli_cohort, tmp_path):
     rerun = run(*tile_args, "--json")
     summary = last_json(rerun)
     assert summary["ok"] and summary["skipped"] == len(complete)
-    assert summary["done"] + summary["skipped"] == 4
+    assert summary["done"] + summary["skipped"] == total
