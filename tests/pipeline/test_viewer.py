@@ -297,3 +297,27 @@ def test_serve_command_serves_on_localhost(folders, tmp_path):
         [WSIFLOW, "serve", str(tmp_path / "nope")], capture_output=True, text=True, check=False
     )
     assert missing.returncode == 2 and "no such folder" in missing.stderr
+
+
+def test_real_aperio_slide_properties_and_associated_images(aperio_slide, tmp_path):
+    slides = tmp_path / "real"
+    slides.mkdir()
+    (slides / aperio_slide.name).symlink_to(aperio_slide)  # a link inside the folder is fine...
+    client = create_app(slides).test_client()
+    # ...but its target lies outside the folder, so it is not served.
+    assert client.get("/api/slides").get_json() == []
+    shutil.copy(aperio_slide, slides / "copy.svs")
+    (slides / aperio_slide.name).unlink()
+    client = create_app(slides).test_client()
+    (listed,) = client.get("/api/slides").get_json()
+    assert listed["vendor"] == "aperio" and listed["objective_power"] == 20.0
+    assert listed["associated_images"] == ["label", "macro", "thumbnail"]
+    page = client.get("/view/copy").get_data(as_text=True)
+    assert "aperio" in page and "/slides/copy/associated/label.jpeg" in page
+    with openslide.OpenSlide(str(slides / "copy.svs")) as osr:
+        expected = osr.associated_images["label"].size
+    response = client.get("/slides/copy/associated/label.jpeg")
+    assert response.status_code == 200
+    assert Image.open(io.BytesIO(response.data)).size == expected
+    thumb = Image.open(io.BytesIO(client.get("/slides/copy/thumbnail.jpeg").data))
+    assert max(thumb.size) == 256
