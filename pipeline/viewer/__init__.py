@@ -168,7 +168,7 @@ def create_app(
     @app.get("/heatmaps/<slide_id>_files/<int:level>/<int:col>_<int:row>.png")
     def heatmap_tile(slide_id: str, level: int, col: int, row: int):
         heatmap = catalog.heatmap(slide_id) or abort(404)
-        key = ("heatmap", slide_id, id(heatmap), level, col, row)
+        key = ("heatmap", slide_id, heatmap.stamp, level, col, row)
         data = cache.get(key)
         if data is None:
             dz = deepzoom(slide_id)

@@ -44,6 +44,7 @@ class Heatmap:
     probability: np.ndarray
     level0_cell_px: tuple[float, float]
     attrs: dict[str, Any]
+    stamp: tuple[int, int]  # size and mtime of its zarr.json: changes when it is rewritten
 
 
 class Catalog:
@@ -157,7 +158,7 @@ class Catalog:
                 heatmap = None  # made from another slide with the same name
             else:
                 cell = attrs["level0_cell_px"]
-                heatmap = Heatmap(probability, (float(cell[0]), float(cell[1])), attrs)
+                heatmap = Heatmap(probability, (float(cell[0]), float(cell[1])), attrs, stamp)
         with self._lock:
             self._heatmaps[slide_id] = (stamp, heatmap)
         return heatmap
