@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .annotations import read_annotations
 from .config import EvaluationConfig
 from .errors import MissingMppError, ResultsError
@@ -51,13 +53,17 @@ def evaluate(
     config: EvaluationConfig,
     *,
     out_dir: Path | None = None,
+    masks_dir: Path | None = None,
 ) -> Evaluation:
     """Evaluate the slides of ``results_dir``'s ``scores.csv`` against the reference.
 
     Every slide there must be in the reference (:class:`ResultsError`
     otherwise) and have a detections CSV; reference slides without results
-    are listed as not evaluated. A metric that is undefined (one class
-    only; no lesion to find) is None with the reason in ``undefined``.
+    are listed as not evaluated. With ``masks_dir``, tumor comes from the
+    challenge's ``<slide>_Mask.tif`` files (255 = tumor, read at the mask
+    level), as the official script reads it, instead of the XML annotations.
+    A metric that is undefined (one class only; no lesion to find) is None
+    with the reason in ``undefined``.
     """
     results_dir = Path(results_dir)
     out_dir = Path(out_dir or results_dir)
@@ -86,17 +92,20 @@ def evaluate(
                 raise ResultsError(
                     slides_dir, f"no slide file for {slide_id!r} (needed for its size and µm/px)"
                 )
-            annotation = find_annotation(slide_path, annotations_dir)
-            if annotation is None:
-                raise ResultsError(
-                    annotations_dir,
-                    f"no annotation <{slide_id}>.xml/.geojson for tumor slide {slide_id!r}",
-                )
             with open_slide(slide_path) as reader:
                 info = reader.info
             if info.mpp is None:
                 raise MissingMppError(slide_path, "the FROC needs the slide's µm/px (mpp)")
-            tumor = tumor_mask(read_annotations(annotation), info.level0_wh, downsample)
+            if masks_dir is not None:
+                tumor = official_mask(Path(masks_dir) / f"{slide_id}_Mask.tif", config.mask_level)
+            else:
+                annotation = find_annotation(slide_path, annotations_dir)
+                if annotation is None:
+                    raise ResultsError(
+                        annotations_dir,
+                        f"no annotation <{slide_id}>.xml/.geojson for tumor slide {slide_id!r}",
+                    )
+                tumor = tumor_mask(read_annotations(annotation), info.level0_wh, downsample)
             labels = evaluation_mask(
                 tumor, info.mpp, downsample, tumor_growth_um=config.tumor_growth_um
             )
@@ -176,3 +185,21 @@ def _existing(path: Path) -> Path:
     if not path.is_file():
         raise ResultsError(path, "detections file missing (inference did not finish this slide)")
     return path
+
+
+def official_mask(path: Path, level: int) -> np.ndarray:
+    """Tumor (bool) of a CAMELYON16 ``*_Mask.tif`` at ``level``: where its first channel is 255.
+
+    As ``computeEvaluationMask`` reads it (``255 - pixelarray[:, :, 0]`` is 0 on tumor).
+    """
+    if not path.is_file():
+        raise ResultsError(path, "no such mask file (CAMELYON16 names it <slide>_Mask.tif)")
+    with open_slide(path, direct=False) as reader:
+        if reader.info.level_count <= level:
+            raise ResultsError(
+                path,
+                f"Expected a mask pyramid with level {level}. "
+                f"Got {reader.info.level_count} level(s) instead.",
+            )
+        rgb = reader.read_region((0, 0), level, reader.info.level_wh[level])
+    return rgb[..., 0] == 255

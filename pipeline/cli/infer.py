@@ -197,6 +197,10 @@ def evaluate(
         Path | None,
         typer.Option("--out", "-o", help="Where to write the report (default: RESULTS)."),
     ] = None,
+    masks: Annotated[
+        Path | None,
+        typer.Option("--masks", help="Folder of CAMELYON16 <slide>_Mask.tif (instead of the XML)."),
+    ] = None,
     config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -204,7 +208,8 @@ def evaluate(
     reporter = Reporter(as_json)
     try:
         cfg = _load(config, {})
-        for name, path in (("--annotations", annotations), ("--slides", slides_dir)):
+        folders = [("--annotations", annotations), ("--slides", slides_dir)]
+        for name, path in folders + ([("--masks", masks)] if masks is not None else []):
             if not path.is_dir():
                 raise ConfigError(name, [(str(path), "no such folder", None)])
         if not reference.is_file():
@@ -212,7 +217,9 @@ def evaluate(
     except ConfigError as exc:
         _fail_usage(reporter, exc, "evaluate")
     try:
-        summary = run_evaluate(reporter, results, reference, annotations, slides_dir, cfg, out=out)
+        summary = run_evaluate(
+            reporter, results, reference, annotations, slides_dir, cfg, out=out, masks=masks
+        )
     except (WsiflowError, ValueError) as exc:
         _fail_data(reporter, exc, "evaluate")
     reporter.finish(summary)
@@ -227,11 +234,14 @@ def run_evaluate(
     cfg,
     *,
     out: Path | None = None,
+    masks: Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate and print the metrics; return the summary (raises on bad inputs)."""
     from ..evaluate import evaluate as run
 
-    evaluation = run(results, reference, annotations, slides_dir, cfg.evaluation, out_dir=out)
+    evaluation = run(
+        results, reference, annotations, slides_dir, cfg.evaluation, out_dir=out, masks_dir=masks
+    )
     report = evaluation.report
     table = Table(title=f"CAMELYON16 evaluation of {results}")
     for column in ("slide", "tumor", "score", "lesions", "found", "ITCs", "FPs"):

@@ -309,3 +309,53 @@ def test_killed_run_resumes_and_never_lists_an_unfinished_slide(trained_model, s
     assert summary["skipped"] >= len(scores) and summary["done"] + summary["skipped"] == 12
     assert len(read_scores(out / "scores.csv")) == 12
     assert not list(out.rglob("*.partial"))
+
+
+def _write_official_mask(path, tumor_level5):
+    """A CAMELYON16-style ``*_Mask.tif``: 255 on tumor, 6 pyramid levels (deflate tiles)."""
+    import tifffile
+
+    with tifffile.TiffWriter(path) as tif:
+        for level in range(6):
+            factor = 2 ** (5 - level)
+            plane = np.repeat(np.repeat(tumor_level5, factor, 0), factor, 1).astype(np.uint8) * 255
+            tif.write(
+                np.stack([plane] * 3, axis=-1), tile=(16, 16), photometric="rgb",
+                compression="zlib", subfiletype=0 if level == 0 else 1, metadata=None,
+            )  # fmt: skip
+
+
+def test_evaluate_with_the_challenges_mask_files_equals_the_xml(
+    inferred, reference, cohort_annotations, small_cohort, tmp_path
+):
+    """--masks reads <slide>_Mask.tif as the official script does; same masks, same numbers."""
+    from pipeline.froc import tumor_mask
+
+    out, _ = inferred
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for record in small_cohort.slides:
+        if record.label == "Tumor":
+            polygons = read_asap_xml(small_cohort.root / record.annotation)
+            _write_official_mask(
+                masks / f"{record.slide_id}_Mask.tif", tumor_mask(polygons, (3072, 2560), 32)
+            )
+    config = tmp_path / "eval.yaml"
+    config.write_text("evaluation:\n  itc_major_axis_um: 100\n")
+    args = [
+        "evaluate", str(out), "--reference", str(reference), "--annotations",
+        str(cohort_annotations), "--slides", str(small_cohort.root), "--config", str(config),
+        "--json",
+    ]  # fmt: skip
+    from_xml = last_json(run(*args, "--out", str(tmp_path / "xml")))
+    result = run(*args, "--out", str(tmp_path / "masks-report"), "--masks", str(masks))
+    assert result.returncode == 0, result.stderr
+    from_masks = last_json(result)
+    for key in ("slide_auc", "froc", "froc_sensitivities", "lesions", "isolated_tumor_cells"):
+        assert from_masks[key] == from_xml[key], key
+    assert from_masks["lesions"] > 0
+    first = sorted(masks.iterdir())[0]
+    first.unlink()
+    missing = run(*args, "--masks", str(masks))
+    assert missing.returncode == 1
+    assert f"{first}: no such mask file" in missing.stderr
