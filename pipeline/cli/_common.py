@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -42,6 +46,15 @@ SchedulerOption = Annotated[
 RedoOption = Annotated[bool, typer.Option("--overwrite", help="Redo slides already complete.")]
 
 
+@dataclass(frozen=True)
+class SlideProgress:
+    """Callbacks of a slides + patches progress display, for the stage drivers."""
+
+    planned: Callable[[int], None]  # n more patches to do
+    advanced: Callable[[int], None]  # n patches done
+    finished: Callable[[Any], None]  # a slide's result (slide_id, status, reason)
+
+
 class Reporter:
     """Human output to stdout, or to stderr when the JSON summary owns stdout."""
 
@@ -59,6 +72,31 @@ class Reporter:
             sys.stdout.write(json.dumps(summary, default=str) + "\n")
             sys.stdout.flush()
         raise typer.Exit(exit_code)
+
+    @contextlib.contextmanager
+    def slide_progress(self, n_slides: int) -> Iterator[SlideProgress]:
+        """Bars of slides and patches (with patches/s since the start); failures one line each."""
+        started = time.perf_counter()
+        with self.progress() as progress:
+            slides_task = progress.add_task("slides", total=n_slides, rate="")
+            patches_task = progress.add_task("patches", total=0, rate="")
+
+            def planned(n: int) -> None:
+                total = progress.tasks[patches_task].total or 0
+                progress.update(patches_task, total=total + n)
+
+            def advanced(n: int) -> None:
+                progress.update(patches_task, advance=n)
+                done = progress.tasks[patches_task].completed
+                rate = done / max(time.perf_counter() - started, 1e-9)
+                progress.update(patches_task, rate=f"{rate:,.0f} patches/s")
+
+            def finished(result: Any) -> None:
+                if result.status == "failed":
+                    self.errors.print(f"[red]failed:[/red] {escape(result.reason)}")
+                progress.update(slides_task, advance=1, rate=f"{result.slide_id} {result.status}")
+
+            yield SlideProgress(planned, advanced, finished)
 
     def progress(self) -> Progress:
         return Progress(

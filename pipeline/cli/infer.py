@@ -101,41 +101,22 @@ def run_infer(
     inference = cfg.inference
     n_workers = inference.workers or 1
     tf_threads = max(1, (os.cpu_count() or 1) // n_workers)
-    with reporter.progress() as progress:
-        slides_task = progress.add_task("slides", total=len(paths), rate="")
-        patches_task = progress.add_task("patches", total=0, rate="")
-        first_patch: list[float] = []
-
-        def planned(n: int) -> None:
-            progress.update(patches_task, total=(progress.tasks[patches_task].total or 0) + n)
-
-        def predicted(n: int) -> None:
-            if not first_patch:
-                first_patch.append(time.perf_counter())
-            progress.update(patches_task, advance=n)
-            rate = progress.tasks[patches_task].completed / max(time.perf_counter() - started, 1e-9)
-            progress.update(patches_task, rate=f"{rate:,.0f} patches/s")
-
-        def finished(result) -> None:
-            if result.status == "failed":
-                reporter.errors.print(f"[red]failed:[/red] {escape(result.reason)}")
-            progress.update(slides_task, advance=1, rate=f"{result.slide_id} {result.status}")
-
-        with dask_client(
-            cfg.orchestration.scheduler, workers=n_workers, threads_per_worker=1
-        ) as client:
-            results = infer_slides(
-                client,
-                model,
-                paths,
-                out,
-                inference,
-                overwrite=overwrite,
-                tf_threads=tf_threads,
-                on_planned=planned,
-                on_patches=predicted,
-                on_slide=finished,
-            )
+    with (
+        reporter.slide_progress(len(paths)) as bars,
+        dask_client(cfg.orchestration.scheduler, workers=n_workers, threads_per_worker=1) as client,
+    ):
+        results = infer_slides(
+            client,
+            model,
+            paths,
+            out,
+            inference,
+            overwrite=overwrite,
+            tf_threads=tf_threads,
+            on_planned=bars.planned,
+            on_patches=bars.advanced,
+            on_slide=bars.finished,
+        )
     seconds = time.perf_counter() - started
     table = Table(title=f"Inference {out}")
     for column in ("slide", "status", "patches", "score", "detections", "s"):

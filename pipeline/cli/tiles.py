@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from ..errors import ConfigError, WsiflowError
@@ -100,39 +99,25 @@ def run_tile(
 
     started = time.perf_counter()
     orchestration = cfg.orchestration
-    with reporter.progress() as progress:
-        slides_task = progress.add_task("slides", total=len(paths), rate="")
-        patches_task = progress.add_task("patches", total=0, rate="")
-
-        def planned(n: int) -> None:
-            progress.update(patches_task, total=(progress.tasks[patches_task].total or 0) + n)
-
-        def wrote(n: int) -> None:
-            progress.update(patches_task, advance=n)
-            rate = progress.tasks[patches_task].completed / max(time.perf_counter() - started, 1e-9)
-            progress.update(patches_task, rate=f"{rate:,.0f} patches/s")
-
-        def finished(result) -> None:
-            if result.status == "failed":
-                reporter.errors.print(f"[red]failed:[/red] {escape(result.reason)}")
-            progress.update(slides_task, advance=1, rate=f"{result.slide_id} {result.status}")
-
-        with dask_client(
+    with (
+        reporter.slide_progress(len(paths)) as bars,
+        dask_client(
             orchestration.scheduler,
             workers=orchestration.workers,
             threads_per_worker=orchestration.threads_per_worker,
-        ) as client:
-            results = tile_slides(
-                client,
-                paths,
-                out,
-                cfg.tiling,
-                annotations_dir=annotations_dir,
-                overwrite=overwrite,
-                on_planned=planned,
-                on_patches=wrote,
-                on_slide=finished,
-            )
+        ) as client,
+    ):
+        results = tile_slides(
+            client,
+            paths,
+            out,
+            cfg.tiling,
+            annotations_dir=annotations_dir,
+            overwrite=overwrite,
+            on_planned=bars.planned,
+            on_patches=bars.advanced,
+            on_slide=bars.finished,
+        )
     seconds = time.perf_counter() - started
     table = Table(title=f"Patch store {out}")
     for column in ("slide", "status", "patches", "tumor", "level", "read px", "s"):
