@@ -84,3 +84,10 @@ class DatasetError(FileError, ValueError):
 
 class ResultsError(FileError, ValueError):
     """Inference outputs or evaluation inputs (detections, scores, reference CSV) are malformed."""
+
+
+def failure_reason(path: Path | str, exc: BaseException) -> str:
+    """One line naming the file and the reason; typed errors already name their file."""
+    if isinstance(exc, FileError):
+        return str(exc)
+    return f"{path}: {type(exc).__name__}: {exc}"

@@ -156,26 +156,20 @@ def colorize(heatmap: np.ndarray, *, visible_from: float = VISIBLE_FROM) -> np.n
     return rgba
 
 
-def overlay(
-    rgb: np.ndarray,
-    heatmap: np.ndarray,
-    grid: HeatmapGrid,
-    level0_wh: tuple[int, int],
-    *,
-    opacity: float = 0.7,
+def heatmap_image(
+    heatmap: np.ndarray, grid: HeatmapGrid, level0_wh: tuple[int, int], out_wh: tuple[int, int]
 ) -> np.ndarray:
-    """Blend the colour heatmap over an ``(h, w, 3)`` uint8 image of the whole slide.
+    """``(h, w, 4)`` uint8 RGBA of the whole slide's heatmap at ``out_wh`` (e.g. its thumbnail's).
 
-    Each image pixel takes the cell under its centre in level-0 coordinates,
-    so the overlay is aligned whatever the image size.
+    Each pixel takes the cell under its centre in level-0 coordinates, so it
+    lies exactly over an image of the slide of the same size.
     """
-    h, w = rgb.shape[:2]
-    cx, cy = grid.level0_cell_px
-    xs = (np.arange(w) + 0.5) * (level0_wh[0] / w)
-    ys = (np.arange(h) + 0.5) * (level0_wh[1] / h)
-    cols = np.minimum((xs / cx).astype(np.int64), heatmap.shape[1] - 1)
-    rows = np.minimum((ys / cy).astype(np.int64), heatmap.shape[0] - 1)
-    rgba = colorize(heatmap)[rows][:, cols]
+    level0_box = (0.0, 0.0, float(level0_wh[0]), float(level0_wh[1]))
+    return colorize(sample_level0(heatmap, grid.level0_cell_px, level0_box, out_wh))
+
+
+def overlay(rgb: np.ndarray, rgba: np.ndarray, *, opacity: float = 0.7) -> np.ndarray:
+    """Blend an RGBA heatmap image over the ``(h, w, 3)`` uint8 image of the same size."""
     alpha = rgba[..., 3:4].astype(np.float32) / 255.0 * opacity
     out = rgb.astype(np.float32) * (1 - alpha) + rgba[..., :3].astype(np.float32) * alpha
     return np.rint(out).astype(np.uint8)

@@ -20,19 +20,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image
-
 from . import __version__
 from .config import InferenceConfig
-from .errors import FileError, ModelError
+from .errors import ModelError, failure_reason
 from .grid import slide_id_of
-from .heatmap import HeatmapAccumulator, colorize, detect_lesions, overlay, slide_score
+from .heatmap import HeatmapAccumulator, detect_lesions, heatmap_image, overlay, slide_score
 from .infer_tasks import InferencePlan, ModelSpec, model_spec, plan_inference, predict_block
 from .results import (
     is_complete,
+    outputs_exist,
     read_manifest,
-    slide_files,
     write_manifest,
     write_scores,
     write_slide_outputs,
@@ -203,7 +200,7 @@ def infer_slides(
 
     def fail(slide_id: str, path: Path | str, exc: BaseException) -> None:
         active.pop(slide_id, None)
-        finish(SlideInference(slide_id, str(path), "failed", reason=_reason(path, exc)))
+        finish(SlideInference(slide_id, str(path), "failed", reason=failure_reason(path, exc)))
 
     def complete(stitching: _Stitching) -> None:
         plan = stitching.plan
@@ -286,9 +283,8 @@ def _write_slide(
     heatmap = stitching.accumulator.heatmap()
     detections = detect_lesions(heatmap, plan.grid, config.detection_threshold)
     score = slide_score(heatmap)
-    thumbnail_rgba = colorize(heatmap)
     size = plan.thumbnail.shape[1], plan.thumbnail.shape[0]
-    heatmap_png = np.asarray(Image.fromarray(thumbnail_rgba).resize(size, Image.Resampling.NEAREST))
+    heatmap_png = heatmap_image(heatmap, plan.grid, plan.level0_wh, size)
     attrs = {
         **plan.attrs,
         "model_dir": spec.model_dir,
@@ -304,7 +300,7 @@ def _write_slide(
         plan.grid,
         detections,
         heatmap_png,
-        overlay(plan.thumbnail, heatmap, plan.grid, plan.level0_wh),
+        overlay(plan.thumbnail, heatmap_png),
         attrs,
     )
     return SlideInference(
@@ -326,14 +322,7 @@ def _complete_scores(out_dir: Path, manifest: dict[str, Any], model: str) -> dic
             record.get("status") in ("done", "skipped")
             and record.get("model") == model
             and record.get("score") is not None
-            and all(p.exists() for p in slide_files(out_dir, slide_id).values())
+            and outputs_exist(out_dir, slide_id)
         ):
             scores[slide_id] = float(record["score"])
     return scores
-
-
-def _reason(path: Path | str, exc: BaseException) -> str:
-    """One line naming the file and the reason; typed errors already name their file."""
-    if isinstance(exc, FileError):
-        return str(exc)
-    return f"{path}: {type(exc).__name__}: {exc}"

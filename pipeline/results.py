@@ -72,13 +72,18 @@ def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
     _write_text(Path(out_dir) / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
 
 
+def outputs_exist(out_dir: Path, slide_id: str) -> bool:
+    """Whether every output file of ``slide_id`` is there."""
+    return all(p.exists() for p in slide_files(out_dir, slide_id).values())
+
+
 def is_complete(out_dir: Path, slide_id: str, digest: str, manifest: dict[str, Any]) -> bool:
     """Whether ``slide_id`` is complete with fingerprint ``digest`` and all its files exist."""
     record = manifest["slides"].get(slide_id, {})
     return (
         record.get("status") in ("done", "skipped")
         and record.get("fingerprint") == digest
-        and all(p.exists() for p in slide_files(out_dir, slide_id).values())
+        and outputs_exist(out_dir, slide_id)
     )
 
 

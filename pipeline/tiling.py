@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .config import TilingConfig
-from .errors import FileError
+from .errors import failure_reason
 from .extract import extract_chunk
 from .grid import slide_id_of
 from .plan import SlideJob, SlidePlan, find_annotation, job_fingerprint, plan_slide
@@ -172,7 +172,9 @@ def tile_slides(
 
     def fail(job: SlideJob, exc: BaseException) -> None:
         active.pop(job.slide_id, None)
-        result = SlideResult(job.slide_id, str(job.path), "failed", reason=_reason(job, exc))
+        result = SlideResult(
+            job.slide_id, str(job.path), "failed", reason=failure_reason(job.path, exc)
+        )
         results.append(result)
         _finish(root, result, on_slide)
 
@@ -270,10 +272,3 @@ def _finish(root: Any, result: SlideResult, on_slide: Callable[[SlideResult], No
     update_summary(root, result.slide_id, result.summary_row())
     if on_slide is not None:
         on_slide(result)
-
-
-def _reason(job: SlideJob, exc: BaseException) -> str:
-    """One line naming the file and the reason; typed errors already name their file."""
-    if isinstance(exc, FileError):
-        return str(exc)
-    return f"{job.path}: {type(exc).__name__}: {exc}"

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import WsiflowError
 from ..grid import slide_id_of
-from ..results import read_heatmap, read_manifest, slide_files
+from ..results import MANIFEST, read_heatmap, read_manifest, slide_files
 from ..slide import SlideReader, find_slides, open_slide
 
 #: Open slides kept at once (each holds an OpenSlide handle and its tile cache).
@@ -58,6 +58,7 @@ class Catalog:
         self._stamps: dict[Path, tuple[int, int]] = {}
         self._open: OrderedDict[str, tuple[tuple[int, int], SlideReader]] = OrderedDict()
         self._heatmaps: dict[str, tuple[tuple[int, int], Heatmap | None]] = {}
+        self._manifest_cache: tuple[tuple[int, int], dict[str, Any]] | None = None
         self.refresh()
 
     def refresh(self) -> list[SlideEntry]:
@@ -141,7 +142,7 @@ class Catalog:
         zarr_json = files["heatmap"] / "zarr.json"
         if not zarr_json.is_file():
             return None
-        record = read_manifest(self.heatmaps_dir)["slides"].get(slide_id, {})
+        record = self._manifest()["slides"].get(slide_id, {})
         if record.get("status") not in ("done", "skipped"):
             return None  # an interrupted or failed run: not shown as if complete
         stamp = _stamp(zarr_json)
@@ -162,6 +163,15 @@ class Catalog:
         with self._lock:
             self._heatmaps[slide_id] = (stamp, heatmap)
         return heatmap
+
+    def _manifest(self) -> dict[str, Any]:
+        """The heatmap folder's ``inference.json``, parsed again only when it changes."""
+        path = self.heatmaps_dir / MANIFEST
+        stamp = _stamp(path)
+        with self._lock:
+            if self._manifest_cache is None or self._manifest_cache[0] != stamp:
+                self._manifest_cache = (stamp, read_manifest(self.heatmaps_dir))
+            return self._manifest_cache[1]
 
     def detections_path(self, slide_id: str) -> Path | None:
         if self.heatmap(slide_id) is None:

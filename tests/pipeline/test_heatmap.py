@@ -10,6 +10,7 @@ from pipeline.heatmap import (
     colorize,
     detect_lesions,
     heatmap_grid,
+    heatmap_image,
     overlay,
     slide_score,
 )
@@ -71,7 +72,7 @@ def test_colour_heatmap_is_transparent_where_low_and_overlay_aligns():
     assert tuple(rgba[1, 1, :3]) != tuple(rgba[1, 0, :3])
     grid = heatmap_grid((20, 20), (200, 200), read_px=10, read_stride_px=10)
     white = np.full((40, 40, 3), 255, dtype=np.uint8)
-    blended = overlay(white, heat, grid, (200, 200))
+    blended = overlay(white, heatmap_image(heat, grid, (200, 200), (40, 40)))
     np.testing.assert_array_equal(blended[:20], 255)  # top row of cells: transparent
     assert (blended[20:, :20] != 255).any(axis=-1).all()
 
