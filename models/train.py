@@ -102,6 +102,32 @@ class TrainResult:
     seconds: float = 0.0
     last_model: Any = None  # the model after the last epoch (model.keras holds the best)
 
+    def summary(self) -> dict[str, Any]:
+        """The numbers a user looks for (JSON-able): data, settings, best validation metrics."""
+        meta = self.metadata
+        metrics = meta["metrics"]
+        return {
+            "model_dir": str(self.model_dir),
+            "reused": self.reused,
+            "resumed_at_epoch": self.resumed_at_epoch,
+            "backbone": meta["backbone"],
+            "weights": meta["weights"],
+            "patch_px": meta["patch_px"],
+            "patch_mpp": meta["patch_mpp"],
+            "replicas": meta["replicas"],
+            "global_batch": meta["global_batch"],
+            "steps_per_epoch": meta["steps_per_epoch"],
+            "train_slides": [s["slide_id"] for s in meta["slides"]["train"]],
+            "validation_slides": [s["slide_id"] for s in meta["slides"]["validation"]],
+            "val_auc": metrics["val_auc"],
+            "val_loss": metrics["val_loss"],
+            "val_accuracy": metrics["val_accuracy"],
+            "best_epoch": metrics["best_epoch"],
+            "epochs_run": metrics["epochs_run"],
+            "history": meta["history"],
+            "seconds": round(self.seconds, 1),
+        }
+
 
 @dataclass
 class _State:

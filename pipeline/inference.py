@@ -97,28 +97,13 @@ def infer_slides(
     spec = model_spec(model_dir, config.min_tissue_fraction)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = read_manifest(out_dir)
-    manifest.update(
-        {
-            "model_dir": spec.model_dir,
-            "model": spec.identity,
-            "config": config.model_dump(mode="json"),
-            "wsiflow_version": __version__,
-        }
-    )
+    manifest = _manifest(out_dir, spec, config)
     results: list[SlideInference] = []
 
-    model_digest = fingerprint(spec.identity)
-
     def finish(result: SlideInference, digest: str | None = None) -> None:
-        record = {**result.summary_row(), "fingerprint": digest, "model": model_digest}
-        if result.status == "failed":
-            previous = manifest["slides"].get(result.slide_id, {})
-            record["fingerprint"] = None
-            record["previous_status"] = previous.get("status")
-        manifest["slides"][result.slide_id] = record
+        _record(manifest, result, digest)
         write_manifest(out_dir, manifest)
-        write_scores(out_dir, _complete_scores(out_dir, manifest, model_digest))
+        write_scores(out_dir, _complete_scores(out_dir, manifest))
         results.append(result)
         if on_slide is not None:
             on_slide(result)
@@ -262,6 +247,108 @@ def infer_slides(
     return sorted(results, key=lambda r: order.get(r.path, len(order)))
 
 
+def infer_slide(
+    path: Path,
+    spec: ModelSpec,
+    out_dir: Path,
+    config: InferenceConfig,
+    *,
+    overwrite: bool = False,
+    tf_threads: int | None = None,
+) -> tuple[SlideInference, str]:
+    """Predict one slide in this process; its result and fingerprint.
+
+    For per-slide tasks (the Prefect flows run one per Dask worker thread):
+    the same plan, streamed prediction, stitching and outputs as
+    :func:`infer_slides`, one block after another. Raises the slide's typed
+    error (or :class:`ModelError`) instead of returning a failed result;
+    returns ``skipped`` when ``inference.json`` records it complete with the
+    same fingerprint. ``inference.json`` and ``scores.csv`` are left to one
+    writer (:func:`record_inference`), since concurrent tasks would race on them.
+    """
+    path, out_dir = Path(path), Path(out_dir)
+    slide_id = slide_id_of(path)
+    digest = slide_fingerprint(path, spec, config)
+    manifest = read_manifest(out_dir)
+    if not overwrite and is_complete(out_dir, slide_id, digest, manifest):
+        previous = manifest["slides"][slide_id]
+        skipped = SlideInference(
+            slide_id,
+            str(path),
+            "skipped",
+            patches=previous.get("patches", 0),
+            score=previous.get("score"),
+            detections=previous.get("detections", 0),
+            reason="complete for the same slide, model and settings",
+        )
+        return skipped, digest
+    started = time.perf_counter()
+    plan = plan_inference(str(path), spec, config.stride_px)
+    accumulator = HeatmapAccumulator(plan.grid)
+    block = config.batch_size * BATCHES_PER_TASK
+    for start in range(0, len(plan.level_xy), block):
+        probabilities = predict_block(
+            plan.path,
+            spec.model_dir,
+            plan.resolution.level,
+            plan.level_xy[start : start + block],
+            plan.resolution.read_px,
+            plan.resolution.patch_px,
+            config.batch_size,
+            config.queue_batches,
+            config.reader_threads,
+            tf_threads,
+        )
+        accumulator.add(plan.grid_ij[start : start + len(probabilities)], probabilities)
+    stitching = _Stitching(plan, digest, accumulator, 0, started)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return _write_slide(out_dir, plan, stitching, spec, config), digest
+
+
+def record_inference(
+    out_dir: Path,
+    spec: ModelSpec,
+    config: InferenceConfig,
+    outcomes: list[tuple[SlideInference, str | None]],
+) -> None:
+    """Record per-slide outcomes in ``inference.json`` and rewrite ``scores.csv``, once."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = _manifest(out_dir, spec, config)
+    for result, digest in outcomes:
+        _record(manifest, result, digest)
+    write_manifest(out_dir, manifest)
+    write_scores(out_dir, _complete_scores(out_dir, manifest))
+
+
+def _manifest(out_dir: Path, spec: ModelSpec, config: InferenceConfig) -> dict[str, Any]:
+    """``inference.json`` as it stands, with this run's model and settings."""
+    manifest = read_manifest(out_dir)
+    manifest.update(
+        {
+            "model_dir": spec.model_dir,
+            "model": spec.identity,
+            "config": config.model_dump(mode="json"),
+            "wsiflow_version": __version__,
+        }
+    )
+    return manifest
+
+
+def _record(manifest: dict[str, Any], result: SlideInference, digest: str | None) -> None:
+    """Set one slide's record; a failure keeps what the slide's status was before."""
+    record = {
+        **result.summary_row(),
+        "fingerprint": digest,
+        "model": fingerprint(manifest["model"]),
+    }
+    if result.status == "failed":
+        previous = manifest["slides"].get(result.slide_id, {})
+        record["fingerprint"] = None
+        record["previous_status"] = previous.get("status")
+    manifest["slides"][result.slide_id] = record
+
+
 @dataclass
 class _Stitching:
     """A planned slide whose blocks are being predicted (driver-side state)."""
@@ -314,8 +401,9 @@ def _write_slide(
     )
 
 
-def _complete_scores(out_dir: Path, manifest: dict[str, Any], model: str) -> dict[str, float]:
-    """Scores of slides complete with this ``model`` (files present), for ``scores.csv``."""
+def _complete_scores(out_dir: Path, manifest: dict[str, Any]) -> dict[str, float]:
+    """Scores of slides complete with the manifest's model (files present), for ``scores.csv``."""
+    model = fingerprint(manifest["model"])
     scores = {}
     for slide_id, record in manifest["slides"].items():
         if (

@@ -26,6 +26,7 @@ import zarr
 from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
 
 from .codecs import PatchImageCodec
+from .errors import StoreError
 
 STORE_FORMAT = 1
 #: Compressors for the lossless choices; image codecs go through PatchImageCodec.
@@ -54,6 +55,18 @@ def open_root(store_path: Path | str) -> zarr.Group:
     if "wsiflow_store" not in root.attrs:
         root.attrs.update({"wsiflow_store": STORE_FORMAT, "slides": {}})
     return root
+
+
+def zarr_root(store_path: Path | str) -> zarr.Group:
+    """Open an existing store's root for writing slide groups, leaving its attributes alone.
+
+    Per-slide tasks running at once use this; :func:`open_root` (which may
+    write the root attributes) is called once before them.
+    """
+    try:
+        return zarr.open_group(str(store_path), mode="r+")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+        raise StoreError(store_path, "no patch store here; create it first (open_root)") from exc
 
 
 def completed_fingerprint(root: zarr.Group, slide_id: str) -> str | None:

@@ -30,6 +30,7 @@ from .store import (
     mark_complete,
     open_root,
     update_summary,
+    zarr_root,
 )
 
 #: Patches per extraction task: whole Zarr chunks adding up to about this many bytes, so
@@ -189,23 +190,8 @@ def tile_slides(
                 submit_some()
                 continue
             plan: SlidePlan = outcome
-            n, chunk = len(plan.table), config.chunk_patches
-            chunk_bytes = chunk * config.patch_px**2 * 3
-            block = chunk * max(1, TASK_BYTES // chunk_bytes)
-            group = create_slide_group(
-                root,
-                job.slide_id,
-                n_patches=n,
-                patch_px=config.patch_px,
-                chunk_patches=chunk,
-                codec=config.codec,
-                codec_quality=config.codec_quality,
-                attrs={**plan.attrs, "fingerprint": digest},
-            )
-            group["labels"][:] = plan.table.labels
-            group["tumor_fraction"][:] = plan.table.tumor_fraction
-            group["tissue_fraction"][:] = plan.table.tissue_fraction
-            group["coords"][:] = plan.table.level0_xy
+            n, block = len(plan.table), _block_patches(config)
+            group = _start_group(root, plan, digest, config)
             active[job.slide_id] = _Writing(
                 plan=plan,
                 group=group,
@@ -255,6 +241,100 @@ def tile_slides(
         submit_some()
     order = {path: i for i, path in enumerate(map(str, slides))}
     return sorted(results, key=lambda r: order.get(r.path, len(order)))
+
+
+def tile_slide(
+    job: SlideJob, store_path: Path, config: TilingConfig, *, overwrite: bool = False
+) -> SlideResult:
+    """Tile one slide in this process: its plan, then its chunks in order.
+
+    For per-slide tasks (the Prefect flows run one per Dask worker thread).
+    Raises the slide's typed error instead of returning a failed result;
+    returns ``skipped`` when its group is complete with the same inputs and
+    config. Writes only the slide's own group: the cohort summary in the root
+    attributes is left to one writer (:func:`record_results`), since
+    concurrent tasks would race on it.
+    """
+    store_path = Path(store_path)
+    root = zarr_root(store_path)
+    digest = job_fingerprint(job, config)
+    if not overwrite and completed_fingerprint(root, job.slide_id) == digest:
+        attrs = root[job.slide_id].attrs
+        return SlideResult(
+            job.slide_id,
+            str(job.path),
+            "skipped",
+            patches=attrs.get("patches", 0),
+            tumor_patches=attrs.get("tumor_patches", 0),
+            reason="complete with the same inputs and config",
+            level=attrs.get("level"),
+            read_px=attrs.get("read_px"),
+        )
+    started = time.perf_counter()
+    plan = plan_slide(job, config)
+    group = _start_group(root, plan, digest, config)
+    token = f"{digest}-{time.time_ns()}"
+    table, resolution = plan.table, plan.resolution
+    block = _block_patches(config)
+    for start in range(0, len(table), block):
+        extract_chunk(
+            str(job.path),
+            str(store_path),
+            job.slide_id,
+            token,
+            start,
+            resolution.level,
+            table.level_xy[start : start + block],
+            resolution.read_px,
+            resolution.patch_px,
+            plan.passthrough,
+        )
+    tumor_patches = int(table.labels.sum())
+    mark_complete(group, {"patches": len(table), "tumor_patches": tumor_patches})
+    return SlideResult(
+        job.slide_id,
+        str(job.path),
+        "done",
+        patches=len(table),
+        tumor_patches=tumor_patches,
+        seconds=round(time.perf_counter() - started, 2),
+        level=resolution.level,
+        read_px=resolution.read_px,
+    )
+
+
+def record_results(store_path: Path, results: list[SlideResult]) -> None:
+    """Write the cohort summary rows of ``results`` in one update of the root attributes."""
+    root = open_root(store_path)
+    slides = dict(root.attrs.get("slides", {}))
+    slides.update({r.slide_id: r.summary_row() for r in results})
+    root.attrs["slides"] = slides
+
+
+def _block_patches(config: TilingConfig) -> int:
+    """Patches per extraction task: whole chunks adding up to about ``TASK_BYTES``."""
+    chunk = config.chunk_patches
+    return chunk * max(1, TASK_BYTES // (chunk * config.patch_px**2 * 3))
+
+
+def _start_group(root: Any, plan: SlidePlan, digest: str, config: TilingConfig) -> Any:
+    """(Re)create the slide's group with its per-patch tables; patches still to write."""
+    table = plan.table
+    group = create_slide_group(
+        root,
+        plan.job.slide_id,
+        n_patches=len(table),
+        patch_px=config.patch_px,
+        chunk_patches=config.chunk_patches,
+        codec=config.codec,
+        codec_quality=config.codec_quality,
+        attrs={**plan.attrs, "fingerprint": digest},
+    )
+    group["labels"][:] = table.labels
+    group["tumor_fraction"][:] = table.tumor_fraction
+    group["tissue_fraction"][:] = table.tissue_fraction
+    group["coords"][:] = table.level0_xy
+    return group
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -10,16 +11,27 @@ from pathlib import Path
 
 import pytest
 
+# Prefect servers started by tests (and their subprocesses) must not phone home: offline here.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 APERIO_SLIDE = SHARED_DATA / "slides" / "CMU-1-Small-Region.svs"
 WSIFLOW = str(Path(sys.executable).parent / "wsiflow")
 
 
-def run(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """The installed console script, as a user runs it."""
+def run(
+    *args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """The installed console script, as a user runs it (``env``: extra environment variables)."""
     return subprocess.run(
-        [WSIFLOW, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, check=False
+        [WSIFLOW, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        check=False,
+        env=None if env is None else {**os.environ, **env},
     )
 
 

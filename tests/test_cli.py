@@ -21,6 +21,8 @@ COMMANDS = [
     "infer",
     "evaluate",
     "demo",
+    "flow",
+    "deploy",
 ]
 
 
@@ -267,3 +269,39 @@ def test_killed_run_leaves_no_false_complete_group(cli_cohort, tmp_path):
     summary = last_json(rerun)
     assert summary["ok"] and summary["skipped"] == len(complete)
     assert summary["done"] + summary["skipped"] == total
+
+
+def test_flow_tile_lists_the_bad_slide_then_serves_from_cache(cli_cohort, tmp_path):
+    """`wsiflow flow` on its own temporary Prefect API (no server running), as a user runs it."""
+    corrupt = tmp_path / "corrupt.svs"
+    corrupt.write_bytes(b"not a slide")
+    config = tmp_path / "tile.yaml"
+    config.write_text("tiling:\n  patch_px: 64\n  target_mpp: 0.5\n")
+    env = {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": ""}
+    args = ["flow", "tile", str(cli_cohort / "training"), "--out", str(tmp_path / "s.zarr"),
+            "--annotations", str(cli_cohort / "training" / "lesion_annotations"),
+            "--config", str(config), "--workers", "2", "--json"]  # fmt: skip
+    result = run(*args, str(corrupt), env=env)
+    assert result.returncode == 1, result.stderr  # the flow completed; one slide failed
+    summary = last_json(result)
+    assert summary["flow"] == "tile" and (summary["done"], summary["cached"]) == (2, 0)
+    assert [f["path"] for f in summary["failures"]] == [str(corrupt)]
+    assert f"{corrupt}: not a slide format OpenSlide can read" in result.stderr
+    again = run(*args, env=env)
+    assert again.returncode == 0, again.stderr
+    assert (last_json(again)["cached"], last_json(again)["ok"]) == (2, True)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["flow", "tile", "slides/"], "needs --out"),
+        (["flow", "infer", "slides/", "--out", "o"], "needs --model"),
+        (["flow", "nope"], "unknown flow"),
+        (["deploy", "infer", "slides/", "--model", "m", "--out", "o"], "PREFECT_API_URL"),
+    ],
+)
+def test_flow_and_deploy_usage_errors_exit_2(args, expected, tmp_path):
+    result = run(*args, env={"PREFECT_API_URL": "", "PREFECT_HOME": str(tmp_path)})
+    assert result.returncode == 2
+    assert expected in result.stderr

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import WsiflowError
-from . import demo, infer, learn, slides, tiles, view  # noqa: F401  (each module registers its commands)
+from . import demo, infer, learn, orchestrate, slides, tiles, view  # noqa: F401  (each module registers its commands)
 from ._common import app
 
 

@@ -234,26 +234,4 @@ def run_train(
         f"best validation AUC {metrics['val_auc']:.4f} at epoch {metrics['best_epoch']} "
         f"of {metrics['epochs_run']}; model in {out / 'model.keras'}"
     )
-    return {
-        "command": "train",
-        "ok": True,
-        "model_dir": str(out),
-        "reused": result.reused,
-        "resumed_at_epoch": result.resumed_at_epoch,
-        "backbone": meta["backbone"],
-        "weights": meta["weights"],
-        "patch_px": meta["patch_px"],
-        "patch_mpp": meta["patch_mpp"],
-        "replicas": meta["replicas"],
-        "global_batch": meta["global_batch"],
-        "steps_per_epoch": meta["steps_per_epoch"],
-        "train_slides": [s["slide_id"] for s in train_slides],
-        "validation_slides": [s["slide_id"] for s in val_slides],
-        "val_auc": metrics["val_auc"],
-        "val_loss": metrics["val_loss"],
-        "val_accuracy": metrics["val_accuracy"],
-        "best_epoch": metrics["best_epoch"],
-        "epochs_run": metrics["epochs_run"],
-        "history": meta["history"],
-        "seconds": round(result.seconds, 1),
-    }
+    return {"command": "train", "ok": True, **result.summary()}

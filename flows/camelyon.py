@@ -1,0 +1,144 @@
+"""``camelyon_flow``: a CAMELYON16-layout folder end to end (tile, train, infer, evaluate).
+
+The folder layout, real or generated (``wsiflow synth``)::
+
+    ROOT/training/{tumor,normal}/*.tif     training slides
+    ROOT/training/lesion_annotations/*.xml
+    ROOT/testing/images/*.tif              test slides
+    ROOT/testing/lesion_annotations/*.xml
+    ROOT/testing/reference.csv             name,Tumor|Normal (evaluation needs it)
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from flows import artifacts
+from flows.evaluate import evaluate_flow
+from flows.infer import infer_flow
+from flows.runtime import load
+from flows.tile import tile_flow
+from flows.train import train_flow
+
+
+@flow(name="camelyon", log_prints=True)
+def camelyon_flow(
+    root: str,
+    out_dir: str,
+    extra_slides: list[str] | None = None,
+    config: str | None = None,
+    settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Tile the training slides, train, infer the test slides (heatmaps) and evaluate them.
+
+    Each stage is a subflow (its own Dask cluster where it maps over
+    slides); every stage skips or serves from cache what an earlier run
+    finished. ``extra_slides`` (e.g. real slides without a reference) are
+    inferred into ``OUT/inference_real`` and not evaluated. The
+    ``camelyon-summary`` artifact has the numbers and where the files are.
+    """
+    logger = get_run_logger()
+    load(config, settings)  # a bad config fails here, before any stage runs
+    root_dir, out = Path(root), Path(out_dir)
+    training, testing = root_dir / "training", root_dir / "testing"
+    for needed in (training, testing / "images"):
+        if not needed.is_dir():
+            raise FileNotFoundError(f"{needed}: missing; {root_dir} needs the CAMELYON16 layout")
+    seconds: dict[str, float] = {}
+    summary: dict[str, Any] = {"flow": "camelyon", "root": str(root_dir), "out": str(out)}
+    failures: list[dict[str, Any]] = []
+
+    def stage(name: str, run: Any) -> Any:
+        started = time.perf_counter()
+        result = run()
+        seconds[name] = round(time.perf_counter() - started, 2)
+        summary[name] = result
+        failures.extend({"stage": name, **f} for f in result.get("failures", []))
+        return result
+
+    store = str(out / "patches.zarr")
+    tiled = stage(
+        "tile",
+        lambda: tile_flow(
+            [str(training)], store, str(training / "lesion_annotations"), config, settings
+        ),
+    )
+    if not tiled["tumor_patches"]:
+        raise ValueError(f"{store}: no tumor patches, so no classifier can be trained")
+    model_dir = str(out / "model")
+    stage("train", lambda: train_flow([store], model_dir, config, settings, True))
+    inference = str(out / "inference")
+    inferred = stage(
+        "infer",
+        lambda: infer_flow(model_dir, [str(testing / "images")], inference, config, settings),
+    )
+    reference = testing / "reference.csv"
+    if inferred["done"] + inferred["skipped"] and reference.is_file():
+        stage(
+            "evaluate",
+            lambda: evaluate_flow(
+                inference,
+                str(reference),
+                str(testing / "lesion_annotations"),
+                str(testing / "images"),
+                config=config,
+                settings=settings,
+            ),
+        )
+    elif not reference.is_file():
+        logger.warning("%s is missing: the test slides are not evaluated", reference)
+    if extra_slides:
+        stage(
+            "infer_real",
+            lambda: infer_flow(
+                model_dir, extra_slides, str(out / "inference_real"), config, settings
+            ),
+        )
+    summary.update(seconds=seconds, failures=failures)
+    artifacts.summary_markdown("camelyon-summary", f"CAMELYON16 run {out}", summary_rows(summary))
+    return summary
+
+
+def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """What a user looks for after a run, and where the files are."""
+    rows = []
+    tile = summary.get("tile")
+    if tile:
+        rows.append((
+            "patch store",
+            f"{tile['slides']} slides, {tile['patches']:,} patches "
+            f"({tile['tumor_patches']:,} tumor) in {tile['store']}",
+        ))  # fmt: skip
+    train = summary.get("train")
+    if train:
+        rows.append((
+            "model",
+            f"{train['backbone']}, validation AUC {train['val_auc']:.4f} "
+            f"(epoch {train['best_epoch']}) in {train['model_dir']}",
+        ))  # fmt: skip
+    infer = summary.get("infer")
+    if infer:
+        rows.append(("test slides", f"{infer['slides']} slides, {infer['patches']:,} patches"))
+        rows.append(("heatmaps", f"{infer['out']}/heatmaps (*_overlay.png)"))
+    evaluation = summary.get("evaluate")
+    if evaluation:
+        auc, froc = evaluation["slide_auc"], evaluation["froc"]
+        rows.append(("slide AUC", "undefined" if auc is None else f"{auc:.4f}"))
+        rows.append(("FROC", "undefined" if froc is None else f"{froc:.4f}"))
+        rows.append(("curves", ", ".join(evaluation["files"].values())))
+    real = summary.get("infer_real")
+    if real:
+        scores = ", ".join(f"{k} {v:.3f}" for k, v in real["scores"].items())
+        rows.append(("real slides", f"{real['out']} (scores: {scores})"))
+    if summary.get("seconds"):
+        rows.append((
+            "time per stage",
+            ", ".join(f"{k} {v:.0f} s" for k, v in summary["seconds"].items()),
+        ))  # fmt: skip
+    if summary.get("failures"):
+        rows.append(("failures", "; ".join(f["reason"] for f in summary["failures"])))
+    return rows

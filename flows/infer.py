@@ -1,0 +1,188 @@
+"""``infer_flow``: whole slides to heatmaps, detections and scores, one task per slide."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+
+from flows import artifacts
+from flows.runtime import (
+    CACHE_EXPIRATION,
+    cache_key,
+    cpu_count,
+    load,
+    settle,
+    task_options,
+    task_runner,
+)
+from pipeline.config import InferenceConfig, OrchestrationConfig, WsiflowConfig
+from pipeline.errors import ModelError, failure_reason
+from pipeline.grid import slide_id_of
+from pipeline.infer_tasks import ModelSpec, model_spec
+from pipeline.inference import (
+    SlideInference,
+    infer_slide,
+    record_inference,
+    slide_fingerprint,
+)
+from pipeline.results import is_complete, read_manifest, slide_files
+
+
+def _infer_key(context: Any, parameters: dict[str, Any]) -> str:
+    path = Path(parameters["slide"])
+    out = str(Path(parameters["out_dir"]).resolve())
+    digest = slide_fingerprint(path, parameters["spec"], parameters["config"])
+    return cache_key("infer", out, slide_id_of(path), digest)
+
+
+def _infer_name() -> str:
+    from prefect.runtime import task_run
+
+    return f"infer-{slide_id_of(Path(task_run.parameters['slide']))}"
+
+
+@task(
+    task_run_name=_infer_name,
+    cache_key_fn=_infer_key,
+    cache_expiration=CACHE_EXPIRATION,
+    persist_result=True,
+)
+def infer_slide_task(
+    slide: str,
+    spec: ModelSpec,
+    out_dir: str,
+    config: InferenceConfig,
+    overwrite: bool = False,
+    tf_threads: int | None = None,
+) -> tuple[SlideInference, str]:
+    """Predict one slide into ``out_dir``; its result and fingerprint (raises its error)."""
+    return infer_slide(
+        Path(slide), spec, Path(out_dir), config, overwrite=overwrite, tf_threads=tf_threads
+    )
+
+
+def tf_threads(inference: InferenceConfig, orchestration: OrchestrationConfig) -> int | None:
+    """TensorFlow threads per worker: the cores shared out (None on an external cluster)."""
+    if orchestration.scheduler:
+        return None
+    return max(1, cpu_count() // (inference.workers or 1))  # one worker by default
+
+
+@flow(name="infer", log_prints=True)
+def infer_flow(
+    model_dir: str,
+    slides: list[str],
+    out_dir: str,
+    config: str | None = None,
+    settings: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Predict slides (files or folders) with the model in ``model_dir``, one task per slide.
+
+    Only slides not yet done for this model and settings are predicted (a
+    folder watched by a scheduled deployment costs nothing when nothing is
+    new). A failing slide is listed in the result and the ``infer-slides``
+    artifact while the others go on; a model that cannot be loaded fails the
+    flow, naming the file. The tasks run on the configured Dask cluster
+    (one local worker by default: TensorFlow uses every core), in a subflow.
+    """
+    cfg = load(config, settings)
+    workers = cfg.inference.workers or 1
+    runner = task_runner(cfg.orchestration, workers=workers)
+    return infer_slides_flow.with_options(task_runner=runner)(
+        model_dir, slides, out_dir, cfg, overwrite
+    )
+
+
+@flow(name="infer-slides", log_prints=True)
+def infer_slides_flow(
+    model_dir: str, slides: list[str], out_dir: str, cfg: WsiflowConfig, overwrite: bool
+) -> dict[str, Any]:
+    """``infer_flow``'s work, on the task runner it is given."""
+    from pipeline.slide import find_slides
+
+    logger = get_run_logger()
+    inference = cfg.inference
+    spec = model_spec(model_dir, inference.min_tissue_fraction)  # ModelError: the flow fails
+    out = Path(out_dir)
+    manifest = read_manifest(out)
+    threads = tf_threads(inference, cfg.orchestration)
+    outcomes: list[tuple[SlideInference, str | None]] = []
+    submitted: list[Path] = []
+    futures = []
+    seen: dict[str, Path] = {}
+    for path in find_slides([Path(s) for s in slides]):
+        slide_id = slide_id_of(path)
+        if slide_id in seen:
+            reason = f"{path}: duplicate slide id {slide_id!r} (also {seen[slide_id]})"
+            outcomes.append((SlideInference(slide_id, str(path), "failed", reason=reason), None))
+            continue
+        seen[slide_id] = path
+        digest = slide_fingerprint(path, spec, inference)
+        complete = is_complete(out, slide_id, digest, manifest)
+        options = task_options(cfg.orchestration, io=True, refresh=overwrite or not complete)
+        futures.append(
+            infer_slide_task.with_options(**options).submit(
+                str(path), spec, str(out), inference, overwrite, threads
+            )
+        )
+        submitted.append(path)
+    cached = 0
+    model_errors = []
+    for path, (outcome, error, state) in zip(submitted, settle(futures), strict=True):
+        if error is not None:
+            if isinstance(error, ModelError):
+                model_errors.append(error)
+            failed = SlideInference(
+                slide_id_of(path), str(path), "failed", reason=failure_reason(path, error)
+            )
+            logger.error("failed: %s", failed.reason)
+            outcomes.append((failed, None))
+            continue
+        cached += state == "Cached"
+        outcomes.append(outcome)
+    record_inference(out, spec, inference, outcomes)
+    if model_errors:  # not the slides' fault: no slide can be done with this model
+        raise model_errors[0]
+    results = [result for result, _ in outcomes]
+    rows = [r.summary_row() for r in results]
+    summary = {
+        "flow": "infer",
+        "model_dir": model_dir,
+        "out": str(out),
+        "slides": len(results),
+        "done": sum(r.status == "done" for r in results),
+        "skipped": sum(r.status == "skipped" for r in results),
+        "cached": cached,
+        "patches": sum(r.patches for r in results if r.status != "failed"),
+        "scores": {r.slide_id: r.score for r in results if r.score is not None},
+        "failures": artifacts.failures(rows),
+        "per_slide": rows,
+        "heatmaps": {
+            r.slide_id: str(slide_files(out, r.slide_id)["overlay_png"])
+            for r in results
+            if r.status != "failed"
+        },
+    }
+    artifacts.slides_table("infer-slides", rows, f"Inference into {out}: one row per slide")
+    artifacts.summary_markdown(
+        "infer-summary",
+        f"Inference with {model_dir}",
+        [
+            ("slides", f"{summary['slides']} ({len(summary['failures'])} failed)"),
+            ("patches", f"{summary['patches']:,}"),
+            ("slide scores", str(out / "scores.csv")),
+            ("heatmaps", str(out / "heatmaps")),
+            ("detections", str(out / "detections")),
+        ],
+    )
+    logger.info(
+        "%d slides, %d patches, %d failed; heatmaps in %s",
+        summary["slides"],
+        summary["patches"],
+        len(summary["failures"]),
+        out / "heatmaps",
+    )
+    return summary

@@ -1,0 +1,121 @@
+"""``train_flow``: patch stores to a model directory (transfer learning, MirroredStrategy)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+
+from flows import artifacts
+from flows.runtime import CACHE_EXPIRATION, cache_key, load, task_options
+from pipeline.config import WsiflowConfig
+
+
+def store_identity(store: Path | str) -> dict[str, Any]:
+    """The fingerprints of a store's complete slide groups: what training reads from it."""
+    import zarr
+
+    from pipeline.store import completed_fingerprint
+
+    try:
+        root = zarr.open_group(str(store), mode="r")
+    except (FileNotFoundError, ValueError, OSError):
+        return {"missing": str(Path(store).resolve())}
+    return {
+        "store": str(Path(store).resolve()),
+        "slides": {sid: completed_fingerprint(root, sid) for sid in sorted(root.group_keys())},
+    }
+
+
+def model_complete(model_dir: Path | str) -> bool:
+    from models.saved import METADATA_FILE
+
+    return all((Path(model_dir) / name).is_file() for name in (METADATA_FILE, "model.keras"))
+
+
+def _train_key(context: Any, parameters: dict[str, Any]) -> str:
+    cfg: WsiflowConfig = parameters["cfg"]
+    return cache_key(
+        "train",
+        [store_identity(s) for s in parameters["stores"]],
+        str(Path(parameters["model_dir"]).resolve()),
+        cfg.training.model_dump(mode="json"),
+    )
+
+
+@task(
+    task_run_name="train-{cfg.training.backbone}",
+    cache_key_fn=_train_key,
+    cache_expiration=CACHE_EXPIRATION,
+    persist_result=True,
+)
+def train_task(
+    stores: list[str], model_dir: str, cfg: WsiflowConfig, replace_different: bool = False
+) -> dict[str, Any]:
+    """Train (or reuse, or resume) the model in ``model_dir``; its summary."""
+    from models.train import train_classifier
+
+    logger = get_run_logger()
+
+    def on_epoch(record: Any) -> None:
+        logs = record.logs
+        logger.info(
+            "epoch %d/%d %s: loss %.4f auc %.4f val_loss %.4f val_auc %.4f (%.0f s)%s",
+            record.epoch,
+            record.total_epochs,
+            record.phase,
+            logs["loss"],
+            logs["auc"],
+            logs["val_loss"],
+            logs["val_auc"],
+            logs["seconds"],
+            " best" if record.improved else "",
+        )
+
+    result = train_classifier(
+        [Path(s) for s in stores],
+        Path(model_dir),
+        cfg.training,
+        config=cfg.model_dump(mode="json"),
+        replace_different=replace_different,
+        on_epoch=on_epoch,
+    )
+    return result.summary()
+
+
+@flow(name="train", log_prints=True)
+def train_flow(
+    stores: list[str],
+    model_dir: str,
+    config: str | None = None,
+    settings: dict[str, Any] | None = None,
+    replace_different: bool = False,
+) -> dict[str, Any]:
+    """Train a patch classifier on patch stores; the ``train-summary`` artifact has its metrics.
+
+    Training runs in the flow's own process (TensorFlow spreads it over the
+    cores or GPUs with MirroredStrategy). Served from Prefect's cache when the
+    stores' slides, the training settings and the model directory are
+    unchanged and the model is still there.
+    """
+    cfg = load(config, settings)
+    options = task_options(cfg.orchestration, io=False, refresh=not model_complete(model_dir))
+    summary = train_task.with_options(**options)(stores, model_dir, cfg, replace_different)
+    artifacts.summary_markdown(
+        "train-summary",
+        f"Model {model_dir}",
+        [
+            ("backbone", f"{summary['backbone']} ({summary['weights']} weights)"),
+            ("patches", f"{summary['patch_px']} px at {summary['patch_mpp']:.3f} µm/px"),
+            ("validation AUC", f"{summary['val_auc']:.4f} (epoch {summary['best_epoch']})"),
+            ("validation accuracy", f"{summary['val_accuracy']:.4f}"),
+            (
+                "slides",
+                f"{len(summary['train_slides'])} train, "
+                f"{len(summary['validation_slides'])} validation",
+            ),
+            ("model", f"{model_dir}/model.keras"),
+        ],
+    )
+    return {"flow": "train", **summary}

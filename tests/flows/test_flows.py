@@ -1,0 +1,287 @@
+"""The Prefect flows, run for real: a temporary Prefect API, Dask clusters, persisted results."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from pipeline.config import InferenceConfig
+from pipeline.errors import SlideReadError
+from tests.conftest import SHARED_DATA
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    """A temporary Prefect server and database; results persisted under a temporary folder."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    storage = tmp_path_factory.mktemp("prefect-results")
+    with (
+        prefect_test_harness(server_startup_timeout=180),
+        temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}),
+    ):
+        yield
+
+
+def task_states(flow_run_id) -> dict[str, str]:
+    """Task run name -> state name of a flow run and its subflows, read back from the API."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        FlowRunFilterParentFlowRunId,
+    )
+
+    with get_client(sync_client=True) as client:
+        children = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])
+            )
+        )
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[flow_run_id, *(child.id for child in children)])
+            )
+        )
+    # A subflow call leaves a stand-in task run in its parent: not a task of ours.
+    return {
+        run.name: run.state.name
+        for run in runs
+        if run.state.state_details.child_flow_run_id is None
+    }
+
+
+def artifact(key: str):
+    """The newest artifact with ``key``."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+        )
+    assert found, f"no artifact {key!r}"
+    return max(found, key=lambda a: a.created)
+
+
+def write_config(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def test_io_tasks_retry_transient_errors_but_not_bad_input(prefect_api, tmp_path):
+    from prefect import flow, task
+
+    from flows.runtime import task_options
+    from pipeline.config import OrchestrationConfig
+
+    attempts = tmp_path / "attempts"
+    attempts.mkdir()
+
+    @task
+    def flaky(name: str, error: str) -> str:
+        log = attempts / name
+        log.write_text(log.read_text() + "x" if log.exists() else "x")
+        if len(log.read_text()) == 1:  # the first attempt fails
+            raise (
+                OSError("network file system hiccup")
+                if error == "os"
+                else SlideReadError(tmp_path / f"{name}.tif", "truncated")
+            )
+        return name
+
+    @flow
+    def both() -> list[str]:
+        options = task_options(OrchestrationConfig(retries=2, retry_delay_s=0), io=True)
+        futures = [flaky.with_options(**options).submit(n, n) for n in ("os", "slide")]
+        for future in futures:
+            future.wait()
+        return [future.state.name for future in futures]
+
+    assert both() == ["Completed", "Failed"]
+    assert (attempts / "os").read_text() == "xx"  # retried once, then passed
+    assert (attempts / "slide").read_text() == "x"  # a bad slide is not retried
+
+
+def test_tile_flow_lists_a_corrupt_slide_and_serves_the_rest_from_cache(
+    prefect_api, small_cohort, cohort_annotations, patch_store, tmp_path
+):
+    from flows.runtime import run_flow
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for record in small_cohort.slides:
+        (slides / Path(record.image).name).symlink_to(small_cohort.root / record.image)
+    (slides / "broken.tif").write_bytes(b"II*\x00 truncated")
+    store = tmp_path / "flow.zarr"
+    # The patch_store fixture's settings, through a YAML file as a user gives them.
+    config = write_config(tmp_path / "tile.yaml", "tiling:\n  target_mpp: 0.243\n  patch_px: 64\n")
+    parameters = {
+        "slides": [str(slides)],
+        "store": str(store),
+        "annotations": str(cohort_annotations),
+        "config": config,
+        "settings": {"orchestration.workers": 2, "orchestration.retry_delay_s": 0},
+    }
+    state = run_flow("tile", parameters, return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    good = sorted(Path(r.image).stem for r in small_cohort.slides)
+    assert [f["slide"] for f in summary["failures"]] == ["broken"]
+    assert "broken.tif" in summary["failures"][0]["reason"]
+    assert summary["done"] == len(good) and summary["cached"] == 0
+    states = task_states(state.state_details.flow_run_id)
+    assert states == {"tile-broken": "Failed", **{f"tile-{s}": "Completed" for s in good}}
+
+    # The same patches as the CLI's driver writes (the patch_store fixture, same config).
+    cli, flow_root = zarr.open_group(str(patch_store), mode="r"), zarr.open_group(str(store))
+    for slide_id in good:
+        assert flow_root[slide_id].attrs["complete"] is True
+        np.testing.assert_array_equal(flow_root[slide_id]["coords"][:], cli[slide_id]["coords"][:])
+        np.testing.assert_array_equal(flow_root[slide_id]["labels"][:], cli[slide_id]["labels"][:])
+        np.testing.assert_array_equal(
+            flow_root[slide_id]["patches"][:16], cli[slide_id]["patches"][:16]
+        )
+    # One writer of the cohort summary: every slide, the failure included.
+    rows = flow_root.attrs["slides"]
+    assert sorted(rows) == sorted([*good, "broken"]) and rows["broken"]["status"] == "failed"
+    table = artifact("tile-slides")
+    assert "broken" in table.data and "tumor_001" in table.data
+
+    again = run_flow("tile", parameters, return_state=True)
+    assert again.is_completed() and again.result()["cached"] == len(good)
+    states = task_states(again.state_details.flow_run_id)
+    assert states == {"tile-broken": "Failed", **{f"tile-{s}": "Cached" for s in good}}
+
+    # A group gone from the store is redone, not served from the cache.
+    shutil.rmtree(store / good[0])
+    third = run_flow("tile", parameters, return_state=True).result()
+    assert third["cached"] == len(good) - 1
+    assert zarr.open_group(str(store))[good[0]].attrs["complete"] is True
+
+
+def test_train_flow_reports_metrics_and_is_cached(prefect_api, patch_store, tmp_path):
+    from flows.runtime import run_flow
+
+    config = write_config(
+        tmp_path / "train.yaml",
+        "training:\n  backbone: small_cnn\n  head_epochs: 2\n  fine_tune_epochs: 0\n"
+        "  steps_per_epoch: 10\n  batch_per_replica: 32\n  validation_max_patches: 512\n",
+    )
+    parameters = {"stores": [str(patch_store)], "model_dir": str(tmp_path / "m"), "config": config}
+    state = run_flow("train", parameters, return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert summary["backbone"] == "small_cnn" and summary["epochs_run"] == 2
+    assert 0.5 < summary["val_auc"] <= 1
+    assert (tmp_path / "m" / "model.keras").is_file()
+    assert f"{summary['val_auc']:.4f}" in artifact("train-summary").data
+
+    again = run_flow("train", parameters, return_state=True)
+    assert list(task_states(again.state_details.flow_run_id).values()) == ["Cached"]
+    assert again.result()["val_auc"] == summary["val_auc"]
+
+
+def test_infer_and_evaluate_flows_match_the_drivers(
+    prefect_api, small_cohort, cohort_annotations, trained_model, tmp_path
+):
+    from flows.runtime import run_flow
+    from pipeline.cluster import dask_client
+    from pipeline.config import EvaluationConfig
+    from pipeline.evaluate import evaluate
+    from pipeline.inference import infer_slides
+    from pipeline.results import read_heatmap, read_scores
+
+    testing = small_cohort.root / "testing"
+    images = tmp_path / "images"
+    images.mkdir()
+    for tif in (testing / "images").glob("*.tif"):
+        (images / tif.name).symlink_to(tif)
+    (images / "broken.tif").write_bytes(b"not a slide")
+    out = tmp_path / "flow-out"
+    parameters = {"model_dir": str(trained_model), "slides": [str(images)], "out_dir": str(out)}
+    state = run_flow("infer", parameters, return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    ids = sorted(p.stem for p in (testing / "images").glob("*.tif"))
+    assert [f["slide"] for f in summary["failures"]] == ["broken"]
+    assert summary["done"] == len(ids)
+    assert sorted(read_scores(out / "scores.csv")) == ids
+
+    # The CLI's driver on the same slides gives the same heatmaps and scores.
+    driver_out = tmp_path / "driver-out"
+    with dask_client(workers=1) as client:
+        infer_slides(
+            client, trained_model, sorted(images.glob("test_*.tif")), driver_out, InferenceConfig()
+        )
+    for slide_id in ids:
+        flow_map, _ = read_heatmap(out / "heatmaps" / f"{slide_id}.zarr")
+        driver_map, _ = read_heatmap(driver_out / "heatmaps" / f"{slide_id}.zarr")
+        np.testing.assert_allclose(flow_map, driver_map, atol=1e-6)
+    assert read_scores(out / "scores.csv") == pytest.approx(read_scores(driver_out / "scores.csv"))
+
+    again = run_flow("infer", parameters, return_state=True).result()
+    assert again["cached"] == len(ids) and again["failures"] == summary["failures"]
+
+    evaluation = run_flow(
+        "evaluate",
+        {
+            "results_dir": str(out),
+            "reference": str(testing / "reference.csv"),
+            "annotations_dir": str(testing / "lesion_annotations"),
+            "slides_dir": str(testing / "images"),
+        },
+        return_state=True,
+    )
+    assert evaluation.is_completed(), evaluation.message
+    direct = evaluate(
+        out,
+        testing / "reference.csv",
+        testing / "lesion_annotations",
+        testing / "images",
+        EvaluationConfig(),
+        out_dir=tmp_path / "direct",
+    ).report
+    report = evaluation.result()
+    assert report["slide_auc"] == direct["slide_auc"] and report["froc"] == direct["froc"]
+    assert (out / "roc.png").is_file() and (out / "evaluation.json").is_file()
+    assert "slide AUC" in artifact("evaluate-summary").data
+
+
+def test_infer_flow_fails_naming_a_missing_model(prefect_api, small_cohort, tmp_path):
+    from flows.runtime import run_flow
+
+    state = run_flow(
+        "infer",
+        {
+            "model_dir": str(tmp_path / "no-model"),
+            "slides": [str(small_cohort.root / "testing" / "images")],
+            "out_dir": str(tmp_path / "out"),
+        },
+        return_state=True,
+    )
+    assert state.is_failed()
+    assert str(tmp_path / "no-model") in state.message
+
+
+@pytest.mark.shared_data
+def test_mnist_flow_on_the_real_test_split(prefect_api, tmp_path):
+    from flows.runtime import run_flow
+
+    data = SHARED_DATA / "mnist"
+    if not data.is_dir():
+        pytest.skip(f"MNIST not present: {data} (../shared/data is beside CI's clone only)")
+    parameters = {"data_dir": str(data), "epochs": 1, "model_path": str(tmp_path / "mnist.keras")}
+    summary = run_flow("mnist", parameters)
+    assert summary["train_samples"] == 8000 and summary["held_out_samples"] == 2000
+    assert summary["held_out_accuracy"] > 0.85
+    assert (tmp_path / "mnist.keras").is_file()
+    again = run_flow("mnist", parameters, return_state=True)
+    assert list(task_states(again.state_details.flow_run_id).values()) == ["Cached"]
