@@ -11,7 +11,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    TF_CPP_MIN_LOG_LEVEL=3
+    TF_CPP_MIN_LOG_LEVEL=3 \
+    WSIFLOW_HOME=/opt/wsiflow
 
 RUN groupadd --system --gid 10001 wsiflow \
     && useradd --system --uid 10001 --gid wsiflow --create-home --home-dir /home/wsiflow wsiflow
@@ -22,6 +23,8 @@ COPY pipeline ./pipeline
 COPY flows ./flows
 COPY models ./models
 COPY configs ./configs
+# prefect.yaml's deployments run from WSIFLOW_HOME in Prefect workers started from this image.
+COPY prefect.yaml ./
 
 # The gpu variant swaps the CPU TensorFlow wheel for tensorflow[and-cuda]; both
 # install the same `tensorflow` package, so the CPU one is removed first.

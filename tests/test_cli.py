@@ -109,15 +109,19 @@ def test_demo_runs_every_stage_and_says_what_does_not_exist(tmp_path):
         "training:\n  backbone: small_cnn\n  head_epochs: 1\n  fine_tune_epochs: 0\n"
         "  steps_per_epoch: 5\n"
     )
-    result = run("demo", "--out", str(tmp_path / "out"), "--config", str(config), "--json")
+    env = {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": ""}
+    args = ["demo", "--out", str(tmp_path / "out"), "--config", str(config), "--json"]
+    result = run(*args, env=env)
     assert result.returncode == 0, result.stderr
     summary = last_json(result)
     assert summary["ok"] is True
     expected_real = [str(APERIO_SLIDE)] if APERIO_SLIDE.is_file() else []
     infer_real = ["infer_real"] if expected_real else []
+    # tile -> train -> infer -> evaluate ran as the camelyon Prefect flow and its subflows.
     assert summary["stages_run"] == [
-        "synth", "inspect", "tile", "preview", "train", "infer", *infer_real, "evaluate"
+        "synth", "inspect", "tile", "train", "infer", "evaluate", *infer_real, "preview"
     ]  # fmt: skip
+    assert "Beginning flow run" in result.stderr and "for flow 'camelyon'" in result.stderr
     assert summary["tile"]["patches"] > 0 and summary["tile"]["tumor_patches"] > 0
     assert (tmp_path / "out" / "preview.png").is_file()
     assert summary["train"]["backbone"] == "small_cnn" and summary["train"]["epochs_run"] == 1
@@ -144,6 +148,14 @@ def test_demo_runs_every_stage_and_says_what_does_not_exist(tmp_path):
     assert "absent is not present" in result.stderr
     assert summary["real_slides"] == expected_real
     assert summary["slides"] == 6 + len(expected_real)
+
+    # A second run reuses every stage: the slides' tasks and training come from the cache.
+    again = last_json(run(*args, env=env))
+    assert again["ok"] is True
+    assert again["tile"]["cached"] == again["tile"]["slides"]
+    assert again["infer"]["cached"] == again["infer"]["slides"] == 2
+    assert again["train"]["val_auc"] == summary["train"]["val_auc"]
+    assert again["evaluate"]["slide_auc"] == summary["evaluate"]["slide_auc"]
 
 
 @pytest.fixture(scope="module")
