@@ -164,20 +164,8 @@ def infer_slides(
                 if slide_id not in active:
                     continue  # the slide failed meanwhile
                 plan = active[slide_id].plan
-                future = client.submit(
-                    predict_block,
-                    plan.path,
-                    spec.model_dir,
-                    plan.resolution.level,
-                    plan.level_xy[start : start + block],
-                    plan.resolution.read_px,
-                    plan.resolution.patch_px,
-                    config.batch_size,
-                    config.queue_batches,
-                    config.reader_threads,
-                    tf_threads,
-                    pure=False,
-                )
+                args = _block_args(plan, spec, config, start, block, tf_threads)
+                future = client.submit(predict_block, *args, pure=False)
                 blocks[future] = (slide_id, start)
             else:
                 return
@@ -287,22 +275,34 @@ def infer_slide(
     accumulator = HeatmapAccumulator(plan.grid)
     block = config.batch_size * BATCHES_PER_TASK
     for start in range(0, len(plan.level_xy), block):
-        probabilities = predict_block(
-            plan.path,
-            spec.model_dir,
-            plan.resolution.level,
-            plan.level_xy[start : start + block],
-            plan.resolution.read_px,
-            plan.resolution.patch_px,
-            config.batch_size,
-            config.queue_batches,
-            config.reader_threads,
-            tf_threads,
-        )
+        probabilities = predict_block(*_block_args(plan, spec, config, start, block, tf_threads))
         accumulator.add(plan.grid_ij[start : start + len(probabilities)], probabilities)
     stitching = _Stitching(plan, digest, accumulator, 0, started)
     out_dir.mkdir(parents=True, exist_ok=True)
     return _write_slide(out_dir, plan, stitching, spec, config), digest
+
+
+def _block_args(
+    plan: InferencePlan,
+    spec: ModelSpec,
+    config: InferenceConfig,
+    start: int,
+    block: int,
+    tf_threads: int | None,
+) -> tuple[Any, ...]:
+    """:func:`predict_block`'s arguments for the ``block`` patches from ``start`` on."""
+    return (
+        plan.path,
+        spec.model_dir,
+        plan.resolution.level,
+        plan.level_xy[start : start + block],
+        plan.resolution.read_px,
+        plan.resolution.patch_px,
+        config.batch_size,
+        config.queue_batches,
+        config.reader_threads,
+        tf_threads,
+    )
 
 
 def record_inference(

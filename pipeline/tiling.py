@@ -110,17 +110,7 @@ def tile_slides(
     for job in jobs:
         digest = job_fingerprint(job, config)
         if not overwrite and completed_fingerprint(root, job.slide_id) == digest:
-            previous = root.attrs.get("slides", {}).get(job.slide_id, {})
-            result = SlideResult(
-                job.slide_id,
-                str(job.path),
-                "skipped",
-                patches=previous.get("patches", 0),
-                tumor_patches=previous.get("tumor_patches", 0),
-                reason="complete with the same inputs and config",
-                level=previous.get("level"),
-                read_px=previous.get("read_px"),
-            )
+            result = _skipped(job, root.attrs.get("slides", {}).get(job.slide_id, {}))
             results.append(result)
             _finish(root, result, on_slide)
         else:
@@ -151,21 +141,8 @@ def tile_slides(
                 if slide_id not in active:
                     continue  # the slide failed meanwhile
                 writing = active[slide_id]
-                plan = writing.plan
-                future = client.submit(
-                    extract_chunk,
-                    str(plan.job.path),
-                    str(store_path),
-                    slide_id,
-                    writing.token,
-                    start,
-                    plan.resolution.level,
-                    xy,
-                    plan.resolution.read_px,
-                    plan.resolution.patch_px,
-                    plan.passthrough,
-                    pure=False,
-                )
+                args = _chunk_args(writing.plan, store_path, writing.token, start, xy)
+                future = client.submit(extract_chunk, *args, pure=False)
                 chunks[future] = slide_id
             else:
                 return
@@ -259,17 +236,7 @@ def tile_slide(
     root = zarr_root(store_path)
     digest = job_fingerprint(job, config)
     if not overwrite and completed_fingerprint(root, job.slide_id) == digest:
-        attrs = root[job.slide_id].attrs
-        return SlideResult(
-            job.slide_id,
-            str(job.path),
-            "skipped",
-            patches=attrs.get("patches", 0),
-            tumor_patches=attrs.get("tumor_patches", 0),
-            reason="complete with the same inputs and config",
-            level=attrs.get("level"),
-            read_px=attrs.get("read_px"),
-        )
+        return _skipped(job, root[job.slide_id].attrs)
     started = time.perf_counter()
     plan = plan_slide(job, config)
     group = _start_group(root, plan, digest, config)
@@ -278,16 +245,7 @@ def tile_slide(
     block = _block_patches(config)
     for start in range(0, len(table), block):
         extract_chunk(
-            str(job.path),
-            str(store_path),
-            job.slide_id,
-            token,
-            start,
-            resolution.level,
-            table.level_xy[start : start + block],
-            resolution.read_px,
-            resolution.patch_px,
-            plan.passthrough,
+            *_chunk_args(plan, store_path, token, start, table.level_xy[start : start + block])
         )
     tumor_patches = int(table.labels.sum())
     mark_complete(group, {"patches": len(table), "tumor_patches": tumor_patches})
@@ -309,6 +267,39 @@ def record_results(store_path: Path, results: list[SlideResult]) -> None:
     slides = dict(root.attrs.get("slides", {}))
     slides.update({r.slide_id: r.summary_row() for r in results})
     root.attrs["slides"] = slides
+
+
+def _skipped(job: SlideJob, record: Any) -> SlideResult:
+    """A slide complete with the same inputs and config; numbers from its summary or group."""
+    return SlideResult(
+        job.slide_id,
+        str(job.path),
+        "skipped",
+        patches=record.get("patches", 0),
+        tumor_patches=record.get("tumor_patches", 0),
+        reason="complete with the same inputs and config",
+        level=record.get("level"),
+        read_px=record.get("read_px"),
+    )
+
+
+def _chunk_args(
+    plan: SlidePlan, store_path: Path, token: str, start: int, level_xy: np.ndarray
+) -> tuple[Any, ...]:
+    """:func:`extract_chunk`'s arguments for the patches at ``level_xy`` from ``start`` on."""
+    resolution = plan.resolution
+    return (
+        str(plan.job.path),
+        str(store_path),
+        plan.job.slide_id,
+        token,
+        start,
+        resolution.level,
+        level_xy,
+        resolution.read_px,
+        resolution.patch_px,
+        plan.passthrough,
+    )
 
 
 def _block_patches(config: TilingConfig) -> int:
