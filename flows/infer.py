@@ -26,6 +26,7 @@ from pipeline.inference import (
     infer_slide,
     record_inference,
     slide_fingerprint,
+    unique_slides,
 )
 from pipeline.results import is_complete, read_manifest, slide_files
 
@@ -109,17 +110,11 @@ def infer_slides_flow(
     out = Path(out_dir)
     manifest = read_manifest(out)
     threads = tf_threads(inference, cfg.orchestration)
-    outcomes: list[tuple[SlideInference, str | None]] = []
-    submitted: list[Path] = []
+    submitted, duplicates = unique_slides(find_slides([Path(s) for s in slides]))
+    outcomes: list[tuple[SlideInference, str | None]] = [(d, None) for d in duplicates]
     futures = []
-    seen: dict[str, Path] = {}
-    for path in find_slides([Path(s) for s in slides]):
+    for path in submitted:
         slide_id = slide_id_of(path)
-        if slide_id in seen:
-            reason = f"{path}: duplicate slide id {slide_id!r} (also {seen[slide_id]})"
-            outcomes.append((SlideInference(slide_id, str(path), "failed", reason=reason), None))
-            continue
-        seen[slide_id] = path
         digest = slide_fingerprint(path, spec, inference)
         complete = is_complete(out, slide_id, digest, manifest)
         options = task_options(cfg.orchestration, io=True, refresh=overwrite or not complete)
@@ -128,7 +123,6 @@ def infer_slides_flow(
                 str(path), spec, str(out), inference, overwrite, threads
             )
         )
-        submitted.append(path)
     cached = 0
     model_errors = []
     for path, (outcome, error, state) in zip(submitted, settle(futures), strict=True):

@@ -17,6 +17,7 @@ from flows.runtime import (
     task_runner,
 )
 from pipeline.config import TilingConfig, WsiflowConfig
+from pipeline.errors import failure_reason
 from pipeline.plan import SlideJob, job_fingerprint
 from pipeline.store import completed_fingerprint, open_root, store_bytes
 from pipeline.tiling import SlideResult, make_jobs, record_results, tile_slide
@@ -88,7 +89,8 @@ def tile_slides_flow(
     cached = 0
     for job, (result, error, state) in zip(jobs, settle(futures), strict=True):
         if error is not None:
-            result = SlideResult(job.slide_id, str(job.path), "failed", reason=_reason(job, error))
+            reason = failure_reason(job.path, error)
+            result = SlideResult(job.slide_id, str(job.path), "failed", reason=reason)
             logger.error("failed: %s", result.reason)
         cached += state == "Cached"
         results.append(result)
@@ -128,9 +130,3 @@ def tile_slides_flow(
         len(summary["failures"]),
     )
     return summary
-
-
-def _reason(job: SlideJob, error: BaseException) -> str:
-    from pipeline.errors import failure_reason
-
-    return failure_reason(job.path, error)

@@ -108,36 +108,15 @@ def infer_slides(
         if on_slide is not None:
             on_slide(result)
 
-    seen: dict[str, Path] = {}
+    unique, duplicates = unique_slides(slides)
+    for duplicate in duplicates:
+        finish(duplicate)
     pending: deque[tuple[Path, str]] = deque()
-    for path in slides:
+    for path in unique:
         slide_id = slide_id_of(path)
-        if slide_id in seen:
-            finish(
-                SlideInference(
-                    slide_id,
-                    str(path),
-                    "failed",
-                    reason=f"{path}: duplicate slide id {slide_id!r} (also {seen[slide_id]})",
-                )
-            )
-            continue
-        seen[slide_id] = path
         digest = slide_fingerprint(path, spec, config)
         if not overwrite and is_complete(out_dir, slide_id, digest, manifest):
-            previous = manifest["slides"][slide_id]
-            finish(
-                SlideInference(
-                    slide_id,
-                    str(path),
-                    "skipped",
-                    patches=previous.get("patches", 0),
-                    score=previous.get("score"),
-                    detections=previous.get("detections", 0),
-                    reason="complete for the same slide, model and settings",
-                ),
-                digest,
-            )
+            finish(_skipped(path, manifest["slides"][slide_id]), digest)
         else:
             pending.append((path, digest))
 
@@ -259,17 +238,7 @@ def infer_slide(
     digest = slide_fingerprint(path, spec, config)
     manifest = read_manifest(out_dir)
     if not overwrite and is_complete(out_dir, slide_id, digest, manifest):
-        previous = manifest["slides"][slide_id]
-        skipped = SlideInference(
-            slide_id,
-            str(path),
-            "skipped",
-            patches=previous.get("patches", 0),
-            score=previous.get("score"),
-            detections=previous.get("detections", 0),
-            reason="complete for the same slide, model and settings",
-        )
-        return skipped, digest
+        return _skipped(path, manifest["slides"][slide_id]), digest
     started = time.perf_counter()
     plan = plan_inference(str(path), spec, config.stride_px)
     accumulator = HeatmapAccumulator(plan.grid)
@@ -280,6 +249,33 @@ def infer_slide(
     stitching = _Stitching(plan, digest, accumulator, 0, started)
     out_dir.mkdir(parents=True, exist_ok=True)
     return _write_slide(out_dir, plan, stitching, spec, config), digest
+
+
+def unique_slides(slides: list[Path]) -> tuple[list[Path], list[SlideInference]]:
+    """The slides with distinct ids, in order; each repeated id a failure naming both files."""
+    seen: dict[str, Path] = {}
+    duplicates = []
+    for path in slides:
+        slide_id = slide_id_of(path)
+        if slide_id in seen:
+            reason = f"{path}: duplicate slide id {slide_id!r} (also {seen[slide_id]})"
+            duplicates.append(SlideInference(slide_id, str(path), "failed", reason=reason))
+        else:
+            seen[slide_id] = path
+    return list(seen.values()), duplicates
+
+
+def _skipped(path: Path, previous: dict[str, Any]) -> SlideInference:
+    """A slide complete for the same slide, model and settings; numbers from its record."""
+    return SlideInference(
+        slide_id_of(path),
+        str(path),
+        "skipped",
+        patches=previous.get("patches", 0),
+        score=previous.get("score"),
+        detections=previous.get("detections", 0),
+        reason="complete for the same slide, model and settings",
+    )
 
 
 def _block_args(
