@@ -26,9 +26,11 @@ COPY configs ./configs
 # prefect.yaml's deployments run from WSIFLOW_HOME in Prefect workers started from this image.
 COPY prefect.yaml ./
 
+# The s3 extra lets patch stores live on S3 (s3://bucket/x.zarr); credentials and
+# endpoint come from the usual AWS_* variables.
 # The gpu variant swaps the CPU TensorFlow wheel for tensorflow[and-cuda]; both
 # install the same `tensorflow` package, so the CPU one is removed first.
-RUN pip install --no-cache-dir ./ \
+RUN pip install --no-cache-dir "./[s3]" \
     && if [ "$VARIANT" = "gpu" ]; then \
         pip uninstall --yes tensorflow-cpu \
         && pip install --no-cache-dir "tensorflow[and-cuda]>=2.16,<2.22"; \

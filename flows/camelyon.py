@@ -23,6 +23,7 @@ from flows.infer import infer_flow
 from flows.runtime import load
 from flows.tile import tile_flow
 from flows.train import train_flow
+from pipeline.store import location
 
 
 @flow(name="camelyon", log_prints=True)
@@ -32,6 +33,7 @@ def camelyon_flow(
     extra_slides: list[str] | None = None,
     config: str | None = None,
     settings: dict[str, Any] | None = None,
+    store: str | None = None,
 ) -> dict[str, Any]:
     """Tile the training slides, train, infer the test slides (heatmaps) and evaluate them.
 
@@ -40,6 +42,8 @@ def camelyon_flow(
     finished. ``extra_slides`` (e.g. real slides without a reference) are
     inferred into ``OUT/inference_real`` and not evaluated. The
     ``camelyon-summary`` artifact has the numbers and where the files are.
+    The patch store is ``OUT/patches.zarr`` unless ``store`` names another
+    path or an fsspec URL (``s3://bucket/cohort.zarr``).
     """
     logger = get_run_logger()
     load(config, settings)  # a bad config fails here, before any stage runs
@@ -60,7 +64,7 @@ def camelyon_flow(
         failures.extend({"stage": name, **f} for f in result.get("failures", []))
         return result
 
-    store = str(out / "patches.zarr")
+    store = location(store) if store else str(out / "patches.zarr")
     tiled = stage(
         "tile",
         lambda: tile_flow(

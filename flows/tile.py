@@ -19,13 +19,13 @@ from flows.runtime import (
 from pipeline.config import TilingConfig, WsiflowConfig
 from pipeline.errors import failure_reason
 from pipeline.plan import SlideJob, job_fingerprint
-from pipeline.store import completed_fingerprint, open_root, store_bytes
+from pipeline.store import canonical, completed_fingerprint, location, open_root, store_bytes
 from pipeline.tiling import SlideResult, make_jobs, record_results, tile_slide
 
 
 def _tile_key(context: Any, parameters: dict[str, Any]) -> str:
     job: SlideJob = parameters["job"]
-    store = str(Path(parameters["store"]).resolve())
+    store = canonical(parameters["store"])
     return cache_key("tile", store, job.slide_id, job_fingerprint(job, parameters["config"]))
 
 
@@ -39,7 +39,7 @@ def tile_slide_task(
     job: SlideJob, store: str, config: TilingConfig, overwrite: bool = False
 ) -> SlideResult:
     """Tile one slide into its group of ``store`` (raises the slide's error)."""
-    return tile_slide(job, Path(store), config, overwrite=overwrite)
+    return tile_slide(job, store, config, overwrite=overwrite)
 
 
 @flow(name="tile", log_prints=True)
@@ -78,14 +78,14 @@ def tile_slides_flow(
     logger = get_run_logger()
     paths = find_slides([Path(s) for s in slides])
     jobs, results = make_jobs(paths, Path(annotations) if annotations else None)
-    store_path = Path(store)
+    store_path = location(store)
     root = open_root(store_path)  # once, here: the per-slide tasks only add their own groups
     futures = []
     for job in jobs:
         complete = completed_fingerprint(root, job.slide_id) == job_fingerprint(job, cfg.tiling)
         options = task_options(cfg.orchestration, io=True, refresh=overwrite or not complete)
         tile = tile_slide_task.with_options(**options)
-        futures.append(tile.submit(job, str(store_path), cfg.tiling, overwrite))
+        futures.append(tile.submit(job, store_path, cfg.tiling, overwrite))
     cached = 0
     for job, (result, error, state) in zip(jobs, settle(futures), strict=True):
         if error is not None:
@@ -100,7 +100,7 @@ def tile_slides_flow(
     rows = [r.summary_row() for r in results]
     summary = {
         "flow": "tile",
-        "store": str(store_path),
+        "store": store_path,
         "slides": len(results),
         "done": sum(r.status == "done" for r in results),
         "skipped": sum(r.status == "skipped" for r in results),
@@ -119,7 +119,7 @@ def tile_slides_flow(
             ("slides", f"{summary['slides']} ({len(summary['failures'])} failed)"),
             ("patches", f"{summary['patches']:,} ({summary['tumor_patches']:,} tumor)"),
             ("store size", f"{summary['store_bytes'] / 1e6:,.1f} MB"),
-            ("store", str(store_path)),
+            ("store", store_path),
         ],
     )
     logger.info(

@@ -14,16 +14,15 @@ from pipeline.config import WsiflowConfig
 
 def store_identity(store: Path | str) -> dict[str, Any]:
     """The fingerprints of a store's complete slide groups: what training reads from it."""
-    import zarr
-
-    from pipeline.store import completed_fingerprint
+    from pipeline.errors import StoreError
+    from pipeline.store import canonical, completed_fingerprint, open_store
 
     try:
-        root = zarr.open_group(str(store), mode="r")
-    except (FileNotFoundError, ValueError, OSError):
-        return {"missing": str(Path(store).resolve())}
+        root = open_store(store)
+    except StoreError:
+        return {"missing": canonical(store)}
     return {
-        "store": str(Path(store).resolve()),
+        "store": canonical(store),
         "slides": {sid: completed_fingerprint(root, sid) for sid in sorted(root.group_keys())},
     }
 
@@ -74,7 +73,7 @@ def train_task(
         )
 
     result = train_classifier(
-        [Path(s) for s in stores],
+        list(stores),  # paths or store URLs (Path would mangle s3://)
         Path(model_dir),
         cfg.training,
         config=cfg.model_dump(mode="json"),

@@ -18,7 +18,7 @@ import zarr
 
 from pipeline.codecs import image_codec_of
 from pipeline.errors import StoreError
-from pipeline.store import read_encoded_chunk
+from pipeline.store import join, location, open_store, read_encoded_chunk
 
 #: Rows of H&E optical density (Ruifrok & Johnston), as skimage's rgb2hed uses.
 _RGB_FROM_HED = np.array(
@@ -50,10 +50,10 @@ class SlidePatches:
 
     def open_patches(self) -> zarr.Array:
         """The slide's ``patches`` array, read-only."""
-        return zarr.open_array(str(Path(self.store) / self.slide_id / "patches"), mode="r")
+        return zarr.open_array(join(self.store, self.slide_id, "patches"), mode="r")
 
 
-def open_stores(paths: list[Path] | tuple[Path, ...]) -> list[SlidePatches]:
+def open_stores(paths: list[Path | str] | tuple[Path | str, ...]) -> list[SlidePatches]:
     """The complete slide groups of every store, checked for what training needs.
 
     Raises :class:`StoreError` naming the store for a missing or empty store,
@@ -61,12 +61,8 @@ def open_stores(paths: list[Path] | tuple[Path, ...]) -> list[SlidePatches]:
     """
     slides: list[SlidePatches] = []
     for path in paths:
-        path = Path(path)
-        if not (path / "zarr.json").is_file():
-            raise StoreError(
-                path, "not a Zarr patch store (no zarr.json); write one with `wsiflow tile`"
-            )
-        root = zarr.open_group(str(path), mode="r")
+        root = open_store(path)
+        path = location(path)
         complete = [k for k in sorted(root.group_keys()) if root[k].attrs.get("complete") is True]
         if not complete:
             raise StoreError(
@@ -79,7 +75,7 @@ def open_stores(paths: list[Path] | tuple[Path, ...]) -> list[SlidePatches]:
             patches = group["patches"]
             slides.append(
                 SlidePatches(
-                    store=str(path),
+                    store=path,
                     slide_id=slide_id,
                     labels=np.asarray(group["labels"][:], dtype=np.int8),
                     patch_px=int(patches.shape[1]),
@@ -90,16 +86,12 @@ def open_stores(paths: list[Path] | tuple[Path, ...]) -> list[SlidePatches]:
             )
     sizes = {s.patch_px for s in slides}
     if len(sizes) > 1:
-        raise StoreError(
-            Path(slides[0].store), f"Expected one patch size. Got {sorted(sizes)} instead."
-        )
+        raise StoreError(slides[0].store, f"Expected one patch size. Got {sorted(sizes)} instead.")
     tumor = sum(s.tumor for s in slides)
     total = sum(len(s) for s in slides)
     if tumor == 0 or tumor == total:
         which = "tumor" if tumor == 0 else "normal"
-        raise StoreError(
-            Path(slides[0].store), f"has no {which} patch: a classifier needs both classes"
-        )
+        raise StoreError(slides[0].store, f"has no {which} patch: a classifier needs both classes")
     return slides
 
 

@@ -37,7 +37,7 @@ import numpy as np
 from pipeline import __version__
 from pipeline.config import TrainingConfig
 from pipeline.errors import ModelError, StoreError, WsiflowError
-from pipeline.store import fingerprint
+from pipeline.store import canonical, fingerprint
 
 from .classifier import (
     WeightsError,
@@ -246,9 +246,7 @@ def train_classifier(
     _check_split(train, val)
     digest = fingerprint(
         {
-            "slides": [
-                [str(Path(s.store).resolve()), s.slide_id, s.fingerprint, len(s)] for s in slides
-            ],
+            "slides": [[canonical(s.store), s.slide_id, s.fingerprint, len(s)] for s in slides],
             "training": cfg.model_dump(mode="json", exclude=set(_NOT_FINGERPRINTED)),
             "parent": parent.get("fingerprint") if parent else None,
         }
@@ -623,7 +621,7 @@ def _common_mpp(slides: list[SlidePatches]) -> float | None:
     if high > low * 1.1:
         worst = max(slides, key=lambda s: s.patch_mpp or 0)
         raise StoreError(
-            Path(worst.store),
+            worst.store,
             f"patches of different physical sizes ({low:.3f}-{high:.3f} µm/px); "
             "tile every slide at one --mpp to train one model",
         )
@@ -636,7 +634,7 @@ def _check_split(train: list[SlidePatches], val: list[SlidePatches]) -> None:
         if tumor == 0 or tumor == sum(len(s) for s in side):
             missing = "tumor" if tumor == 0 else "normal"
             raise StoreError(
-                Path(side[0].store),
+                side[0].store,
                 f"the {name} slides ({', '.join(s.slide_id for s in side)}) have no {missing} "
                 "patch; a slide-level split needs at least two slides with tumor and one without",
             )

@@ -39,11 +39,13 @@ class FileError(WsiflowError):
 
     def __init__(self, path: Path | str, reason: str):
         self.path = Path(path)
+        # As given: a store URL such as s3://bucket/x.zarr would lose a slash in a Path.
+        self.location = path if isinstance(path, str) and "://" in path else str(self.path)
         self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
+        super().__init__(f"{self.location}: {reason}")
 
     def __reduce__(self):  # keep the fields when crossing process boundaries (Dask)
-        return (type(self), (self.path, self.reason))
+        return (type(self), (self.location, self.reason))
 
 
 class SlideError(FileError):

@@ -6,10 +6,10 @@ import os
 from pathlib import Path
 
 import numpy as np
-import zarr
 from PIL import Image, ImageDraw
 
 from .errors import StoreError
+from .store import location, open_store
 
 _CELL_PX = 128
 _CAPTION_PX = 28
@@ -30,12 +30,9 @@ def contact_sheet(
     Each patch is framed red (tumor) or green (normal) and captioned with its
     slide id and level-0 coordinates.
     """
-    store_path, out_path = Path(store_path), Path(out_path)
-    if not (store_path / "zarr.json").is_file():
-        raise StoreError(
-            store_path, "not a Zarr store (no zarr.json); write one with `wsiflow tile`"
-        )
-    root = zarr.open_group(str(store_path), mode="r")
+    out_path = Path(out_path)
+    root = open_store(store_path)
+    store_path = location(store_path)
     slide_ids = sorted(k for k in root.group_keys() if root[k].attrs.get("complete") is True)
     if slide_id is not None:
         if slide_id not in slide_ids:

@@ -12,6 +12,10 @@
         coords          int32  (N, 2)        level-0 x, y of each patch's top-left corner
 
 A group without ``complete: true`` is an interrupted write and is redone.
+
+A store is a local path or any fsspec URL Zarr can open (``s3://bucket/cohort.zarr``,
+``gs://``, ``az://``, ...); the backend (``s3fs``, ``gcsfs``, ``adlfs``) reads its
+credentials and endpoint from its usual environment and configuration files.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from typing import Any
 
 import zarr
 from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+from zarr.storage import LocalStore
 
 from .codecs import PatchImageCodec
 from .errors import StoreError
@@ -49,9 +56,35 @@ def fingerprint(payload: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def is_url(store: Path | str) -> bool:
+    """Whether ``store`` names a store by URL (``s3://...``) rather than by local path.
+
+    Keep URLs as ``str``: ``Path("s3://b/x")`` collapses the slashes.
+    """
+    return isinstance(store, str) and "://" in store and not store.startswith("file://")
+
+
+def location(store: Path | str) -> str:
+    """``store`` as Zarr and fsspec take it: a URL as given, ``file://`` URLs as paths."""
+    text = str(store)
+    if text.startswith("file://"):
+        return text[len("file://") :]
+    return text.rstrip("/") if is_url(text) else text
+
+
+def canonical(store: Path | str) -> str:
+    """A store's location for cache keys and flow parameters: URLs as given, paths absolute."""
+    return location(store) if is_url(store) else str(Path(location(store)).resolve())
+
+
+def join(store: Path | str, *parts: str) -> str:
+    """The location of ``parts`` inside ``store`` (a path or a URL)."""
+    return "/".join([location(store).rstrip("/"), *parts])
+
+
 def open_root(store_path: Path | str) -> zarr.Group:
     """Open (or create) the store's root group."""
-    root = zarr.open_group(str(store_path), mode="a")
+    root = _open_group(store_path, "a")
     if "wsiflow_store" not in root.attrs:
         root.attrs.update({"wsiflow_store": STORE_FORMAT, "slides": {}})
     return root
@@ -63,10 +96,74 @@ def zarr_root(store_path: Path | str) -> zarr.Group:
     Per-slide tasks running at once use this; :func:`open_root` (which may
     write the root attributes) is called once before them.
     """
+    return _open_group(store_path, "r+", "no patch store here; create it first (open_root)")
+
+
+def open_store(store_path: Path | str) -> zarr.Group:
+    """An existing patch store's root group, read-only.
+
+    Raises :class:`StoreError` naming the store for a missing store, a bad
+    URL, an unreachable or unknown backend, or a group that is not a wsiflow
+    store.
+    """
+    root = _open_group(store_path, "r")
+    if "wsiflow_store" not in root.attrs:
+        raise StoreError(
+            store_path,
+            "not a wsiflow patch store (no wsiflow_store attribute); write one with `wsiflow tile`",
+        )
+    return root
+
+
+_NO_STORE = "not a Zarr patch store (no zarr.json); write one with `wsiflow tile`"
+
+
+def _open_group(store_path: Path | str, mode: str, missing: str | None = None) -> zarr.Group:
+    """``zarr.open_group`` with every way of failing turned into one :class:`StoreError`.
+
+    ``missing`` says what is wrong when there is no group (default: for reading,
+    not a store; for creating, the folder or bucket cannot be made).
+    """
+    where = location(store_path)
+    if is_url(where):
+        _reachable(where)
     try:
-        return zarr.open_group(str(store_path), mode="r+")
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
-        raise StoreError(store_path, "no patch store here; create it first (open_root)") from exc
+        return zarr.open_group(where, mode=mode)
+    except zarr.errors.GroupNotFoundError as exc:
+        raise StoreError(where, missing or _NO_STORE) from exc
+    except FileNotFoundError as exc:  # e.g. "The specified bucket does not exist"
+        default = f"cannot create a patch store here ({exc})" if mode == "a" else _NO_STORE
+        raise StoreError(where, missing or default) from exc
+    except zarr.errors.ContainsArrayError as exc:
+        raise StoreError(where, "is a Zarr array, not a patch store (a group)") from exc
+    except Exception as exc:  # permissions, credentials, metadata Zarr cannot read
+        raise StoreError(where, f"cannot open ({type(exc).__name__}: {exc})") from exc
+
+
+def _reachable(url: str) -> None:
+    """One synchronous look at a store URL: a bad endpoint or credentials is one clear error.
+
+    Zarr's concurrent first reads would leave a trail of unretrieved
+    exceptions behind the same failure.
+    """
+    fs, path = _filesystem(url)
+    try:
+        fs.exists(f"{path}/zarr.json")
+    except Exception as exc:  # the backend's own errors: connection, credentials, permissions
+        raise StoreError(url, f"cannot open ({type(exc).__name__}: {exc})") from exc
+
+
+def _filesystem(store_path: Path | str) -> tuple[Any, str]:
+    """The fsspec filesystem of a store URL and the store's path in it."""
+    import fsspec
+
+    where = location(store_path)
+    try:
+        return fsspec.core.url_to_fs(where)
+    except ImportError as exc:  # fsspec names the package the protocol needs
+        raise StoreError(where, f"cannot open this URL: {exc}") from exc
+    except ValueError as exc:  # "Protocol not known: ...", malformed URLs
+        raise StoreError(where, f"not a store location: {exc}") from exc
 
 
 def completed_fingerprint(root: zarr.Group, slide_id: str) -> str | None:
@@ -135,37 +232,46 @@ def create_slide_group(
 
 def open_patches(store_path: Path | str, slide_id: str) -> zarr.Array:
     """Open a slide's ``patches`` array for writing (opening costs ~40 ms: cache it)."""
-    array = zarr.open_array(str(Path(store_path) / slide_id / "patches"), mode="r+")
+    array = zarr.open_array(join(store_path, slide_id, "patches"), mode="r+")
     # A runtime setting, not stored in the metadata: see create_slide_group.
     return array.with_config({"write_empty_chunks": True})
 
 
 def write_encoded_chunk(array: zarr.Array, chunk_index: int, data: bytes) -> None:
-    """Store already-encoded bytes as chunk ``chunk_index`` of a local patches array.
+    """Store already-encoded bytes as chunk ``chunk_index`` of a patches array.
 
     For image-codec chunks built with :func:`pipeline.codecs.pack_images`,
     from patches the worker encoded or from the source slide's own JPEG
-    tiles; the file appears atomically.
+    tiles. A local chunk file appears atomically (written aside, then
+    renamed); elsewhere the store's own put is one object, whole or absent.
     """
-    path = _chunk_path(array, chunk_index)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(data)
-    os.replace(partial, path)
+    key = _chunk_key(array, chunk_index)
+    if isinstance(array.store, LocalStore):
+        path = Path(str(array.store.root)) / array.path / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        partial.write_bytes(data)
+        os.replace(partial, path)
+        return
+    buffer = default_buffer_prototype().buffer.from_bytes(data)
+    sync((array.store_path / key).set(buffer))
 
 
 def read_encoded_chunk(array: zarr.Array, chunk_index: int) -> bytes | None:
-    """The stored bytes of chunk ``chunk_index`` of a local patches array (None if absent)."""
-    try:
-        return _chunk_path(array, chunk_index).read_bytes()
-    except (AttributeError, FileNotFoundError):  # not a local store, or an empty chunk
-        return None
+    """The stored bytes of chunk ``chunk_index`` of a patches array (None if absent)."""
+    key = _chunk_key(array, chunk_index)
+    if isinstance(array.store, LocalStore):
+        try:
+            return (Path(str(array.store.root)) / array.path / key).read_bytes()
+        except FileNotFoundError:  # an empty chunk
+            return None
+    buffer = sync((array.store_path / key).get(default_buffer_prototype()))
+    return None if buffer is None else buffer.to_bytes()
 
 
-def _chunk_path(array: zarr.Array, chunk_index: int) -> Path:
-    """The file of chunk ``chunk_index`` of a patches array in a local store."""
-    key = array.metadata.encode_chunk_key((chunk_index, 0, 0, 0))
-    return Path(str(array.store.root)) / array.path / key
+def _chunk_key(array: zarr.Array, chunk_index: int) -> str:
+    """The key of chunk ``chunk_index`` of a patches array, relative to the array."""
+    return array.metadata.encode_chunk_key((chunk_index, 0, 0, 0))
 
 
 def mark_complete(group: zarr.Group, extra: dict[str, Any]) -> None:
@@ -183,10 +289,13 @@ def update_summary(root: zarr.Group, slide_id: str, record: dict[str, Any]) -> N
 
 def read_summary(store_path: Path | str) -> dict[str, dict[str, Any]]:
     """The cohort summary, from the root attributes only (no slide group is opened)."""
-    root = zarr.open_group(str(store_path), mode="r")
+    root = _open_group(store_path, "r")
     return dict(root.attrs.get("slides", {}))
 
 
 def store_bytes(path: Path | str) -> int:
-    """Bytes on disk under ``path``."""
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+    """Bytes stored under ``path`` (a local folder, or a store URL); 0 if there is none."""
+    if not is_url(path):
+        return sum(p.stat().st_size for p in Path(location(path)).rglob("*") if p.is_file())
+    fs, where = _filesystem(path)
+    return int(fs.du(where)) if fs.exists(where) else 0

@@ -27,6 +27,7 @@ from .plan import SlideJob, SlidePlan, find_annotation, job_fingerprint, plan_sl
 from .store import (
     completed_fingerprint,
     create_slide_group,
+    location,
     mark_complete,
     open_root,
     update_summary,
@@ -81,7 +82,7 @@ def make_jobs(
 def tile_slides(
     client: Any,
     slides: list[Path],
-    store_path: Path,
+    store_path: Path | str,
     config: TilingConfig,
     *,
     annotations_dir: Path | None = None,
@@ -101,7 +102,7 @@ def tile_slides(
     """
     from distributed import as_completed
 
-    store_path = Path(store_path)
+    store_path = location(store_path)
     root = open_root(store_path)
     jobs, results = make_jobs(slides, annotations_dir)
     for result in results:
@@ -221,7 +222,7 @@ def tile_slides(
 
 
 def tile_slide(
-    job: SlideJob, store_path: Path, config: TilingConfig, *, overwrite: bool = False
+    job: SlideJob, store_path: Path | str, config: TilingConfig, *, overwrite: bool = False
 ) -> SlideResult:
     """Tile one slide in this process: its plan, then its chunks in order.
 
@@ -232,7 +233,7 @@ def tile_slide(
     attributes is left to one writer (:func:`record_results`), since
     concurrent tasks would race on it.
     """
-    store_path = Path(store_path)
+    store_path = location(store_path)
     root = zarr_root(store_path)
     digest = job_fingerprint(job, config)
     if not overwrite and completed_fingerprint(root, job.slide_id) == digest:
@@ -261,7 +262,7 @@ def tile_slide(
     )
 
 
-def record_results(store_path: Path, results: list[SlideResult]) -> None:
+def record_results(store_path: Path | str, results: list[SlideResult]) -> None:
     """Write the cohort summary rows of ``results`` in one update of the root attributes."""
     root = open_root(store_path)
     slides = dict(root.attrs.get("slides", {}))
@@ -284,13 +285,13 @@ def _skipped(job: SlideJob, record: Any) -> SlideResult:
 
 
 def _chunk_args(
-    plan: SlidePlan, store_path: Path, token: str, start: int, level_xy: np.ndarray
+    plan: SlidePlan, store_path: str, token: str, start: int, level_xy: np.ndarray
 ) -> tuple[Any, ...]:
     """:func:`extract_chunk`'s arguments for the patches at ``level_xy`` from ``start`` on."""
     resolution = plan.resolution
     return (
         str(plan.job.path),
-        str(store_path),
+        store_path,
         plan.job.slide_id,
         token,
         start,

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 APERIO_SLIDE = SHARED_DATA / "slides" / "CMU-1-Small-Region.svs"
 WSIFLOW = str(Path(sys.executable).parent / "wsiflow")
+#: The bucket of the ``s3_env`` fixture's server.
+S3_BUCKET = "wsiflow-test"
 
 
 def run(
@@ -111,3 +116,50 @@ def trained_model(patch_store, tmp_path_factory) -> Path:
     # Accuracy too: heatmaps need calibrated probabilities, not only a good ranking.
     assert metrics["val_auc"] >= 0.95 and metrics["val_accuracy"] >= 0.9, result.metadata["history"]
     return out
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_env(tmp_path_factory):
+    """A moto S3 server on 127.0.0.1 with one bucket; the AWS_* variables that reach it."""
+    server = shutil.which("moto_server", path=str(Path(sys.executable).parent))
+    assert server, "moto_server is missing: `make test` installs it (the dev extra)"
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [server, "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT
+        )
+    env = {
+        "AWS_ACCESS_KEY_ID": "wsiflow",
+        "AWS_SECRET_ACCESS_KEY": "wsiflow-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+    }
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(env["AWS_ENDPOINT_URL"], timeout=2).close()
+                break
+            except OSError:
+                assert process.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, f"moto did not start:\n{log.read_text()}"
+                time.sleep(0.3)
+        with pytest.MonkeyPatch.context() as patch:
+            for key, value in env.items():
+                patch.setenv(key, value)
+            import s3fs
+
+            s3fs.S3FileSystem.clear_instance_cache()
+            s3fs.S3FileSystem().mkdir(S3_BUCKET)
+            yield env
+            s3fs.S3FileSystem.clear_instance_cache()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

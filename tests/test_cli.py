@@ -317,3 +317,23 @@ def test_flow_and_deploy_usage_errors_exit_2(args, expected, tmp_path):
     result = run(*args, env={"PREFECT_API_URL": "", "PREFECT_HOME": str(tmp_path)})
     assert result.returncode == 2
     assert expected in result.stderr
+
+
+def test_flow_parameters_keep_store_urls_and_resolve_paths(tmp_path, monkeypatch):
+    """A store URL reaches the flow as given (a Path would make s3://b/x into s3:/b/x)."""
+    from pipeline.cli.orchestrate import flow_parameters
+
+    monkeypatch.chdir(tmp_path)
+    common = {"model": None, "annotations": None, "reference": None, "slides_dir": None,
+              "masks": None, "extra": None, "data": None, "epochs": 1, "overwrite": False,
+              "config": None, "settings": {}}  # fmt: skip
+    tile = flow_parameters("tile", ["slides"], out="s3://bucket/c.zarr", **common)
+    assert tile["store"] == "s3://bucket/c.zarr"
+    assert tile["slides"] == [str(tmp_path / "slides")]
+    train = flow_parameters("train", ["s3://bucket/c.zarr/", "local.zarr"], out="m", **common)
+    assert train["stores"] == ["s3://bucket/c.zarr", str(tmp_path / "local.zarr")]
+    assert train["model_dir"] == str(tmp_path / "m")
+    camelyon = flow_parameters("camelyon", ["root"], out="o", store="gs://b/c.zarr", **common)
+    assert camelyon["store"] == "gs://b/c.zarr" and camelyon["out_dir"] == str(tmp_path / "o")
+    default = flow_parameters("camelyon", ["root"], out="o", **common)
+    assert default["store"] is None

@@ -85,7 +85,7 @@ def demo(
 
         t0 = time.perf_counter()
         sheet = out / "preview.png"
-        contact_sheet(Path(summary["tile"]["store"]), sheet, per_class=16)
+        contact_sheet(summary["tile"]["store"], sheet, per_class=16)
         stages["preview"] = time.perf_counter() - t0
         summary["preview"] = str(sheet)
         reporter.console.print(f"Contact sheet of stored patches: {sheet}")

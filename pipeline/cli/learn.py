@@ -83,7 +83,8 @@ def mnist(
 @app.command()
 def train(
     stores: Annotated[
-        list[Path], typer.Argument(help="Zarr patch stores written by `wsiflow tile`.")
+        list[str],
+        typer.Argument(help="Patch stores written by `wsiflow tile` (paths or fsspec URLs)."),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Model directory to write.")],
     backbone: Annotated[
@@ -175,7 +176,7 @@ def train(
 
 def run_train(
     reporter: Reporter,
-    stores: list[Path],
+    stores: list[Path | str],
     out: Path,
     cfg,
     *,

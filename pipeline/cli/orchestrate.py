@@ -24,20 +24,21 @@ from ._common import (
 )
 
 FLOWS_HELP = "tile, train, infer, evaluate, camelyon (end to end) or mnist."
+# Text, not Path: a patch store may be a URL (s3://bucket/x.zarr), which Path would mangle.
 Inputs = Annotated[
-    list[Path] | None,
+    list[str] | None,
     typer.Argument(
         help="tile/infer: slides or folders; train: patch stores; evaluate: the inference "
         "folder; camelyon: the CAMELYON16-layout root (default: slides.root)."
     ),
 ]
 OutOption = Annotated[
-    Path | None,
+    str | None,
     typer.Option(
         "--out",
         "-o",
-        help="tile: store; train: model directory; infer/camelyon: output folder; "
-        "evaluate: report folder; mnist: .keras file.",
+        help="tile: store (a path or an fsspec URL); train: model directory; "
+        "infer/camelyon: output folder; evaluate: report folder; mnist: .keras file.",
     ),
 ]
 ModelOption = Annotated[Path | None, typer.Option("--model", help="infer: a model directory.")]
@@ -57,6 +58,13 @@ ExtraOption = Annotated[
     list[Path] | None,
     typer.Option("--extra", help="camelyon: more slides to infer (default: slides.extra)."),
 ]
+StoreOption = Annotated[
+    str | None,
+    typer.Option(
+        "--store",
+        help="camelyon: the patch store, a path or an fsspec URL (default: OUT/patches.zarr).",
+    ),
+]
 DataOption = Annotated[
     Path | None, typer.Option("--data", help="mnist: folder of mnist.npz or IDX files.")
 ]
@@ -68,15 +76,16 @@ WorkersOption = Annotated[
 
 def flow_parameters(
     name: str,
-    inputs: list[Path],
+    inputs: list[str],
     *,
-    out: Path | None,
+    out: str | None,
     model: Path | None,
     annotations: Path | None,
     reference: Path | None,
     slides_dir: Path | None,
     masks: Path | None,
     extra: list[Path] | None,
+    store: str | None = None,
     data: Path | None,
     epochs: int,
     overwrite: bool,
@@ -93,8 +102,10 @@ def flow_parameters(
             raise ConfigError(option, [(f"flow {name}", f"needs {option}", None)])
         return value
 
-    def text(path: Path | None) -> str | None:
-        return None if path is None else str(path.resolve())
+    from ..store import canonical
+
+    def text(path: Path | str | None) -> str | None:
+        return None if path is None else canonical(path)
 
     common = {"config": text(config), "settings": settings or None}
     if name == "tile":
@@ -137,6 +148,7 @@ def flow_parameters(
             "root": text(need("ROOT (or slides.root)", root)),
             "out_dir": text(need("--out", out)),
             "extra_slides": [text(p) for p in extras if p.exists()] or None,
+            "store": text(store),
             **common,
         }
     if name == "mnist":
@@ -155,6 +167,7 @@ def flow_command(
     slides_dir: SlidesDirOption = None,
     masks: MasksOption = None,
     extra: ExtraOption = None,
+    store: StoreOption = None,
     data: DataOption = None,
     epochs: EpochsOption = 6,
     scheduler: SchedulerOption = None,
@@ -174,7 +187,7 @@ def flow_command(
     wsiflow flow train STORE.zarr... --out MODEL_DIR
     wsiflow flow infer SLIDES... --model MODEL_DIR --out OUT_DIR
     wsiflow flow evaluate OUT_DIR --reference CSV --annotations DIR --slides DIR
-    wsiflow flow camelyon [ROOT] --out OUT_DIR [--extra SLIDE...]
+    wsiflow flow camelyon [ROOT] --out OUT_DIR [--extra SLIDE...] [--store URL]
     wsiflow flow mnist [--data DIR] [--epochs N] [--out model.keras]
     """
     from flows.runtime import run_flow
@@ -193,6 +206,7 @@ def flow_command(
             slides_dir=slides_dir,
             masks=masks,
             extra=extra,
+            store=store,
             data=data,
             epochs=epochs,
             overwrite=overwrite,
@@ -230,6 +244,7 @@ def deploy(
     slides_dir: SlidesDirOption = None,
     masks: MasksOption = None,
     extra: ExtraOption = None,
+    store: StoreOption = None,
     data: DataOption = None,
     epochs: EpochsOption = 6,
     scheduler: SchedulerOption = None,
@@ -273,6 +288,7 @@ def deploy(
             slides_dir=slides_dir,
             masks=masks,
             extra=extra,
+            store=store,
             data=data,
             epochs=epochs,
             overwrite=False,

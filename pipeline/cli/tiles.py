@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from ..errors import ConfigError, WsiflowError
+from ..errors import ConfigError, StoreError, WsiflowError
 from ._common import (
     ConfigOption,
     JsonOption,
@@ -17,6 +17,7 @@ from ._common import (
     Reporter,
     SchedulerOption,
     SlidesArgument,
+    _fail_data,
     _fail_usage,
     _load,
     app,
@@ -27,7 +28,13 @@ from ._common import (
 def tile(
     slides: SlidesArgument,
     out: Annotated[
-        Path, typer.Option("--out", "-o", help="Zarr patch store to write (STORE.zarr).")
+        str,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Zarr patch store to write: a path (STORE.zarr) or an fsspec URL "
+            "(s3://bucket/STORE.zarr).",
+        ),
     ],
     annotations: Annotated[
         Path | None,
@@ -56,6 +63,7 @@ def tile(
 ) -> None:
     """Find tissue, label patches from annotations, extract them into a Zarr store (Dask)."""
     from ..slide import find_slides
+    from ..store import open_root
 
     reporter = Reporter(as_json)
     try:
@@ -85,12 +93,16 @@ def tile(
             ConfigError("--annotations", [(str(annotations), "no such folder", None)]),
             "tile",
         )
+    try:
+        open_root(out)  # a bad path or URL, missing credentials: say so before any work
+    except StoreError as exc:
+        _fail_data(reporter, exc, "tile")
     summary = run_tile(reporter, paths, out, cfg, annotations_dir=annotations, overwrite=overwrite)
     reporter.finish(summary, exit_code=0 if summary["ok"] else 1)
 
 
 def run_tile(
-    reporter: Reporter, paths: list[Path], out: Path, cfg, *, annotations_dir, overwrite
+    reporter: Reporter, paths: list[Path], out: Path | str, cfg, *, annotations_dir, overwrite
 ) -> dict:
     """Tile ``paths`` into ``out`` with a progress bar and a per-slide table; return the summary."""
     from ..cluster import dask_client
@@ -141,7 +153,7 @@ def run_tile(
     ]
     written = sum(r.patches for r in results if r.status == "done")
     stored = [r for r in results if r.status != "failed"]
-    size = store_bytes(out) if out.exists() else 0
+    size = store_bytes(out)
     raw = sum(r.patches for r in stored) * cfg.tiling.patch_px**2 * 3
     slide_bytes = sum(Path(r.path).stat().st_size for r in stored if Path(r.path).exists())
     reporter.console.print(
@@ -171,7 +183,9 @@ def run_tile(
 
 @app.command()
 def preview(
-    store: Annotated[Path, typer.Argument(help="A Zarr patch store written by `wsiflow tile`.")],
+    store: Annotated[
+        str, typer.Argument(help="A patch store written by `wsiflow tile` (a path or a URL).")
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Contact sheet PNG to write.")],
     slide: Annotated[
         str | None, typer.Option("--slide", help="Only this slide id (default: all slides).")

@@ -11,7 +11,7 @@ import zarr
 
 from pipeline.config import InferenceConfig
 from pipeline.errors import SlideReadError
-from tests.conftest import SHARED_DATA
+from tests.conftest import S3_BUCKET, SHARED_DATA
 
 pytestmark = pytest.mark.slow
 
@@ -187,6 +187,37 @@ def test_train_flow_reports_metrics_and_is_cached(prefect_api, patch_store, tmp_
     again = run_flow("train", parameters, return_state=True)
     assert list(task_states(again.state_details.flow_run_id).values()) == ["Cached"]
     assert again.result()["val_auc"] == summary["val_auc"]
+
+
+def test_tile_and_train_flows_on_an_object_store(
+    prefect_api, s3_env, small_cohort, cohort_annotations, tmp_path
+):
+    """A store URL through the flows: Dask workers write to the bucket, caching holds."""
+    from flows.runtime import run_flow
+
+    url = f"s3://{S3_BUCKET}/flow.zarr"
+    slides = [str(small_cohort.root / r.image) for r in small_cohort.slides]
+    config = write_config(
+        tmp_path / "c.yaml",
+        "tiling:\n  target_mpp: 0.243\n  patch_px: 64\n"
+        "training:\n  backbone: small_cnn\n  head_epochs: 1\n  fine_tune_epochs: 0\n"
+        "  steps_per_epoch: 4\n  batch_per_replica: 16\n  validation_max_patches: 256\n",
+    )
+    tile = {"slides": slides, "store": url, "annotations": str(cohort_annotations),
+            "config": config, "settings": {"orchestration.workers": 1}}  # fmt: skip
+    summary = run_flow("tile", tile)
+    assert summary["store"] == url and summary["done"] == len(slides) and not summary["failures"]
+    root = zarr.open_group(url, mode="r")
+    assert all(root[Path(s).stem].attrs["complete"] is True for s in slides)
+    assert summary["store_bytes"] > 0
+    again = run_flow("tile", tile, return_state=True)
+    assert set(task_states(again.state_details.flow_run_id).values()) == {"Cached"}
+
+    train = {"stores": [url], "model_dir": str(tmp_path / "m"), "config": config}
+    trained = run_flow("train", train)
+    assert trained["backbone"] == "small_cnn" and (tmp_path / "m" / "model.keras").is_file()
+    again = run_flow("train", train, return_state=True)
+    assert list(task_states(again.state_details.flow_run_id).values()) == ["Cached"]
 
 
 def test_infer_and_evaluate_flows_match_the_drivers(
