@@ -245,33 +245,40 @@ def write_encoded_chunk(array: zarr.Array, chunk_index: int, data: bytes) -> Non
     tiles. A local chunk file appears atomically (written aside, then
     renamed); elsewhere the store's own put is one object, whole or absent.
     """
-    key = _chunk_key(array, chunk_index)
-    if isinstance(array.store, LocalStore):
-        path = Path(str(array.store.root)) / array.path / key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        partial.write_bytes(data)
-        os.replace(partial, path)
+    path = _local_chunk_file(array, chunk_index)
+    if path is None:
+        buffer = default_buffer_prototype().buffer.from_bytes(data)
+        sync((array.store_path / _chunk_key(array, chunk_index)).set(buffer))
         return
-    buffer = default_buffer_prototype().buffer.from_bytes(data)
-    sync((array.store_path / key).set(buffer))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(data)
+    os.replace(partial, path)
 
 
 def read_encoded_chunk(array: zarr.Array, chunk_index: int) -> bytes | None:
     """The stored bytes of chunk ``chunk_index`` of a patches array (None if absent)."""
-    key = _chunk_key(array, chunk_index)
-    if isinstance(array.store, LocalStore):
-        try:
-            return (Path(str(array.store.root)) / array.path / key).read_bytes()
-        except FileNotFoundError:  # an empty chunk
-            return None
-    buffer = sync((array.store_path / key).get(default_buffer_prototype()))
-    return None if buffer is None else buffer.to_bytes()
+    path = _local_chunk_file(array, chunk_index)
+    if path is None:
+        key = _chunk_key(array, chunk_index)
+        buffer = sync((array.store_path / key).get(default_buffer_prototype()))
+        return None if buffer is None else buffer.to_bytes()
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:  # an empty chunk
+        return None
 
 
 def _chunk_key(array: zarr.Array, chunk_index: int) -> str:
     """The key of chunk ``chunk_index`` of a patches array, relative to the array."""
     return array.metadata.encode_chunk_key((chunk_index, 0, 0, 0))
+
+
+def _local_chunk_file(array: zarr.Array, chunk_index: int) -> Path | None:
+    """The file of chunk ``chunk_index`` when the array is in a local store; None elsewhere."""
+    if not isinstance(array.store, LocalStore):
+        return None
+    return Path(str(array.store.root)) / array.path / _chunk_key(array, chunk_index)
 
 
 def mark_complete(group: zarr.Group, extra: dict[str, Any]) -> None:
