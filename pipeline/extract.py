@@ -83,19 +83,23 @@ def extract_chunk(
 ) -> int:
     """Read a block of whole chunks' patches and write them into the store; return how many.
 
-    Image-codec stores get each chunk encoded here, patch by patch while the
-    decoded patch is still in cache, and written as the chunk's file (or, with
-    ``passthrough``, the source tiles' bytes); lossless stores go through Zarr.
+    One chunk's patches are in memory at a time. Image-codec stores get each
+    chunk encoded here, patch by patch while the decoded patch is still in
+    cache, and written as the chunk's file (or, with ``passthrough``, the
+    source tiles' bytes); lossless stores go through Zarr chunk by chunk.
     """
     array = _cached_patches(store_path, slide_id, token)
     codec = image_codec_of(array)
+    chunk = array.chunks[0]
     if codec is None:
-        patches = read_patches(slide_path, level, level_xy, read_px, patch_px)
-        array[start : start + len(patches)] = patches
-        return len(patches)
+        for offset in range(0, len(level_xy), chunk):
+            patches = read_patches(
+                slide_path, level, level_xy[offset : offset + chunk], read_px, patch_px
+            )
+            array[start + offset : start + offset + len(patches)] = patches
+        return len(level_xy)
     reader = cached_reader(slide_path)
     direct = reader.direct_level(level) if passthrough else None
-    chunk = array.chunks[0]
     for offset in range(0, len(level_xy), chunk):
         block = level_xy[offset : offset + chunk]
         if direct is not None:

@@ -34,9 +34,13 @@ from .store import (
     zarr_root,
 )
 
-#: Patches per extraction task: whole Zarr chunks adding up to about this many bytes, so
-#: tasks are long enough (~0.1 s) for Dask's per-task overhead not to matter.
-TASK_BYTES = 32 * 2**20
+#: Raw pixels per extraction task that decodes and encodes its patches: whole Zarr chunks
+#: adding up to about this many bytes, ~0.2 s of work, so that Dask's cost per task (~4 ms
+#: of scheduler CPU on our 2-core machines, BENCHMARKS.md) stays a few percent.
+TASK_BYTES = 64 * 2**20
+#: A task that copies stored JPEG tiles (passthrough) does a tenth or less of that work per
+#: patch, so it covers this many times more patches (one chunk in memory at a time either way).
+COPY_FACTOR = 8
 
 
 @dataclass
@@ -168,7 +172,8 @@ def tile_slides(
                 submit_some()
                 continue
             plan: SlidePlan = outcome
-            n, block = len(plan.table), _block_patches(config)
+            n = len(plan.table)
+            block = _block_patches(config, plan.passthrough, n, n_workers)
             group = _start_group(root, plan, digest, config)
             active[job.slide_id] = _Writing(
                 plan=plan,
@@ -243,7 +248,7 @@ def tile_slide(
     group = _start_group(root, plan, digest, config)
     token = f"{digest}-{time.time_ns()}"
     table, resolution = plan.table, plan.resolution
-    block = _block_patches(config)
+    block = _block_patches(config, plan.passthrough, len(table), workers=1)
     for start in range(0, len(table), block):
         extract_chunk(
             *_chunk_args(plan, store_path, token, start, table.level_xy[start : start + block])
@@ -303,10 +308,17 @@ def _chunk_args(
     )
 
 
-def _block_patches(config: TilingConfig) -> int:
-    """Patches per extraction task: whole chunks adding up to about ``TASK_BYTES``."""
+def _block_patches(config: TilingConfig, passthrough: bool, n_patches: int, workers: int) -> int:
+    """Patches per extraction task: whole chunks adding up to about ``TASK_BYTES``.
+
+    Copying tasks cover ``COPY_FACTOR`` times more. A slide is still split
+    into at least one task per worker where it has the chunks for it.
+    """
     chunk = config.chunk_patches
-    return chunk * max(1, TASK_BYTES // (chunk * config.patch_px**2 * 3))
+    budget = TASK_BYTES * (COPY_FACTOR if passthrough else 1)
+    chunks = max(1, budget // (chunk * config.patch_px**2 * 3))
+    n_chunks = -(-n_patches // chunk)
+    return chunk * max(1, min(chunks, -(-n_chunks // workers)))
 
 
 def _start_group(root: Any, plan: SlidePlan, digest: str, config: TilingConfig) -> Any:

@@ -15,7 +15,7 @@ from pipeline.config import TilingConfig
 from pipeline.slide import open_slide
 from pipeline.store import read_summary
 from pipeline.synth.pyramid import write_pyramid_tiff
-from pipeline.tiling import tile_slides
+from pipeline.tiling import COPY_FACTOR, _block_patches, tile_slides
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +216,22 @@ def test_aligned_jpeg_tiles_are_copied_losslessly(client, cohort, tmp_path):
     assert group.attrs["passthrough"] is False
     difference = np.abs(group["patches"][:].astype(int) - root[slides[0].stem]["patches"][:])
     assert 0 < difference.mean() < 4
+
+
+def test_extraction_tasks_are_whole_chunks_shared_by_the_workers():
+    config = TilingConfig(target_mpp=None, level=0, patch_px=256, chunk_patches=64)
+    # 64 MB of raw pixels: 5 chunks of 64 patches of 256 px (12 MB each); copying tasks
+    # 8x the bytes: 42 chunks.
+    assert COPY_FACTOR == 8
+    assert _block_patches(config, False, 100_000, workers=2) == 5 * 64
+    assert _block_patches(config, True, 100_000, workers=2) == 42 * 64
+    # A slide of 16 chunks still gives each of 2 (or 16) workers a task.
+    assert _block_patches(config, True, 16 * 64 - 5, workers=2) == 8 * 64
+    assert _block_patches(config, False, 16 * 64, workers=16) == 64
+    assert _block_patches(config, False, 10, workers=4) == 64
+    # Small patches: more of them per task.
+    small = config.model_copy(update={"patch_px": 96})
+    assert _block_patches(small, False, 100_000, workers=1) == 37 * 64
 
 
 def test_abbreviated_jpeg_tiles_are_decoded_not_copied(client, aperio_slide, tmp_path):
