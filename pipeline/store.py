@@ -5,7 +5,7 @@
     STORE.zarr/                      attrs: wsiflow_store, slides {id: summary}
     STORE.zarr/<slide_id>/           attrs: slide identity, resolution, config, version,
                                             complete: true (written last)
-        patches         uint8  (N, P, P, 3)  chunked (chunk_patches, P, P, 3)
+        patches         uint8  (N, P, P, 3)  chunked (chunk_patches, P, P, 3), files c.<i>.0.0.0
         labels          int8   (N,)          1 tumor, 0 normal
         tumor_fraction  float32 (N,)
         tissue_fraction float32 (N,)
@@ -192,7 +192,10 @@ def create_slide_group(
 
     Write patches through :func:`open_patches`: Zarr's default skips chunks
     equal to the fill value, and that check costs ~0.5 ms per 256 px patch,
-    for patches of tissue that are never empty.
+    for patches of tissue that are never empty. Patch chunks are files side
+    by side (``patches/c.7.0.0.0``) rather than Zarr's default directory per
+    chunk (``patches/c/7/0/0/0``): making those three directories took longer
+    than writing the chunk itself on our machines (BENCHMARKS.md).
     """
     group = root.create_group(slide_id, overwrite=True)
     if codec in LOSSLESS:
@@ -210,6 +213,7 @@ def create_slide_group(
         serializer=serializer,
         compressors=compressors,
         fill_value=0,
+        chunk_key_encoding={"name": "default", "separator": "."},
     )
     per_patch_chunks = max(1, min(n_patches, 65536))
     for name, dtype, shape in (

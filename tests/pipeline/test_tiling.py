@@ -202,6 +202,10 @@ def test_aligned_jpeg_tiles_are_copied_losslessly(client, cohort, tmp_path):
     for path in slides:
         group = root[path.stem]
         assert group.attrs["passthrough"] is True
+        # Chunk files side by side, none left half-written.
+        files = {p.name for p in (store / path.stem / "patches").iterdir()}
+        n_chunks = -(-group["patches"].shape[0] // group["patches"].chunks[0])
+        assert files == {"zarr.json"} | {f"c.{i}.0.0.0" for i in range(n_chunks)}
         patches, coords = group["patches"], group["coords"][:]
         with open_slide(path, direct=False) as slide:
             for i in range(patches.shape[0]):
