@@ -12,6 +12,10 @@ YCbCr 4:2:0), with 256 px patches aligned to the tiles at level 0, prints:
 - the raw decode rate of the same tiles (tifffile + imagecodecs, one core);
 - encoding and writing the same patches to Zarr alone with the same codec;
 - plain OpenSlide ``read_region`` in a loop over the same patches;
+- each path's own work per patch alone, without planning, Zarr or Dask
+  (copy the stored tile bytes, or decode and re-encode them, into chunk
+  files), in 1 process and split over 2: how far this machine lets each
+  path scale;
 
 then the practical limit 1 / (decode + encode-and-write time per patch) and
 the ratios against the targets (>= 80% of the limit, >= 3x the OpenSlide
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
 import statistics
@@ -35,6 +40,7 @@ import numpy as np
 import tifffile
 
 from pipeline.cluster import dask_client
+from pipeline.codecs import PatchImageCodec, pack_images
 from pipeline.config import TilingConfig
 from pipeline.plan import SlideJob, plan_slide
 from pipeline.slide import open_slide
@@ -68,6 +74,38 @@ def make_slide(path: Path, size: int) -> None:
         return pool[((x0 // TILE) * 7 + (y0 // TILE) * 13) % len(pool)][:h, :w]
 
     write_pyramid_tiff(path, size, size, render, mpp=0.243, tile_px=TILE, jpeg_quality=80)
+
+
+def store_tiles(
+    slide: Path, level_xy: np.ndarray, out: Path, chunk: int, quality: int | None
+) -> None:
+    """Write the tiles at ``level_xy`` into chunk files of ``chunk`` patches, nothing else.
+
+    ``quality`` None copies the stored JPEG bytes (the default path's work per
+    patch); a quality decodes each tile and encodes it again (the re-encode
+    path's). Each chunk file is written aside and renamed, as the store does.
+    """
+    codec = None if quality is None else PatchImageCodec(format="jpeg", quality=quality)
+    out.mkdir(parents=True, exist_ok=True)
+    with tifffile.TiffFile(slide) as tif:
+        page = tif.pages[0]
+        across = -(-page.shape[1] // TILE)
+        fd = os.open(slide, os.O_RDONLY)
+        try:
+            for c, start in enumerate(range(0, len(level_xy), chunk)):
+                images = []
+                for x, y in level_xy[start : start + chunk]:
+                    index = (y // TILE) * across + x // TILE
+                    data = os.pread(fd, page.databytecounts[index], page.dataoffsets[index])
+                    if codec is not None:
+                        pixels = page.decode(data, index, jpegtables=page.jpegtables)[0]
+                        data = codec.encode_patch(pixels.reshape(TILE, TILE, -1)[..., :3])
+                    images.append(data)
+                partial = out / f"c.{c}.partial"
+                partial.write_bytes(pack_images(images))
+                os.replace(partial, out / f"c.{c}")
+        finally:
+            os.close(fd)
 
 
 def median_rate(fn, n_items: int, repeats: int) -> float:
@@ -158,6 +196,35 @@ def main() -> None:
 
         openslide_rate = median_rate(openslide_loop, len(sample), args.repeats)
 
+    # Each path's own work alone, in 1 process and split over 2 (same total work): the
+    # copy path over a cohort's worth of patches, re-encoding over 2 x the sample.
+    alone_rates = {}
+    alone_root = args.workdir / "bench_alone"
+    alone_jobs = {
+        "default": [(slide, coords, None)] * args.cohort,
+        "re-encode": [(slide, sample, config.codec_quality)] * 2,
+    }
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        for name, path_jobs in alone_jobs.items():
+            jobs = [
+                (slide_, xy, alone_root / str(i), config.chunk_patches, quality)
+                for i, (slide_, xy, quality) in enumerate(path_jobs)
+            ]
+            n_items = sum(len(job[1]) for job in jobs)
+            for processes in (1, 2):
+                rates = []
+                for _ in range(args.repeats):
+                    shutil.rmtree(alone_root, ignore_errors=True)
+                    t0 = time.perf_counter()
+                    if processes == 1:
+                        for job in jobs:
+                            store_tiles(*job)
+                    else:
+                        pool.starmap(store_tiles, jobs, chunksize=1)
+                    rates.append(n_items / (time.perf_counter() - t0))
+                alone_rates[name, processes] = statistics.median(rates)
+    shutil.rmtree(alone_root, ignore_errors=True)
+
     # wsiflow's whole pipeline, 1 and 2 worker processes of 1 thread: by default aligned
     # JPEG tiles are copied into the store as they are; "re-encode" forces decode + encode.
     pipeline_rates = {}
@@ -206,6 +273,12 @@ def main() -> None:
     print(f"{'limit 1/(decode + encode-write)':<48}{limit:>10,.0f} patches/s")
     print(f"{'OpenSlide read_region loop (1 core)':<48}{openslide_rate:>10,.0f} patches/s")
     for name in variants:
+        for processes in (1, 2):
+            label = (
+                f"{name} path's own work alone, {processes} process{'es' if processes > 1 else ''}"
+            )
+            print(f"{label:<48}{alone_rates[name, processes]:>10,.0f} patches/s")
+    for name in variants:
         for n in (1, args.cohort):
             for workers in (1, 2):
                 label = f"wsiflow tile ({name}), {n} slide{'s' if n > 1 else ''}, {workers} worker{'s' if workers > 1 else ''}"
@@ -228,6 +301,11 @@ def main() -> None:
             f"  store {size / 1e6:,.1f} MB = raw pixels / {raw_bytes / size:.1f}, "
             f"{size / slide_bytes:.2f} x the slide file ({slide_bytes / 1e6:,.1f} MB)"
         )
+        alone_scaling = alone_rates[name, 2] / alone_rates[name, 1]
+        print(
+            f"  its own work alone: 2 processes / 1 = {alone_scaling:.2f} (this machine's "
+            f"scaling for it); wsiflow 1 worker / alone = {one / alone_rates[name, 1]:.2f}"
+        )
         results[name] = {
             "wsiflow_1_worker_per_s": round(one),
             "wsiflow_2_workers_per_s": round(two),
@@ -235,6 +313,9 @@ def main() -> None:
             "ratio_to_openslide": round(one / openslide_rate, 2),
             "scaling_2_workers": round(two / one, 2),
             "scaling_2_workers_cohort": round(cohort_scaling, 2),
+            "alone_per_s": round(alone_rates[name, 1]),
+            "alone_2_processes_per_s": round(alone_rates[name, 2]),
+            "alone_scaling": round(alone_scaling, 2),
             "store_bytes": size,
             "raw_ratio": round(raw_bytes / size, 2),
             "store_to_slide_file": round(size / slide_bytes, 3),
