@@ -76,6 +76,12 @@ def make_slide(path: Path, size: int) -> None:
     write_pyramid_tiff(path, size, size, render, mpp=0.243, tile_px=TILE, jpeg_quality=80)
 
 
+def stored_tile(fd: int, page: tifffile.TiffPage, x: int, y: int) -> tuple[int, bytes]:
+    """Index and stored bytes of the level-0 tile whose top-left corner is at ``(x, y)``."""
+    index = (y // TILE) * -(-page.shape[1] // TILE) + x // TILE
+    return index, os.pread(fd, page.databytecounts[index], page.dataoffsets[index])
+
+
 def store_tiles(
     slide: Path, level_xy: np.ndarray, out: Path, chunk: int, quality: int | None
 ) -> None:
@@ -89,14 +95,12 @@ def store_tiles(
     out.mkdir(parents=True, exist_ok=True)
     with tifffile.TiffFile(slide) as tif:
         page = tif.pages[0]
-        across = -(-page.shape[1] // TILE)
         fd = os.open(slide, os.O_RDONLY)
         try:
             for c, start in enumerate(range(0, len(level_xy), chunk)):
                 images = []
                 for x, y in level_xy[start : start + chunk]:
-                    index = (y // TILE) * across + x // TILE
-                    data = os.pread(fd, page.databytecounts[index], page.dataoffsets[index])
+                    index, data = stored_tile(fd, page, x, y)
                     if codec is not None:
                         pixels = page.decode(data, index, jpegtables=page.jpegtables)[0]
                         data = codec.encode_patch(pixels.reshape(TILE, TILE, -1)[..., :3])
@@ -146,13 +150,11 @@ def main() -> None:
     # Raw decode of the same tiles: pread + tifffile/imagecodecs, no cache.
     with tifffile.TiffFile(slide) as tif:
         page = tif.pages[0]
-        across = -(-page.shape[1] // TILE)
         fd = os.open(slide, os.O_RDONLY)
 
         def decode_all() -> None:
             for x, y in sample:
-                index = (y // TILE) * across + x // TILE
-                data = os.pread(fd, page.databytecounts[index], page.dataoffsets[index])
+                index, data = stored_tile(fd, page, x, y)
                 page.decode(data, index, jpegtables=page.jpegtables)
 
         decode_rate = median_rate(decode_all, len(sample), args.repeats)
