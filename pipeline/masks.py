@@ -33,8 +33,10 @@ class PlacedMask:
             return np.zeros(0, dtype=np.float32)
         h, w = self.mask.shape
         # Summed-area table with a zero row/column: sat[y, x] = mask[:y, :x].sum().
-        sat = np.zeros((h + 1, w + 1), dtype=np.float64)
-        np.cumsum(np.cumsum(self.mask, axis=0, dtype=np.float64), axis=1, out=sat[1:, 1:])
+        # Integer sums are exact and int32 ones ~4x faster than float64.
+        dtype = np.int32 if h * w < 2**31 else np.int64
+        sat = np.zeros((h + 1, w + 1), dtype=dtype)
+        np.cumsum(np.cumsum(self.mask, axis=0, dtype=dtype), axis=1, out=sat[1:, 1:])
         boxes = np.asarray(level0_boxes, dtype=np.float64)
         sx, sy = self.scale_xy
         ox, oy = self.origin_xy

@@ -112,7 +112,7 @@ def write_slide_outputs(
         "probability", shape=heatmap.shape, dtype="float32", chunks=_chunks(heatmap.shape)
     )
     array[:] = heatmap
-    group.attrs.update(
+    group.update_attributes(
         {
             **attrs,
             "level0_cell_px": list(grid.level0_cell_px),

