@@ -8,7 +8,10 @@ YCbCr 4:2:0), with 256 px patches aligned to the tiles at level 0, prints:
 - wsiflow's whole tiling pipeline (plan with tissue detection, Dask
   extraction, Zarr write with the default codec) on 1 worker process with
   1 thread, and on 2 workers, as configured by default (aligned JPEG tiles
-  are copied into the store as they are) and with re-encoding forced;
+  are copied into the store as they are) and with re-encoding forced, each
+  with the cores it kept busy (CPU seconds of the driver, Dask's scheduler
+  included, and of the workers, per second): a 1-worker run that already
+  keeps more than one core busy leaves a second worker less to gain;
 - the raw decode rate of the same tiles (tifffile + imagecodecs, one core);
 - encoding and writing the same patches to Zarr alone with the same codec;
 - plain OpenSlide ``read_region`` in a loop over the same patches;
@@ -37,6 +40,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import tifffile
 
 from pipeline.cluster import dask_client
@@ -110,6 +114,11 @@ def store_tiles(
                 os.replace(partial, out / f"c.{c}")
         finally:
             os.close(fd)
+
+
+def cpu_seconds(processes: list[psutil.Process]) -> float:
+    """User + system CPU time used so far by ``processes`` (all their threads)."""
+    return sum(sum(p.cpu_times()[:2]) for p in processes)
 
 
 def median_rate(fn, n_items: int, repeats: int) -> float:
@@ -230,6 +239,7 @@ def main() -> None:
     # wsiflow's whole pipeline, 1 and 2 worker processes of 1 thread: by default aligned
     # JPEG tiles are copied into the store as they are; "re-encode" forces decode + encode.
     pipeline_rates = {}
+    cores_busy = {}  # CPU seconds of the driver (scheduler included) and workers / wall seconds
     store_sizes = {}
     variants = {"default": config, "re-encode": config.model_copy(update={"passthrough": False})}
     # The same slide under several names (hard links): a cohort, whose planning spreads too.
@@ -241,18 +251,24 @@ def main() -> None:
         cohort.append(link)
     for workers in (1, 2):
         with dask_client(workers=workers, threads_per_worker=1) as client:
+            processes = [
+                psutil.Process(pid) for pid in [os.getpid(), *client.run(os.getpid).values()]
+            ]
             for name, variant in variants.items():
                 for inputs in ([slide], cohort):
-                    rates = []
+                    rates, busy = [], []
                     for _ in range(args.repeats):
                         store = args.workdir / "bench_store.zarr"
                         shutil.rmtree(store, ignore_errors=True)
-                        t0 = time.perf_counter()
+                        cpu0, t0 = cpu_seconds(processes), time.perf_counter()
                         results_ = tile_slides(client, inputs, store, variant)
-                        rates.append(sum(r.patches for r in results_) / (time.perf_counter() - t0))
+                        wall = time.perf_counter() - t0
+                        rates.append(sum(r.patches for r in results_) / wall)
+                        busy.append((cpu_seconds(processes) - cpu0) / wall)
                         if len(inputs) == 1:
                             store_sizes[name] = store_bytes(store)
                     pipeline_rates[name, workers, len(inputs)] = statistics.median(rates)
+                    cores_busy[name, workers, len(inputs)] = statistics.median(busy)
 
     limit = 1 / (1 / decode_rate + 1 / encode_rate)
     raw_bytes = n_patches * TILE * TILE * 3
@@ -284,7 +300,10 @@ def main() -> None:
         for n in (1, args.cohort):
             for workers in (1, 2):
                 label = f"wsiflow tile ({name}), {n} slide{'s' if n > 1 else ''}, {workers} worker{'s' if workers > 1 else ''}"
-                print(f"{label:<48}{pipeline_rates[name, workers, n]:>10,.0f} patches/s")
+                print(
+                    f"{label:<48}{pipeline_rates[name, workers, n]:>10,.0f} patches/s, "
+                    f"{cores_busy[name, workers, n]:.2f} cores busy"
+                )
     for name in variants:
         one, two = pipeline_rates[name, 1, 1], pipeline_rates[name, 2, 1]
         cohort_scaling = pipeline_rates[name, 2, args.cohort] / pipeline_rates[name, 1, args.cohort]
@@ -318,6 +337,11 @@ def main() -> None:
             "alone_per_s": round(alone_rates[name, 1]),
             "alone_2_processes_per_s": round(alone_rates[name, 2]),
             "alone_scaling": round(alone_scaling, 2),
+            "cores_busy": {
+                f"{n}_slides_{workers}_workers": round(cores_busy[name, workers, n], 2)
+                for n in (1, args.cohort)
+                for workers in (1, 2)
+            },
             "store_bytes": size,
             "raw_ratio": round(raw_bytes / size, 2),
             "store_to_slide_file": round(size / slide_bytes, 3),
