@@ -139,7 +139,7 @@ def tile_slides(
             # one is extracted, so workers never wait for a plan between slides.
             if plan_queue and len(active) + len(plans) < max_active:
                 job, digest = plan_queue.popleft()
-                future = client.submit(plan_slide, job, config, pure=False)
+                future = client.submit(plan_and_start, job, config, store_path, digest, pure=False)
                 plans[future] = (job, digest, time.perf_counter())
             elif chunk_queue:
                 slide_id, start, xy = chunk_queue.popleft()
@@ -174,10 +174,8 @@ def tile_slides(
             plan: SlidePlan = outcome
             n = len(plan.table)
             block = _block_patches(config, plan.passthrough, n, n_workers)
-            group = _start_group(root, plan, digest, config)
             active[job.slide_id] = _Writing(
                 plan=plan,
-                group=group,
                 token=f"{digest}-{time.time_ns()}",
                 remaining=-(-n // block),
                 started=started,
@@ -217,13 +215,24 @@ def tile_slides(
                 read_px=plan.resolution.read_px,
             )
             mark_complete(
-                writing.group, {"patches": len(table), "tumor_patches": result.tumor_patches}
+                root[slide_id], {"patches": len(table), "tumor_patches": result.tumor_patches}
             )
             results.append(result)
             _finish(root, result, on_slide)
         submit_some()
     order = {path: i for i, path in enumerate(map(str, slides))}
     return sorted(results, key=lambda r: order.get(r.path, len(order)))
+
+
+def plan_and_start(job: SlideJob, config: TilingConfig, store_path: str, digest: str) -> SlidePlan:
+    """Worker side: plan the slide and (re)create its group, its per-patch tables written.
+
+    Done on the worker so that the driver, which every slide's tasks go
+    through, keeps little work of its own per slide.
+    """
+    plan = plan_slide(job, config)
+    _start_group(zarr_root(store_path), plan, digest, config)
+    return plan
 
 
 def tile_slide(
@@ -346,7 +355,6 @@ class _Writing:
     """A planned slide whose chunks are being written (driver-side state)."""
 
     plan: SlidePlan
-    group: Any
     token: str  # unique per (re)created group: workers cache open arrays by it
     remaining: int  # extraction tasks not yet finished
     started: float  # perf_counter() when its plan was submitted
