@@ -253,8 +253,7 @@ def tile_slide(
     if not overwrite and completed_fingerprint(root, job.slide_id) == digest:
         return _skipped(job, root[job.slide_id].attrs)
     started = time.perf_counter()
-    plan = plan_slide(job, config)
-    group = _start_group(root, plan, digest, config)
+    plan = plan_and_start(job, config, store_path, digest)
     token = f"{digest}-{time.time_ns()}"
     table, resolution = plan.table, plan.resolution
     block = _block_patches(config, plan.passthrough, len(table), workers=1)
@@ -263,7 +262,7 @@ def tile_slide(
             *_chunk_args(plan, store_path, token, start, table.level_xy[start : start + block])
         )
     tumor_patches = int(table.labels.sum())
-    mark_complete(group, {"patches": len(table), "tumor_patches": tumor_patches})
+    mark_complete(root[job.slide_id], {"patches": len(table), "tumor_patches": tumor_patches})
     return SlideResult(
         job.slide_id,
         str(job.path),
