@@ -3,9 +3,13 @@
 Per slide: plan (overview, tissue, annotations, patch grid, labels; one task,
 :mod:`pipeline.plan`), then extract (tasks of whole chunks of patches, each
 reading its patches with the worker's cached slide handle and writing its
-chunks directly, :mod:`pipeline.extract`). The driver keeps a bounded window
-of tasks in flight, so memory stays bounded whatever the cohort size, and
-marks a group complete only after every chunk of it was written.
+chunks directly, :mod:`pipeline.extract`). A slide whose patches are its
+stored JPEG tiles, copied as they are, is instead one task that plans, copies
+and marks it complete, while at least as many slides as workers wait behind
+it: the driver and Dask's scheduler then spend CPU on one task per slide
+instead of several. The driver keeps a bounded window of tasks in flight, so
+memory stays bounded whatever the cohort size, and a group is marked complete
+only after every chunk of it was written.
 """
 
 from __future__ import annotations
@@ -139,7 +143,12 @@ def tile_slides(
             # one is extracted, so workers never wait for a plan between slides.
             if plan_queue and len(active) + len(plans) < max_active:
                 job, digest = plan_queue.popleft()
-                future = client.submit(plan_and_start, job, config, store_path, digest, pure=False)
+                # A slide of copied tiles is one task, except the last few, whose
+                # extraction tasks spread over the workers as the cohort runs out.
+                copy_all = len(plan_queue) >= n_workers
+                future = client.submit(
+                    plan_and_start, job, config, store_path, digest, copy_all=copy_all, pure=False
+                )
                 plans[future] = (job, digest, time.perf_counter())
             elif chunk_queue:
                 slide_id, start, xy = chunk_queue.popleft()
@@ -169,6 +178,15 @@ def tile_slides(
             job, digest, started = plans.pop(future)
             if error is not None:
                 fail(job, error)
+                submit_some()
+                continue
+            if isinstance(outcome, Tiled):  # written and marked complete by the task
+                for report in (on_planned, on_patches):
+                    if report is not None:
+                        report(outcome.patches)
+                result = outcome.result(job, time.perf_counter() - started)
+                results.append(result)
+                _finish(root, result, on_slide)
                 submit_some()
                 continue
             plan: SlidePlan = outcome
@@ -203,20 +221,11 @@ def tile_slides(
         writing.remaining -= 1
         if writing.remaining == 0:
             del active[slide_id]
-            table = plan.table
-            result = SlideResult(
-                slide_id,
-                str(plan.job.path),
-                "done",
-                patches=len(table),
-                tumor_patches=int(table.labels.sum()),
-                seconds=round(time.perf_counter() - writing.started, 2),
-                level=plan.resolution.level,
-                read_px=plan.resolution.read_px,
-            )
+            tiled = _tiled(plan)
             mark_complete(
-                root[slide_id], {"patches": len(table), "tumor_patches": result.tumor_patches}
+                root[slide_id], {"patches": tiled.patches, "tumor_patches": tiled.tumor_patches}
             )
+            result = tiled.result(plan.job, time.perf_counter() - writing.started)
             results.append(result)
             _finish(root, result, on_slide)
         submit_some()
@@ -224,15 +233,23 @@ def tile_slides(
     return sorted(results, key=lambda r: order.get(r.path, len(order)))
 
 
-def plan_and_start(job: SlideJob, config: TilingConfig, store_path: str, digest: str) -> SlidePlan:
+def plan_and_start(
+    job: SlideJob, config: TilingConfig, store_path: str, digest: str, *, copy_all: bool = False
+) -> SlidePlan | Tiled:
     """Worker side: plan the slide and (re)create its group, its per-patch tables written.
 
     Done on the worker so that the driver, which every slide's tasks go
-    through, keeps little work of its own per slide.
+    through, keeps little work of its own per slide. With ``copy_all``, a
+    slide whose patches are stored tiles copied as they are (a small fraction
+    of a second for a whole slide) is written and marked complete here too,
+    and only its counts come back: one task per slide instead of a plan and
+    its extraction tasks, each costing the driver and Dask's scheduler CPU.
     """
     plan = plan_slide(job, config)
-    _start_group(zarr_root(store_path), plan, digest, config)
-    return plan
+    group = _start_group(zarr_root(store_path), plan, digest, config)
+    if not (copy_all and plan.passthrough):
+        return plan
+    return _write_all(plan, group, store_path, digest, config)
 
 
 def tile_slide(
@@ -254,25 +271,51 @@ def tile_slide(
         return _skipped(job, root[job.slide_id].attrs)
     started = time.perf_counter()
     plan = plan_and_start(job, config, store_path, digest)
-    token = f"{digest}-{time.time_ns()}"
+    tiled = _write_all(plan, root[job.slide_id], store_path, digest, config)
+    return tiled.result(job, time.perf_counter() - started)
+
+
+@dataclass(frozen=True)
+class Tiled:
+    """A slide written and marked complete by one worker task: what its result needs."""
+
+    patches: int
+    tumor_patches: int
+    level: int
+    read_px: int
+
+    def result(self, job: SlideJob, seconds: float) -> SlideResult:
+        return SlideResult(
+            job.slide_id,
+            str(job.path),
+            "done",
+            patches=self.patches,
+            tumor_patches=self.tumor_patches,
+            seconds=round(seconds, 2),
+            level=self.level,
+            read_px=self.read_px,
+        )
+
+
+def _tiled(plan: SlidePlan) -> Tiled:
     table, resolution = plan.table, plan.resolution
+    return Tiled(len(table), int(table.labels.sum()), resolution.level, resolution.read_px)
+
+
+def _write_all(
+    plan: SlidePlan, group: Any, store_path: str, digest: str, config: TilingConfig
+) -> Tiled:
+    """Write every chunk of a planned slide in order, then mark its group complete."""
+    table = plan.table
+    token = f"{digest}-{time.time_ns()}"
     block = _block_patches(config, plan.passthrough, len(table), workers=1)
     for start in range(0, len(table), block):
         extract_chunk(
             *_chunk_args(plan, store_path, token, start, table.level_xy[start : start + block])
         )
-    tumor_patches = int(table.labels.sum())
-    mark_complete(root[job.slide_id], {"patches": len(table), "tumor_patches": tumor_patches})
-    return SlideResult(
-        job.slide_id,
-        str(job.path),
-        "done",
-        patches=len(table),
-        tumor_patches=tumor_patches,
-        seconds=round(time.perf_counter() - started, 2),
-        level=resolution.level,
-        read_px=resolution.read_px,
-    )
+    tiled = _tiled(plan)
+    mark_complete(group, {"patches": tiled.patches, "tumor_patches": tiled.tumor_patches})
+    return tiled
 
 
 def record_results(store_path: Path | str, results: list[SlideResult]) -> None:

@@ -222,6 +222,65 @@ def test_aligned_jpeg_tiles_are_copied_losslessly(client, cohort, tmp_path):
     assert 0 < difference.mean() < 4
 
 
+def test_copied_slides_are_one_task_each_until_the_cohort_runs_out(client, cohort, tmp_path):
+    """Slides of copied tiles are written by their plan task, the last few are spread out."""
+    import tifffile
+    from distributed import get_task_stream
+
+    slides, _ = _train(cohort)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    # A slide whose level-0 tile byte counts (but the first's, which planning checks)
+    # run past the end of the file: it plans fine and fails while its tiles are copied.
+    broken = inputs / "broken.tif"
+    shutil.copy(slides[0], broken)
+    with tifffile.TiffFile(broken, mode="r+b") as tif:
+        counts = tif.pages[0].tags["TileByteCounts"]
+        counts.overwrite([counts.value[0]] + [c + 10**9 for c in counts.value[1:]])
+    names = [broken]
+    for i in range(2):
+        for path in slides:
+            name = inputs / f"{path.stem}_{i}.tif"
+            os.link(path, name)
+            names.append(name)
+    config = TilingConfig(target_mpp=None, level=0, patch_px=256, min_tissue_fraction=0.3)
+    store = tmp_path / "cohort.zarr"
+    planned, written = [], []
+    with get_task_stream(client) as stream:
+        results = tile_slides(
+            client, names, store, config, on_planned=planned.append, on_patches=written.append
+        )
+    assert [r.status for r in results] == ["failed"] + ["done"] * 4
+    assert results[0].reason.startswith(str(broken))
+    assert "cannot read level 0 tiles: tile" in results[0].reason
+    assert sum(planned) == sum(written) == sum(r.patches for r in results[1:]) > 0
+    # 2 workers: the first 3 slides (broken included) are one task each; the last 2 are
+    # a plan and its extraction tasks, so that both workers share them.
+    tasks = [t["key"].split("-")[0] for t in stream.data]
+    assert tasks.count("plan_and_start") == 5
+    block = [_block_patches(config, True, r.patches, workers=2) for r in results[-2:]]
+    expected = sum(-(-r.patches // b) for r, b in zip(results[-2:], block, strict=True))
+    assert tasks.count("extract_chunk") == expected
+    root = zarr.open_group(str(store), mode="r")
+    assert not root["broken"].attrs.get("complete")
+    for result in results[1:]:
+        group = root[result.slide_id]
+        assert group.attrs["complete"] is True and group.attrs["passthrough"] is True
+        assert group.attrs["patches"] == result.patches == group["patches"].shape[0]
+    # Whole-task and spread-out copies of the same slide are the same store content.
+    for path in slides:
+        one, two = root[f"{path.stem}_0"], root[f"{path.stem}_1"]
+        for name in ("patches", "coords", "labels", "tissue_fraction"):
+            np.testing.assert_array_equal(one[name][:], two[name][:])
+        with open_slide(path, direct=False) as slide:
+            n = one["coords"].shape[0]
+            for i in (0, n // 2, n - 1):
+                x, y = (int(v) for v in one["coords"][i])
+                np.testing.assert_array_equal(
+                    one["patches"][i], slide.read_region((x, y), 0, (256, 256))
+                )
+
+
 def test_extraction_tasks_are_whole_chunks_shared_by_the_workers():
     config = TilingConfig(target_mpp=None, level=0, patch_px=256, chunk_patches=64)
     # 64 MB of raw pixels: 5 chunks of 64 patches of 256 px (12 MB each); copying tasks
