@@ -221,10 +221,7 @@ def tile_slides(
         writing.remaining -= 1
         if writing.remaining == 0:
             del active[slide_id]
-            tiled = _tiled(plan)
-            mark_complete(
-                root[slide_id], {"patches": tiled.patches, "tumor_patches": tiled.tumor_patches}
-            )
+            tiled = _mark_complete(root[slide_id], plan)
             result = tiled.result(plan.job, time.perf_counter() - writing.started)
             results.append(result)
             _finish(root, result, on_slide)
@@ -297,9 +294,12 @@ class Tiled:
         )
 
 
-def _tiled(plan: SlidePlan) -> Tiled:
+def _mark_complete(group: Any, plan: SlidePlan) -> Tiled:
+    """Mark a slide's group complete (every chunk written) with its counts; return them."""
     table, resolution = plan.table, plan.resolution
-    return Tiled(len(table), int(table.labels.sum()), resolution.level, resolution.read_px)
+    tiled = Tiled(len(table), int(table.labels.sum()), resolution.level, resolution.read_px)
+    mark_complete(group, {"patches": tiled.patches, "tumor_patches": tiled.tumor_patches})
+    return tiled
 
 
 def _write_all(
@@ -313,9 +313,7 @@ def _write_all(
         extract_chunk(
             *_chunk_args(plan, store_path, token, start, table.level_xy[start : start + block])
         )
-    tiled = _tiled(plan)
-    mark_complete(group, {"patches": tiled.patches, "tumor_patches": tiled.tumor_patches})
-    return tiled
+    return _mark_complete(group, plan)
 
 
 def record_results(store_path: Path | str, results: list[SlideResult]) -> None:
