@@ -194,7 +194,7 @@ def tile_slides(
             block = _block_patches(config, plan.passthrough, n, n_workers)
             active[job.slide_id] = _Writing(
                 plan=plan,
-                token=f"{digest}-{time.time_ns()}",
+                token=_group_token(digest),
                 remaining=-(-n // block),
                 started=started,
             )
@@ -242,11 +242,17 @@ def plan_and_start(
     and only its counts come back: one task per slide instead of a plan and
     its extraction tasks, each costing the driver and Dask's scheduler CPU.
     """
-    plan = plan_slide(job, config)
-    group = _start_group(zarr_root(store_path), plan, digest, config)
+    plan, group = _plan_and_start(job, config, store_path, digest)
     if not (copy_all and plan.passthrough):
         return plan
     return _write_all(plan, group, store_path, digest, config)
+
+
+def _plan_and_start(
+    job: SlideJob, config: TilingConfig, store_path: str, digest: str
+) -> tuple[SlidePlan, Any]:
+    plan = plan_slide(job, config)
+    return plan, _start_group(zarr_root(store_path), plan, digest, config)
 
 
 def tile_slide(
@@ -267,8 +273,8 @@ def tile_slide(
     if not overwrite and completed_fingerprint(root, job.slide_id) == digest:
         return _skipped(job, root[job.slide_id].attrs)
     started = time.perf_counter()
-    plan = plan_and_start(job, config, store_path, digest)
-    tiled = _write_all(plan, root[job.slide_id], store_path, digest, config)
+    plan, group = _plan_and_start(job, config, store_path, digest)
+    tiled = _write_all(plan, group, store_path, digest, config)
     return tiled.result(job, time.perf_counter() - started)
 
 
@@ -294,6 +300,11 @@ class Tiled:
         )
 
 
+def _group_token(digest: str) -> str:
+    """Unique per (re)created group: workers cache the open ``patches`` array by it."""
+    return f"{digest}-{time.time_ns()}"
+
+
 def _mark_complete(group: Any, plan: SlidePlan) -> Tiled:
     """Mark a slide's group complete (every chunk written) with its counts; return them."""
     table, resolution = plan.table, plan.resolution
@@ -307,7 +318,7 @@ def _write_all(
 ) -> Tiled:
     """Write every chunk of a planned slide in order, then mark its group complete."""
     table = plan.table
-    token = f"{digest}-{time.time_ns()}"
+    token = _group_token(digest)
     block = _block_patches(config, plan.passthrough, len(table), workers=1)
     for start in range(0, len(table), block):
         extract_chunk(
