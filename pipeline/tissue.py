@@ -11,13 +11,21 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
-from skimage.morphology import remove_small_holes, remove_small_objects
 
 #: Below this saturation nothing is tissue, whatever Otsu says (blank slides, glass).
 MIN_SATURATION = 0.07
 #: Darker than this (HSV value) is pen ink, folds or slide edges, not tissue.
 MIN_VALUE = 0.12
+#: Otsu's histogram bins (skimage's default).
+OTSU_BINS = 256
+
+# A pixel's HSV saturation and value depend only on its (max, min) channel pair,
+# so both are tables over the 65,536 pairs, indexed by ``max << 8 | min``.
+_HIGH, _LOW = np.divmod(np.arange(65536), 256)
+_SATURATION = (_HIGH - _LOW).astype(np.float32) / np.maximum(_HIGH, 1).astype(np.float32)
+_BRIGHT_ENOUGH = _HIGH.astype(np.float32) / np.float32(255.0) > MIN_VALUE
 
 
 def detect_tissue(
@@ -38,24 +46,58 @@ def detect_tissue(
         raise ValueError(
             f"Expected an (h, w, 3) uint8 image. Received: shape={rgb.shape}, dtype={rgb.dtype}"
         )
-    # HSV saturation and value in float32 (skimage's rgb2hsv makes three float64 planes).
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     high = np.maximum(np.maximum(r, g), b)  # ~10x faster than rgb.max(axis=2)
     low = np.minimum(np.minimum(r, g), b)
-    value = high.astype(np.float32) / 255.0
-    saturation = (high - low).astype(np.float32) / np.maximum(high, 1).astype(np.float32)
-    if np.ptp(saturation) > 1e-6:
-        threshold = max(float(threshold_otsu(saturation)), MIN_SATURATION)
-    else:
-        threshold = MIN_SATURATION
-    mask = (saturation > threshold) & (value > MIN_VALUE)
+    pair = high.astype(np.intp)
+    pair <<= 8
+    pair |= low
+    pair_counts = np.bincount(pair.ravel(), minlength=65536)
+    threshold = max(otsu_of_counts(_SATURATION, pair_counts), MIN_SATURATION)
+    mask = ((threshold < _SATURATION) & _BRIGHT_ENOUGH)[pair]
     px_area = mpp * mpp
     # Capped: on a fine overview a wide disk costs much and bridges nothing more.
     radius = min(8, max(1, round(closing_um / mpp)))
     mask = disk_closing(mask, radius)
-    mask = remove_small_objects(mask, max_size=max(1, round(min_object_um2 / px_area)))
-    mask = remove_small_holes(mask, max_size=max(1, round(max_hole_um2 / px_area)))
-    return mask
+    mask = drop_small_components(mask, max(1, round(min_object_um2 / px_area)))
+    return ~drop_small_components(~mask, max(1, round(max_hole_um2 / px_area)))
+
+
+def drop_small_components(mask: np.ndarray, max_px: int) -> np.ndarray:
+    """``mask`` without its 4-connected components of at most ``max_px`` pixels.
+
+    skimage's ``remove_small_objects(mask, max_size=max_px)`` (and, on the
+    inverted mask, ``remove_small_holes``), leaner: no copy of the mask, and
+    none of the lookup when no component is that small.
+    """
+    labels = np.empty(mask.shape, dtype=np.int32)
+    n = ndi.label(mask, output=labels)
+    keep = np.bincount(labels.ravel(), minlength=n + 1) > max_px
+    keep[0] = False
+    if keep[1:].all():
+        return mask
+    return keep.take(labels)
+
+
+def otsu_of_counts(values: np.ndarray, counts: np.ndarray) -> float:
+    """``threshold_otsu`` of an image holding ``counts[i]`` pixels of value ``values[i]``.
+
+    The same threshold as skimage's on the image itself: its 256-bin
+    histogram over the image's range is built from the distinct values only.
+    On a 1280 x 1280 overview, counting pairs and this take ~5 ms where
+    skimage's histogram of the float saturation image takes ~10 ms. 0.0 for
+    an image of one value.
+    """
+    present = np.flatnonzero(counts)
+    values = values[present]
+    low, high = values.min(), values.max()
+    if high - low <= 1e-6:
+        return 0.0
+    hist, edges = np.histogram(
+        values, bins=OTSU_BINS, range=(low, high), weights=counts[present].astype(np.float64)
+    )
+    centers = (edges[:-1] + edges[1:]) / 2.0
+    return float(threshold_otsu(hist=(hist.astype(np.int64), centers)))
 
 
 def disk_closing(mask: np.ndarray, radius: int) -> np.ndarray:

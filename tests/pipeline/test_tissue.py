@@ -7,7 +7,13 @@ import numpy as np
 from pipeline.slide import open_slide
 from pipeline.synth.pyramid import write_pyramid_tiff
 from pipeline.synth.scene import make_scene
-from pipeline.tissue import detect_tissue, disk_closing
+from pipeline.tissue import (
+    _SATURATION,
+    detect_tissue,
+    disk_closing,
+    drop_small_components,
+    otsu_of_counts,
+)
 
 
 def test_real_aperio_slide_tissue_and_background(aperio_slide):
@@ -55,4 +61,48 @@ def test_disk_closing_matches_skimage():
         expected = closing(mask, disk(radius))
         np.testing.assert_array_equal(
             disk_closing(mask, radius), expected, err_msg=f"{h}x{w} r{radius}"
+        )
+
+
+def test_otsu_from_pair_counts_matches_skimage_on_saturation(tmp_path):
+    # detect_tissue thresholds saturation from counts of (max, min) channel pairs:
+    # the threshold must be skimage's on the saturation image itself.
+    from skimage.filters import threshold_otsu
+
+    scene = make_scene(2048, 2048, 0.243, seed=4, tumor=True)
+    write_pyramid_tiff(tmp_path / "s.tif", 2048, 2048, scene.render, mpp=0.243)
+    with open_slide(tmp_path / "s.tif") as slide:
+        images = [slide.overview(8)[0]]
+    rng = np.random.default_rng(5)
+    for _ in range(150):
+        h, w = rng.integers(1, 120, 2)
+        if rng.random() < 0.5:
+            images.append(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        else:  # pale, nearly grey pixels, as on glass: few distinct saturations
+            images.append(rng.normal(220, 6, (h, w, 3)).clip(0, 255).astype(np.uint8))
+    images.append(np.full((5, 7, 3), (200, 100, 50), dtype=np.uint8))  # one value
+    for image in images:
+        high = image.max(axis=2).astype(np.float32)
+        low = image.min(axis=2).astype(np.float32)
+        saturation = (high - low) / np.maximum(high, 1)
+        pair = image.max(axis=2).astype(np.intp) << 8 | image.min(axis=2)
+        counts = np.bincount(pair.ravel(), minlength=65536)
+        np.testing.assert_array_equal(_SATURATION[pair], saturation)
+        expected = 0.0 if np.ptp(saturation) <= 1e-6 else float(threshold_otsu(saturation))
+        assert otsu_of_counts(_SATURATION, counts) == expected, image.shape
+
+
+def test_dropping_small_components_matches_skimage():
+    from skimage.morphology import remove_small_holes, remove_small_objects
+
+    rng = np.random.default_rng(6)
+    for _ in range(80):
+        h, w = rng.integers(1, 64, 2)
+        max_px = int(rng.integers(1, 40))
+        mask = rng.random((h, w)) < rng.random()
+        np.testing.assert_array_equal(
+            drop_small_components(mask, max_px), remove_small_objects(mask, max_size=max_px)
+        )
+        np.testing.assert_array_equal(
+            ~drop_small_components(~mask, max_px), remove_small_holes(mask, max_size=max_px)
         )
