@@ -46,12 +46,7 @@ def detect_tissue(
         raise ValueError(
             f"Expected an (h, w, 3) uint8 image. Received: shape={rgb.shape}, dtype={rgb.dtype}"
         )
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    high = np.maximum(np.maximum(r, g), b)  # ~10x faster than rgb.max(axis=2)
-    low = np.minimum(np.minimum(r, g), b)
-    pair = high.astype(np.intp)
-    pair <<= 8
-    pair |= low
+    pair = channel_pairs(rgb)
     pair_counts = np.bincount(pair.ravel(), minlength=65536)
     threshold = max(otsu_of_counts(_SATURATION, pair_counts), MIN_SATURATION)
     mask = ((threshold < _SATURATION) & _BRIGHT_ENOUGH)[pair]
@@ -61,6 +56,15 @@ def detect_tissue(
     mask = disk_closing(mask, radius)
     mask = drop_small_components(mask, max(1, round(min_object_um2 / px_area)))
     return ~drop_small_components(~mask, max(1, round(max_hole_um2 / px_area)))
+
+
+def channel_pairs(rgb: np.ndarray) -> np.ndarray:
+    """``(h, w)`` intp: each pixel's ``max << 8 | min`` of its channels, the tables' index."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    pair = np.maximum(np.maximum(r, g), b).astype(np.intp)  # ~10x faster than rgb.max(axis=2)
+    pair <<= 8
+    pair |= np.minimum(np.minimum(r, g), b)
+    return pair
 
 
 def drop_small_components(mask: np.ndarray, max_px: int) -> np.ndarray:

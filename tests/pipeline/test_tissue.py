@@ -9,6 +9,7 @@ from pipeline.synth.pyramid import write_pyramid_tiff
 from pipeline.synth.scene import make_scene
 from pipeline.tissue import (
     _SATURATION,
+    channel_pairs,
     detect_tissue,
     disk_closing,
     drop_small_components,
@@ -54,14 +55,19 @@ def test_disk_closing_matches_skimage():
     from skimage.morphology import closing, disk
 
     rng = np.random.default_rng(3)
-    for _ in range(60):
-        h, w = rng.integers(1, 48, 2)
+    for mask in random_masks(rng, 60, max_side=48):
         radius = int(rng.integers(1, 9))
-        mask = rng.random((h, w)) < rng.random()
         expected = closing(mask, disk(radius))
         np.testing.assert_array_equal(
-            disk_closing(mask, radius), expected, err_msg=f"{h}x{w} r{radius}"
+            disk_closing(mask, radius), expected, err_msg=f"{mask.shape} r{radius}"
         )
+
+
+def random_masks(rng: np.random.Generator, n: int, *, max_side: int):
+    """``n`` random bool masks, 1 to ``max_side`` - 1 px a side, each of a random density."""
+    for _ in range(n):
+        h, w = rng.integers(1, max_side, 2)
+        yield rng.random((h, w)) < rng.random()
 
 
 def test_otsu_from_pair_counts_matches_skimage_on_saturation(tmp_path):
@@ -85,7 +91,7 @@ def test_otsu_from_pair_counts_matches_skimage_on_saturation(tmp_path):
         high = image.max(axis=2).astype(np.float32)
         low = image.min(axis=2).astype(np.float32)
         saturation = (high - low) / np.maximum(high, 1)
-        pair = image.max(axis=2).astype(np.intp) << 8 | image.min(axis=2)
+        pair = channel_pairs(image)
         counts = np.bincount(pair.ravel(), minlength=65536)
         np.testing.assert_array_equal(_SATURATION[pair], saturation)
         expected = 0.0 if np.ptp(saturation) <= 1e-6 else float(threshold_otsu(saturation))
@@ -96,10 +102,8 @@ def test_dropping_small_components_matches_skimage():
     from skimage.morphology import remove_small_holes, remove_small_objects
 
     rng = np.random.default_rng(6)
-    for _ in range(80):
-        h, w = rng.integers(1, 64, 2)
+    for mask in random_masks(rng, 80, max_side=64):
         max_px = int(rng.integers(1, 40))
-        mask = rng.random((h, w)) < rng.random()
         np.testing.assert_array_equal(
             drop_small_components(mask, max_px), remove_small_objects(mask, max_size=max_px)
         )
