@@ -104,7 +104,7 @@ def extract_chunk(
         block = level_xy[offset : offset + chunk]
         if direct is not None:
             try:
-                images = [direct.raw_tile(direct.tile_index(int(x), int(y))) for x, y in block]
+                images = [direct.jpeg_tile(direct.tile_index(int(x), int(y))) for x, y in block]
             except OSError as exc:
                 raise SlideError(slide_path, f"cannot read level {level} tiles: {exc}") from exc
         else:

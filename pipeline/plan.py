@@ -146,20 +146,25 @@ def _can_pass_through(
         not config.passthrough
         or config.codec != "jpeg"
         or direct is None
-        or not direct.whole_jpeg_tiles
+        or not direct.jpeg_tiles
         or resolution.resampled
         or not (resolution.read_px == stride_px == direct.tile_w == direct.tile_h)
         or direct.width < direct.tile_w
         or direct.height < direct.tile_h
     ):
         return False
-    # The store will decode the copied bytes with its codec: check it agrees with the TIFF decoder.
-    index = direct.tile_index(0, 0)
+    # The store will decode the copied bytes with its codec: check it agrees with the TIFF
+    # decoder on the first tile and a central one (likely tissue: on a neutral grey tile a
+    # wrong colour space could go unseen).
+    codec = PatchImageCodec(format="jpeg")
     try:
-        stored = PatchImageCodec(format="jpeg").decode_image(direct.raw_tile(index))
-        return bool(np.array_equal(stored, direct.tile(index)))
+        for x, y in ((0, 0), (direct.width // 2, direct.height // 2)):
+            index = direct.tile_index(x, y)
+            if not np.array_equal(codec.decode_image(direct.jpeg_tile(index)), direct.tile(index)):
+                return False
     except Exception:  # any doubt: decode and re-encode instead
         return False
+    return True
 
 
 def tissue_mask(reader: SlideReader, tissue_mpp: float) -> tuple[PlacedMask, np.ndarray]:

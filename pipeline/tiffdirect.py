@@ -6,6 +6,15 @@ formats whose pyramid levels are plain tiled TIFF pages, this reads the
 compressed tiles with ``os.pread`` and decodes them with tifffile/imagecodecs
 (libjpeg-turbo), keeping a small cache of decoded tiles. Every other format
 goes through OpenSlide, which stays the pixel reference in the tests.
+
+A JPEG tile can also be handed on as a complete JPEG stream without decoding
+it (:meth:`DirectLevel.jpeg_tile`). Generic TIFFs such as CAMELYON16's store
+complete streams. Aperio stores abbreviated ones: the quantisation and Huffman
+tables sit once in the page's JPEGTables, and the components are R, G and B
+with no marker saying so (OpenSlide and tifffile go by the TIFF's photometric
+tag). The complete stream gets the tables back and, for RGB pages, an Adobe
+APP14 marker with transform 0, which tells every JPEG decoder there is no
+colour transform.
 """
 
 from __future__ import annotations
@@ -20,6 +29,10 @@ import tifffile
 #: OpenSlide vendors whose levels are tiled TIFF pages tifffile can decode as they are.
 DIRECT_VENDORS = frozenset({"generic-tiff", "aperio"})
 
+_SOI, _EOI = b"\xff\xd8", b"\xff\xd9"
+#: APP14 "Adobe", version 100, no flags, transform 0: the components are R, G, B as stored.
+_ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
+
 
 class DirectLevel:
     """One tiled TIFF page read tile by tile; regions are in this level's pixels."""
@@ -33,8 +46,13 @@ class DirectLevel:
         self._counts = page.databytecounts
         self._decode = page.decode
         self._jpegtables = page.jpegtables
-        # Tiles that are complete JPEG streams (no shared JPEGTables) can be copied as they are.
-        self.whole_jpeg_tiles = page.compression == 7 and not page.jpegtables
+        tables = page.jpegtables or b""
+        #: Tiles are JPEG streams that :meth:`jpeg_tile` can hand on whole, undecoded.
+        self.jpeg_tiles = page.compression == 7 and (
+            not tables or (tables[:2] == _SOI and tables[-2:] == _EOI)
+        )
+        # What goes between a tile's SOI and the rest of it to make it a complete stream.
+        self._jpeg_header = (_ADOBE_RGB if page.photometric == 2 else b"") + tables[2:-2]
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._cache_tiles = cache_tiles
 
@@ -55,12 +73,25 @@ class DirectLevel:
         return tile
 
     def raw_tile(self, index: int) -> bytes:
-        """The stored bytes of tile ``index`` (a complete JPEG when :attr:`whole_jpeg_tiles`)."""
+        """The stored bytes of tile ``index``."""
         count = self._counts[index]
         data = os.pread(self._fd, count, self._offsets[index])
         if count == 0 or len(data) != count:
             raise OSError(f"tile {index} is missing or truncated: {len(data)} of {count} bytes")
         return data
+
+    def jpeg_tile(self, index: int) -> bytes:
+        """Tile ``index`` as a complete JPEG stream (needs :attr:`jpeg_tiles`), not decoded.
+
+        The stored bytes themselves when they are one; otherwise with the
+        page's shared tables and colour space put in after the start marker.
+        """
+        data = self.raw_tile(index)
+        if data[:2] != _SOI:
+            raise OSError(f"tile {index} is not a JPEG stream (starts with {data[:2].hex()})")
+        if not self._jpeg_header:
+            return data
+        return b"".join((_SOI, self._jpeg_header, memoryview(data)[2:]))
 
     def tile_index(self, x: int, y: int) -> int:
         """Index of the tile whose top-left corner is at level pixels ``(x, y)``."""

@@ -11,6 +11,7 @@ import zarr
 from skimage.measure import points_in_poly
 
 from pipeline.annotations import read_asap_xml, write_asap_xml
+from pipeline.codecs import PatchImageCodec
 from pipeline.config import TilingConfig
 from pipeline.slide import open_slide
 from pipeline.store import read_summary
@@ -230,13 +231,17 @@ def test_copied_slides_are_one_task_each_until_the_cohort_runs_out(client, cohor
     slides, _ = _train(cohort)
     inputs = tmp_path / "in"
     inputs.mkdir()
-    # A slide whose level-0 tile byte counts (but the first's, which planning checks)
-    # run past the end of the file: it plans fine and fails while its tiles are copied.
+    # A slide whose level-0 tile byte counts (but those of the first and central tiles,
+    # which planning checks) run past the end of the file: it plans fine and fails while
+    # its tiles are copied.
     broken = inputs / "broken.tif"
     shutil.copy(slides[0], broken)
     with tifffile.TiffFile(broken, mode="r+b") as tif:
-        counts = tif.pages[0].tags["TileByteCounts"]
-        counts.overwrite([counts.value[0]] + [c + 10**9 for c in counts.value[1:]])
+        page = tif.pages[0]
+        height, width = page.shape[:2]
+        checked = {0, (height // 2 // 256) * -(-width // 256) + width // 2 // 256}
+        counts = page.tags["TileByteCounts"]
+        counts.overwrite([c if i in checked else c + 10**9 for i, c in enumerate(counts.value)])
     names = [broken]
     for i in range(2):
         for path in slides:
@@ -297,18 +302,132 @@ def test_extraction_tasks_are_whole_chunks_shared_by_the_workers():
     assert _block_patches(small, False, 100_000, workers=1) == 37 * 64
 
 
-def test_abbreviated_jpeg_tiles_are_decoded_not_copied(client, aperio_slide, tmp_path):
-    """Aperio tiles share JPEGTables: aligned patches are decoded and re-encoded."""
-    store = tmp_path / "svs.zarr"
+def test_aperio_tiles_are_copied_with_their_tables(client, aperio_slide, tmp_path):
+    """Aperio's abbreviated RGB tiles get the page's tables and an Adobe marker, not a re-encode."""
     config = TilingConfig(target_mpp=None, level=0, patch_px=240)
-    (result,) = tile_slides(client, [aperio_slide], store, config)
+    _assert_tiles_copied(client, aperio_slide, tmp_path, config)
+
+
+def test_shared_table_rgb_tiles_are_copied(client, tmp_path):
+    """A generated TIFF laid out as Aperio's: shared JPEGTables, RGB components numbered 0-2."""
+    import tifffile
+
+    from pipeline.synth.scene import make_scene
+
+    image = make_scene(1024, 768, 0.25, seed=5, tumor=False).render(0, 0, 1024, 768)
+    tables, tiles = _abbreviated_rgb_tiles(image, 256)
+    path = tmp_path / "abbreviated.tif"
+    tifffile.imwrite(
+        path,
+        iter(tiles),
+        shape=image.shape,
+        dtype=np.uint8,
+        tile=(256, 256),
+        photometric="rgb",
+        compression="jpeg",
+        compressionargs={"outcolorspace": "RGB"},
+        subsampling=(1, 1),
+        jpegtables=tables,
+        resolution=(1e4 / 0.25, 1e4 / 0.25),
+        resolutionunit="CENTIMETER",
+    )
+    # The tables alone do not make the tiles decodable: read as YCbCr, the colours are wrong.
+    with open_slide(path, direct=False) as slide:
+        reference = slide.read_region((0, 0), 0, (256, 256))
+    tables_only = PatchImageCodec(format="jpeg").decode_image(tables[:-2] + tiles[0][2:])
+    assert np.abs(tables_only.astype(int) - reference).mean() > 20
+    config = TilingConfig(target_mpp=None, level=0, patch_px=256, min_tissue_fraction=0.0)
+    assert _assert_tiles_copied(client, path, tmp_path, config) == 12
+
+
+def test_a_copied_tile_that_is_not_jpeg_fails_its_slide(client, cohort, tmp_path):
+    """Bytes that are not a JPEG stream never go into the store as a patch."""
+    import tifffile
+
+    slides, _ = _train(cohort)
+    broken = tmp_path / "notjpeg.tif"
+    shutil.copy(slides[0], broken)
+    with tifffile.TiffFile(broken) as tif:
+        page = tif.pages[0]
+        height, width = page.shape[:2]
+        checked = {0, (height // 2 // 256) * -(-width // 256) + width // 2 // 256}
+        offsets = [o for i, o in enumerate(page.dataoffsets) if i not in checked]
+    with open(broken, "r+b") as f:
+        for offset in offsets:
+            f.seek(offset)
+            f.write(b"\0\0")
+    config = TilingConfig(target_mpp=None, level=0, patch_px=256, min_tissue_fraction=0.3)
+    store = tmp_path / "s.zarr"
+    bad, good = tile_slides(client, [broken, slides[1]], store, config)
+    assert bad.status == "failed" and good.status == "done"
+    assert bad.reason.startswith(f"{broken}: cannot read level 0 tiles: tile ")
+    assert bad.reason.endswith("is not a JPEG stream (starts with 0000)")
+    assert not zarr.open_group(str(store), mode="r")["notjpeg"].attrs.get("complete")
+
+
+def _abbreviated_rgb_tiles(image: np.ndarray, tile_px: int) -> tuple[bytes, list[bytes]]:
+    """JPEG tiles of ``image`` as Aperio stores them: the shared tables, and each tile without.
+
+    The components are R, G, B with ids 0, 1, 2 and no APP marker, so nothing in
+    a tile says it is not YCbCr.
+    """
+    import imagecodecs
+
+    tables, tiles = None, []
+    for y in range(0, image.shape[0], tile_px):
+        for x in range(0, image.shape[1], tile_px):
+            stream = imagecodecs.jpeg8_encode(
+                image[y : y + tile_px, x : x + tile_px],
+                level=80,
+                colorspace="RGB",
+                outcolorspace="RGB",
+            )
+            pos, shared, own = 2, [], []
+            while stream[pos : pos + 2] != b"\xff\xda":  # segments up to the scan's
+                length = int.from_bytes(stream[pos + 2 : pos + 4], "big")
+                segment = bytearray(stream[pos : pos + 2 + length])
+                if segment[1] in (0xDB, 0xC4):  # quantisation and Huffman tables
+                    shared.append(bytes(segment))
+                elif segment[1] == 0xC0:  # frame header: component ids 'R', 'G', 'B' -> 0, 1, 2
+                    segment[10::3] = bytes(range(3))
+                    own.append(bytes(segment))
+                elif not 0xE0 <= segment[1] <= 0xEF:  # APP markers (Adobe's) dropped
+                    own.append(bytes(segment))
+                pos += 2 + length
+            scan = bytearray(stream[pos:])
+            scan[5:11:2] = bytes(range(3))  # the scan header's component ids
+            shared_tables = b"\xff\xd8" + b"".join(shared) + b"\xff\xd9"
+            assert tables in (None, shared_tables)
+            tables = shared_tables
+            tiles.append(b"\xff\xd8" + b"".join(own) + bytes(scan))
+    assert tables is not None
+    return tables, tiles
+
+
+def _assert_tiles_copied(client, slide_path, tmp_path, config) -> int:
+    """Tile ``slide_path`` with ``config``: tiles copied, each patch OpenSlide's exactly.
+
+    Re-encoding instead (``passthrough: false``) gives the same patches within
+    JPEG q90's error (a mean of ~6 grey levels on real H&E). Returns the number of patches.
+    """
+    (result,) = tile_slides(client, [slide_path], tmp_path / "copy.zarr", config)
     assert result.status == "done"
-    group = zarr.open_group(str(store), mode="r")[aperio_slide.stem]
-    assert group.attrs["passthrough"] is False
-    x, y = (int(v) for v in group["coords"][0])
-    with open_slide(aperio_slide, direct=False) as slide:
-        reference = slide.read_region((x, y), 0, (240, 240))
-    assert np.abs(group["patches"][0].astype(int) - reference).mean() < 8
+    group = zarr.open_group(str(tmp_path / "copy.zarr"), mode="r")[slide_path.stem]
+    assert group.attrs["passthrough"] is True
+    patches, coords = group["patches"][:], group["coords"][:]
+    size = config.patch_px
+    with open_slide(slide_path, direct=False) as slide:
+        for patch, (x, y) in zip(patches, coords, strict=True):
+            np.testing.assert_array_equal(
+                patch, slide.read_region((int(x), int(y)), 0, (size, size))
+            )
+    reencode = config.model_copy(update={"passthrough": False})
+    (result,) = tile_slides(client, [slide_path], tmp_path / "enc.zarr", reencode)
+    group = zarr.open_group(str(tmp_path / "enc.zarr"), mode="r")[slide_path.stem]
+    assert result.status == "done" and group.attrs["passthrough"] is False
+    difference = np.abs(group["patches"][:].astype(int) - patches)
+    assert 0 < difference.mean() < 8
+    return len(patches)
 
 
 def test_slide_without_mpp_needs_a_level(client, tmp_path):
