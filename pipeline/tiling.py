@@ -369,16 +369,21 @@ def _chunk_args(
 
 
 def _block_patches(config: TilingConfig, passthrough: bool, n_patches: int, workers: int) -> int:
-    """Patches per extraction task: whole chunks adding up to about ``TASK_BYTES``.
+    """Patches per extraction task: whole chunks adding up to at most about ``TASK_BYTES``.
 
-    Copying tasks cover ``COPY_FACTOR`` times more. A slide is still split
-    into at least one task per worker where it has the chunks for it.
+    Copying tasks cover ``COPY_FACTOR`` times more. A slide is split into a
+    multiple of ``workers`` tasks where it has the chunks for it, all but the
+    last of the same size, so that no worker is left with a short tail while
+    another copies two full tasks (a 138-chunk slide copied on 2 workers:
+    4 tasks of 35 chunks, not 3 of 42 and one of 12).
     """
     chunk = config.chunk_patches
     budget = TASK_BYTES * (COPY_FACTOR if passthrough else 1)
-    chunks = max(1, budget // (chunk * config.patch_px**2 * 3))
-    n_chunks = -(-n_patches // chunk)
-    return chunk * max(1, min(chunks, -(-n_chunks // workers)))
+    max_chunks = max(1, budget // (chunk * config.patch_px**2 * 3))
+    n_chunks = max(1, -(-n_patches // chunk))
+    tasks = -(-n_chunks // max_chunks)
+    tasks = min(n_chunks, -(-tasks // workers) * workers)
+    return chunk * -(-n_chunks // tasks)
 
 
 def _start_group(root: Any, plan: SlidePlan, digest: str, config: TilingConfig) -> Any:

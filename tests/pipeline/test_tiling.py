@@ -293,6 +293,10 @@ def test_extraction_tasks_are_whole_chunks_shared_by_the_workers():
     assert COPY_FACTOR == 8
     assert _block_patches(config, False, 100_000, workers=2) == 5 * 64
     assert _block_patches(config, True, 100_000, workers=2) == 42 * 64
+    # Equal tasks, a multiple of the workers: 138 chunks are 4 x 35 on 1, 2 or 4 workers
+    # (not 42, 42, 42, 12), 6 x 23 on 3.
+    for workers, chunks in ((1, 35), (2, 35), (3, 23), (4, 35)):
+        assert _block_patches(config, True, 137 * 64 + 22, workers=workers) == chunks * 64
     # A slide of 16 chunks still gives each of 2 (or 16) workers a task.
     assert _block_patches(config, True, 16 * 64 - 5, workers=2) == 8 * 64
     assert _block_patches(config, False, 16 * 64, workers=16) == 64
