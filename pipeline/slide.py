@@ -94,6 +94,13 @@ class SlideReader:
         """The direct tile reader of ``level``, or None when it goes through OpenSlide."""
         return None if self._direct is None else self._direct.levels[level]
 
+    def drop_tile_caches(self) -> None:
+        """Forget the tiles the direct readers keep decoded (memory back; reads stay right)."""
+        if self._direct is not None:
+            for direct in self._direct.levels:
+                if direct is not None:
+                    direct.drop_cache()
+
     def read_level(
         self, level: int, level_xy: tuple[int, int], size_wh: tuple[int, int]
     ) -> np.ndarray:

@@ -37,7 +37,7 @@ _ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
 class DirectLevel:
     """One tiled TIFF page read tile by tile; regions are in this level's pixels."""
 
-    def __init__(self, fd: int, page: tifffile.TiffPage, cache_tiles: int = 64):
+    def __init__(self, fd: int, page: tifffile.TiffPage, cache_tiles: int | None = None):
         self._fd = fd
         self.height, self.width = page.shape[:2]
         self.tile_h, self.tile_w = page.tilelength, page.tilewidth
@@ -54,10 +54,18 @@ class DirectLevel:
         # What goes between a tile's SOI and the rest of it to make it a complete stream.
         self._jpeg_header = (_ADOBE_RGB if page.photometric == 2 else b"") + tables[2:-2]
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
-        self._cache_tiles = cache_tiles
+        # Regions read row by row (patches that are not the stored tiles) straddle two rows
+        # of tiles, and the next row of regions reads the lower one again: keep two rows.
+        # Whole tiles are not kept (a grid of them never reads one twice).
+        self._cache_tiles = cache_tiles or 2 * self.tiles_across + 2
+        #: Tiles decoded so far (a tile read again from the cache does not count).
+        self.tiles_decoded = 0
 
-    def tile(self, index: int) -> np.ndarray | None:
-        """Return decoded tile ``index`` as ``(tile_h, tile_w, 3)`` uint8, or None if absent."""
+    def tile(self, index: int, *, keep: bool = True) -> np.ndarray | None:
+        """Return decoded tile ``index`` as ``(tile_h, tile_w, 3)`` uint8, or None if absent.
+
+        ``keep``: cache it for the next reads (the least recently used goes).
+        """
         cached = self._cache.get(index)
         if cached is not None:
             self._cache.move_to_end(index)
@@ -65,12 +73,18 @@ class DirectLevel:
         if self._counts[index] == 0:
             return None
         segment, _, _ = self._decode(self.raw_tile(index), index, jpegtables=self._jpegtables)
+        self.tiles_decoded += 1
         tile = segment.reshape(self.tile_h, self.tile_w, -1)[..., :3]
         tile.flags.writeable = False
-        self._cache[index] = tile
-        if len(self._cache) > self._cache_tiles:
-            self._cache.popitem(last=False)
+        if keep:
+            self._cache[index] = tile
+            if len(self._cache) > self._cache_tiles:
+                self._cache.popitem(last=False)
         return tile
+
+    def drop_cache(self) -> None:
+        """Forget the decoded tiles kept so far."""
+        self._cache.clear()
 
     def raw_tile(self, index: int) -> bytes:
         """The stored bytes of tile ``index``."""
@@ -112,7 +126,7 @@ class DirectLevel:
             and y >= 0
             and y + h <= self.height
         ):
-            tile = self.tile(self.tile_index(x, y))
+            tile = self.tile(self.tile_index(x, y), keep=False)
             if tile is not None:
                 return tile
         out = np.full((h, w, 3), background, dtype=np.uint8)

@@ -73,3 +73,36 @@ def test_find_slides_recurses_and_skips_hidden(tmp_path):
         (tmp_path / name).write_bytes(b"")
     found = find_slides([tmp_path, tmp_path / "a" / "x.svs"])
     assert found == [tmp_path / "a" / "b" / "y.tif", tmp_path / "a" / "x.svs"]
+
+
+def test_regions_read_row_by_row_decode_each_tile_once(tmp_path):
+    """Regions that are not whole tiles keep two rows of tiles decoded, as a grid reads them."""
+    path = tmp_path / "g.tif"
+    # 40 tiles across: two rows of them are more than a fixed cache of 64 would keep.
+    write_pyramid_tiff(path, 5120, 512, _gradient, mpp=0.25, tile_px=128)
+    read_px = 137  # regions straddle rows of tiles; the next row of regions reads the lower one
+    positions = [
+        (x, y) for y in range(0, 512 - read_px, read_px) for x in range(0, 5120 - read_px, read_px)
+    ]
+    with open_slide(path) as slide, open_slide(path, direct=False) as reference:
+        direct = slide.direct_level(0)
+        touched = set()
+        for x, y in positions:
+            np.testing.assert_array_equal(
+                slide.read_level(0, (x, y), (read_px, read_px)),
+                reference.read_region((x, y), 0, (read_px, read_px)),
+            )
+            touched |= {
+                (tx, ty)
+                for tx in range(x // 128, (x + read_px - 1) // 128 + 1)
+                for ty in range(y // 128, (y + read_px - 1) // 128 + 1)
+            }
+        assert direct.tiles_decoded == len(touched) == 160
+        # Dropped, the tiles are decoded again.
+        slide.drop_tile_caches()
+        slide.read_level(0, (0, 0), (read_px, read_px))
+        assert direct.tiles_decoded == 160 + 4
+        # Whole tiles are not kept: a grid of them never reads one twice.
+        for _ in range(2):
+            slide.read_level(0, (1024, 256), (128, 128))
+        assert direct.tiles_decoded == 164 + 2
