@@ -23,7 +23,6 @@ then wsiflow / limit, wsiflow / peer and 2 workers / 1. Medians over
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -36,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 from PIL import Image
-from tiling import make_slide, median_rate
+from tiling import bench_slide, median_rate, slide_parser
 
 from pipeline.cluster import dask_client
 from pipeline.codecs import PatchImageCodec, pack_images
@@ -48,22 +47,11 @@ from pipeline.tiling import tile_slides
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", type=int, default=40960)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = slide_parser(__doc__)
     parser.add_argument("--mpp", type=float, default=0.5)
     parser.add_argument("--patch-size", type=int, default=256)
-    parser.add_argument(
-        "--workdir", type=Path, default=Path(tempfile.gettempdir()) / "wsiflow-bench"
-    )
-    parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    slide = args.workdir / f"bench_{args.size}.tif"
-    if not slide.exists():
-        t0 = time.perf_counter()
-        make_slide(slide, args.size)
-        print(f"generated {slide} in {time.perf_counter() - t0:.0f} s")
+    slide = bench_slide(args.workdir, args.size)
 
     patch_px = args.patch_size
     config = TilingConfig(target_mpp=args.mpp, patch_px=patch_px)

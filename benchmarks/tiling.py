@@ -133,23 +133,35 @@ def median_rate(fn, n_items: int, repeats: int) -> float:
     return statistics.median(rates)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def slide_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every benchmark on the generated slide takes (slide size, repeats, where)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=40960)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--sample", type=int, default=3000, help="patches for the in-process loops")
-    parser.add_argument("--cohort", type=int, default=8, help="slides in the cohort measurement")
     parser.add_argument(
         "--workdir", type=Path, default=Path(tempfile.gettempdir()) / "wsiflow-bench"
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    slide = args.workdir / f"bench_{args.size}.tif"
+    return parser
+
+
+def bench_slide(workdir: Path, size: int) -> Path:
+    """The generated ``size`` px slide in ``workdir``, made the first time (minutes at 40k)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    slide = workdir / f"bench_{size}.tif"
     if not slide.exists():
         t0 = time.perf_counter()
-        make_slide(slide, args.size)
+        make_slide(slide, size)
         print(f"generated {slide} in {time.perf_counter() - t0:.0f} s")
+    return slide
+
+
+def main() -> None:
+    parser = slide_parser(__doc__)
+    parser.add_argument("--sample", type=int, default=3000, help="patches for the in-process loops")
+    parser.add_argument("--cohort", type=int, default=8, help="slides in the cohort measurement")
+    args = parser.parse_args()
+    slide = bench_slide(args.workdir, args.size)
 
     config = TilingConfig(target_mpp=None, level=0, patch_px=TILE)
     plan = plan_slide(SlideJob("bench", slide, None), config)

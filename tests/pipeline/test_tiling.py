@@ -45,6 +45,12 @@ def _train(cohort):
     ], root / "training" / "lesion_annotations"
 
 
+def _tiles_checked_before_copying(page) -> set[int]:
+    """Indices of the 256 px level-0 tiles planning decodes before copying: first and central."""
+    height, width = page.shape[:2]
+    return {0, (height // 2 // 256) * -(-width // 256) + width // 2 // 256}
+
+
 def _tumor_fraction_exact(polygons, x0, y0, size, step=4):
     """Independent check: sample the patch's pixel centres against the polygons."""
     ys, xs = np.mgrid[0:size:step, 0:size:step]
@@ -237,10 +243,8 @@ def test_copied_slides_are_one_task_each_until_the_cohort_runs_out(client, cohor
     broken = inputs / "broken.tif"
     shutil.copy(slides[0], broken)
     with tifffile.TiffFile(broken, mode="r+b") as tif:
-        page = tif.pages[0]
-        height, width = page.shape[:2]
-        checked = {0, (height // 2 // 256) * -(-width // 256) + width // 2 // 256}
-        counts = page.tags["TileByteCounts"]
+        checked = _tiles_checked_before_copying(tif.pages[0])
+        counts = tif.pages[0].tags["TileByteCounts"]
         counts.overwrite([c if i in checked else c + 10**9 for i, c in enumerate(counts.value)])
     names = [broken]
     for i in range(2):
@@ -352,10 +356,8 @@ def test_a_copied_tile_that_is_not_jpeg_fails_its_slide(client, cohort, tmp_path
     broken = tmp_path / "notjpeg.tif"
     shutil.copy(slides[0], broken)
     with tifffile.TiffFile(broken) as tif:
-        page = tif.pages[0]
-        height, width = page.shape[:2]
-        checked = {0, (height // 2 // 256) * -(-width // 256) + width // 2 // 256}
-        offsets = [o for i, o in enumerate(page.dataoffsets) if i not in checked]
+        checked = _tiles_checked_before_copying(tif.pages[0])
+        offsets = [o for i, o in enumerate(tif.pages[0].dataoffsets) if i not in checked]
     with open(broken, "r+b") as f:
         for offset in offsets:
             f.seek(offset)
