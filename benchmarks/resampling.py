@@ -59,6 +59,7 @@ def main() -> None:
     resolution, table = plan.resolution, plan.table
     level, read_px = resolution.level, resolution.read_px
     n_patches = len(table)
+    sample = table.level_xy[:: max(1, n_patches // 1000)]  # for the per-patch loops
     print(
         f"slide {args.size} x {args.size}: {n_patches} tissue patches of {patch_px} px at "
         f"{args.mpp} µm/px: {read_px} px of level {level} ({resolution.level_mpp:.3f} µm/px)"
@@ -87,8 +88,7 @@ def main() -> None:
 
         tile_rate = median_rate(decode_all, len(tiles), args.repeats)
         regions = [
-            reader.read_level(level, (int(x), int(y)), (read_px, read_px))
-            for x, y in table.level_xy[:: max(1, n_patches // 1000)]
+            reader.read_level(level, (int(x), int(y)), (read_px, read_px)) for x, y in sample
         ]
     resize_rate = median_rate(
         lambda: [resize_patch(r, patch_px) for r in regions], len(regions), args.repeats
@@ -113,7 +113,6 @@ def main() -> None:
     with open_slide(slide, direct=False) as reader:
         osr = reader._osr
         downsample = reader.info.level_downsamples[level]
-        sample = table.level_xy[:: max(1, n_patches // 1000)]
 
         def peer_loop() -> None:
             for x, y in sample:

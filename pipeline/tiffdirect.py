@@ -37,7 +37,7 @@ _ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
 class DirectLevel:
     """One tiled TIFF page read tile by tile; regions are in this level's pixels."""
 
-    def __init__(self, fd: int, page: tifffile.TiffPage, cache_tiles: int | None = None):
+    def __init__(self, fd: int, page: tifffile.TiffPage):
         self._fd = fd
         self.height, self.width = page.shape[:2]
         self.tile_h, self.tile_w = page.tilelength, page.tilewidth
@@ -57,7 +57,7 @@ class DirectLevel:
         # Regions read row by row (patches that are not the stored tiles) straddle two rows
         # of tiles, and the next row of regions reads the lower one again: keep two rows.
         # Whole tiles are not kept (a grid of them never reads one twice).
-        self._cache_tiles = cache_tiles or 2 * self.tiles_across + 2
+        self._cache_tiles = 2 * self.tiles_across + 2
         #: Tiles decoded so far (a tile read again from the cache does not count).
         self.tiles_decoded = 0
 
