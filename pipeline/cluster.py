@@ -1,14 +1,24 @@
-"""Dask clients: a LocalCluster sized to the machine, or an existing scheduler unchanged."""
+"""Dask clients and tasks.
+
+Clients: a LocalCluster sized to the machine, or an existing scheduler left
+unchanged. Tasks: submitted so that bad input (a typed wsiflow error) comes
+back to the driver as a value, not as an exception Dask logs on the worker.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import dask
-from distributed import Client, LocalCluster
+from distributed import Client, Future, LocalCluster
+
+from .errors import WsiflowError
 
 
 @contextlib.contextmanager
@@ -51,3 +61,42 @@ def local_cluster(
             dashboard_address=None,
             silence_logs=silence_logs,
         )
+
+
+@dataclass(frozen=True)
+class TaskFailed:
+    """A task's failure on bad input (a :class:`WsiflowError`), returned rather than raised."""
+
+    error: WsiflowError
+
+
+def submit_reporting(client: Client, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
+    """``client.submit(fn, *args, **kwargs)``, never pure; bad input returns a :class:`TaskFailed`.
+
+    Dask logs every exception a task raises on its worker, task and traceback
+    included ("Compute Failed"): right for a bug, noise for a corrupt slide or
+    a malformed annotation, which the driver reports in one line naming the
+    file and the reason. Other exceptions are still raised (and logged). The
+    task keeps ``fn``'s name, as Dask would give it.
+    """
+    key = f"{fn.__name__}-{uuid.uuid4().hex}"
+    return client.submit(_returning_failures, fn, *args, key=key, **kwargs)
+
+
+def task_error(future: Future, outcome: Any) -> BaseException | None:
+    """What a finished task failed with (raised, or returned as a :class:`TaskFailed`); None if not.
+
+    ``outcome`` is what ``as_completed(..., with_results=True, raise_errors=False)``
+    gave with ``future``: the result, or for a raised exception Dask's
+    ``(type, exception, traceback)``.
+    """
+    if future.status == "error":
+        return outcome[1]
+    return outcome.error if isinstance(outcome, TaskFailed) else None
+
+
+def _returning_failures(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    except WsiflowError as exc:
+        return TaskFailed(exc)

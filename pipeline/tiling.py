@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from .cluster import submit_reporting, task_error
 from .config import TilingConfig
 from .errors import failure_reason
 from .extract import extract_chunk
@@ -146,8 +147,8 @@ def tile_slides(
                 # A slide of copied tiles is one task, except the last few, whose
                 # extraction tasks spread over the workers as the cohort runs out.
                 copy_all = len(plan_queue) >= n_workers
-                future = client.submit(
-                    plan_and_start, job, config, store_path, digest, copy_all=copy_all, pure=False
+                future = submit_reporting(
+                    client, plan_and_start, job, config, store_path, digest, copy_all=copy_all
                 )
                 plans[future] = (job, digest, time.perf_counter())
             elif chunk_queue:
@@ -156,7 +157,7 @@ def tile_slides(
                     continue  # the slide failed meanwhile
                 writing = active[slide_id]
                 args = _chunk_args(writing.plan, store_path, writing.token, start, xy)
-                future = client.submit(extract_chunk, *args, pure=False)
+                future = submit_reporting(client, extract_chunk, *args)
                 chunks[future] = slide_id
             else:
                 return
@@ -172,8 +173,7 @@ def tile_slides(
 
     submit_some()
     for future, outcome in work:
-        # A failed task's outcome is (type, exception, traceback).
-        error = outcome[1] if future.status == "error" else None
+        error = task_error(future, outcome)
         if future in plans:
             job, digest, started = plans.pop(future)
             if error is not None:

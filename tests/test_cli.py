@@ -192,6 +192,8 @@ def test_tile_then_preview(cli_cohort, tmp_path):
     assert (summary["done"], summary["failed"]) == (2, 1)
     assert summary["failures"][0]["path"] == str(corrupt)
     assert f"{corrupt}: not a slide format OpenSlide can read" in result.stderr
+    # One line for it, no worker's log of a failed task (and traceback) besides.
+    assert result.stderr.count(str(corrupt)) == 1 and "Traceback" not in result.stderr
     assert summary["tumor_patches"] > 0 and summary["store_bytes"] > 0
     rerun = last_json(run(*[a for a in args if a != str(corrupt)]))
     assert (rerun["skipped"], rerun["done"], rerun["ok"]) == (2, 0, True)

@@ -133,6 +133,12 @@ def test_resume_skips_complete_slides_and_redoes_changed_ones(client, cohort, tm
     ] == ["done", "done"]
 
 
+def _failures_logged_by_workers(client) -> int:
+    """How many failed tasks (Dask's "Compute Failed", with traceback) the workers logged."""
+    logs = client.get_worker_logs()
+    return sum("Compute Failed" in message for records in logs.values() for _, message in records)
+
+
 def test_bad_slides_are_reported_and_the_rest_complete(client, cohort, tmp_path):
     slides, annotations = _train(cohort)
     bad = tmp_path / "bad"
@@ -161,9 +167,12 @@ def test_bad_slides_are_reported_and_the_rest_complete(client, cohort, tmp_path)
     )
     missing = bad / "missing.tif"
     inputs = [good, corrupt, truncated, blank, malformed, elsewhere, missing]
+    logged = _failures_logged_by_workers(client)
     results = tile_slides(
         client, inputs, tmp_path / "s.zarr", TilingConfig(patch_px=48), annotations_dir=notes
     )
+    # Each reason is reported once, by the driver: no worker logged a failed task.
+    assert _failures_logged_by_workers(client) == logged
     by_id = {r.slide_id: r for r in results}
     assert by_id["good"].status == "done" and by_id["good"].patches > 0
     expected = {
@@ -364,7 +373,9 @@ def test_a_copied_tile_that_is_not_jpeg_fails_its_slide(client, cohort, tmp_path
             f.write(b"\0\0")
     config = TilingConfig(target_mpp=None, level=0, patch_px=256, min_tissue_fraction=0.3)
     store = tmp_path / "s.zarr"
+    logged = _failures_logged_by_workers(client)
     bad, good = tile_slides(client, [broken, slides[1]], store, config)
+    assert _failures_logged_by_workers(client) == logged
     assert bad.status == "failed" and good.status == "done"
     assert bad.reason.startswith(f"{broken}: cannot read level 0 tiles: tile ")
     assert bad.reason.endswith("is not a JPEG stream (starts with 0000)")
