@@ -243,6 +243,24 @@ def test_tile_rejects_mpp_and_level_together(tmp_path):
     assert result.returncode == 2 and "give one, not both" in result.stderr
 
 
+def test_tile_says_when_it_finds_no_slide(tmp_path):
+    """A folder without slides is a usage error (before any store); a missing file fails."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not a slide")
+    store = tmp_path / "s.zarr"
+    result = run("tile", str(empty), "--out", str(store))
+    assert result.returncode == 2
+    assert "SLIDES: Expected slide files (.bif, .dcm," in result.stderr
+    assert f"in {empty}. Found none." in result.stderr
+    assert not store.exists()
+    missing = tmp_path / "missing.svs"
+    result = run("tile", str(missing), "--out", str(store), "--workers", "1")
+    assert result.returncode == 1 and f"{missing}: no such file" in result.stderr
+    # Nothing stored: no size ratios of an empty store.
+    assert "0 patches written in" in result.stdout and "x the slide files" not in result.stdout
+
+
 @pytest.mark.slow
 def test_killed_run_leaves_no_false_complete_group(cli_cohort, tmp_path):
     """SIGKILL mid-run: every group marked complete is whole; a rerun finishes the rest."""

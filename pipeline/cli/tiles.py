@@ -62,7 +62,7 @@ def tile(
     as_json: JsonOption = False,
 ) -> None:
     """Find tissue, label patches from annotations, extract them into a Zarr store (Dask)."""
-    from ..slide import find_slides
+    from ..slide import SLIDE_SUFFIXES, find_slides
     from ..store import open_root
 
     reporter = Reporter(as_json)
@@ -87,6 +87,16 @@ def tile(
     except ConfigError as exc:
         _fail_usage(reporter, exc, "tile")
     paths = find_slides(slides)
+    if not paths:
+        given = ", ".join(map(str, slides))
+        expected = f"slide files ({', '.join(sorted(SLIDE_SUFFIXES))}) in {given}"
+        _fail_usage(
+            reporter,
+            ConfigError(
+                "command-line arguments", [("SLIDES", f"Expected {expected}. Found none.", None)]
+            ),
+            "tile",
+        )
     if annotations is not None and not annotations.is_dir():
         _fail_usage(
             reporter,
@@ -156,11 +166,14 @@ def run_tile(
     size = store_bytes(out)
     raw = sum(r.patches for r in stored) * cfg.tiling.patch_px**2 * 3
     slide_bytes = sum(Path(r.path).stat().st_size for r in stored if Path(r.path).exists())
-    reporter.console.print(
-        f"{written:,} patches written in {seconds:.1f} s; store {size / 1e6:,.1f} MB "
-        f"({cfg.tiling.codec}, quality {cfg.tiling.codec_quality}): "
-        f"raw pixels / {raw / max(size, 1):.1f}, {size / max(slide_bytes, 1):.2f} x the slide files"
-    )
+    line = f"{written:,} patches written in {seconds:.1f} s"
+    if raw and slide_bytes:  # no ratios of an empty store
+        line += (
+            f"; store {size / 1e6:,.1f} MB ({cfg.tiling.codec}, quality "
+            f"{cfg.tiling.codec_quality}): raw pixels / {raw / max(size, 1):.1f}, "
+            f"{size / slide_bytes:.2f} x the slide files"
+        )
+    reporter.console.print(line)
     return {
         "command": "tile",
         "ok": not failures and bool(results),
