@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,7 +26,11 @@ from .errors import WsiflowError
 def dask_client(
     scheduler: str | None = None, *, workers: int | None = None, threads_per_worker: int = 1
 ) -> Iterator[Client]:
-    """Yield a client of ``scheduler`` (left running) or of a new :func:`local_cluster`."""
+    """Yield a client of ``scheduler`` (left running) or of a new :func:`local_cluster`.
+
+    Stopped by Ctrl-C, a new cluster is closed without Dask's logs of the
+    tasks and connections it cuts short.
+    """
     if scheduler is not None:
         client = Client(scheduler, set_as_default=False)
         try:
@@ -33,11 +38,30 @@ def dask_client(
         finally:
             client.close()
         return
-    with (
-        local_cluster(workers=workers, threads_per_worker=threads_per_worker) as cluster,
-        Client(cluster, set_as_default=False) as client,
-    ):
-        yield client
+    disabled = logging.root.manager.disable
+    try:
+        with (
+            local_cluster(workers=workers, threads_per_worker=threads_per_worker) as cluster,
+            Client(cluster, set_as_default=False) as client,
+        ):
+            try:
+                yield client
+            except KeyboardInterrupt:
+                # Closed mid-task, the scheduler and client (here) fail to gather results
+                # and the workers miss heartbeats: errors with tracebacks, none of them
+                # news after Ctrl-C. The workers are not reused; this process logs again
+                # once the cluster is closed.
+                with contextlib.suppress(Exception):
+                    client.run(silence_logging)
+                silence_logging()
+                raise
+    finally:
+        logging.disable(disabled)
+
+
+def silence_logging() -> None:
+    """Drop every log record from now on, in this process (``logging.disable``)."""
+    logging.disable(logging.CRITICAL)
 
 
 def local_cluster(
@@ -49,6 +73,7 @@ def local_cluster(
 
     Dask's nanny exports ``MALLOC_TRIM_THRESHOLD_=65536`` to workers, which made
     OpenSlide reads 15-40% slower on our machines (PERF_NOTES), so it is not set.
+    The workers ignore Ctrl-C (see :func:`dask_setup`).
     """
     n_workers = workers or max(1, os.cpu_count() or 1)
     environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
@@ -60,7 +85,20 @@ def local_cluster(
             processes=True,
             dashboard_address=None,
             silence_logs=silence_logs,
+            preload=[__name__],  # each worker runs dask_setup below
         )
+
+
+def dask_setup(worker: Any) -> None:
+    """Dask preload hook, in each worker process of :func:`local_cluster`: ignore Ctrl-C.
+
+    Ctrl-C in a terminal reaches every process of the foreground group, the
+    workers included, and each printed a KeyboardInterrupt traceback through
+    Dask's event loop. The driver handles the interrupt; closing its cluster
+    stops the workers.
+    """
+    with contextlib.suppress(ValueError):  # not the process's main thread: leave it
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @dataclass(frozen=True)

@@ -262,8 +262,13 @@ def test_tile_says_when_it_finds_no_slide(tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_run_leaves_no_false_complete_group(cli_cohort, tmp_path):
-    """SIGKILL mid-run: every group marked complete is whole; a rerun finishes the rest."""
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGINT"])
+def test_killed_run_leaves_no_false_complete_group(cli_cohort, tmp_path, signal_name):
+    """SIGKILL or Ctrl-C mid-run: every group marked complete is whole; a rerun does the rest.
+
+    Ctrl-C (SIGINT to the whole process group, as a terminal sends it) ends the
+    run with exit code 130 and one line, no traceback from the driver or workers.
+    """
     import signal
     import time
 
@@ -281,15 +286,26 @@ def test_killed_run_leaves_no_false_complete_group(cli_cohort, tmp_path):
     store = tmp_path / "s.zarr"
     tile_args = ["tile", str(slides), "--out", str(store), "--patch-size", "32", "--mpp", "0.25"]
     args = [WSIFLOW, *tile_args, "--workers", "2"]
-    process = subprocess.Popen(
-        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not any(store.glob("*/zarr.json")):
-        time.sleep(0.05)
-    time.sleep(0.3)
-    os.killpg(process.pid, signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL, "the run ended before it could be interrupted"
+    stderr = tmp_path / "stderr.txt"
+    with stderr.open("w") as err:
+        process = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any(store.glob("*/zarr.json")):
+            time.sleep(0.05)
+        time.sleep(0.3)
+        sent = getattr(signal, signal_name)
+        os.killpg(process.pid, sent)
+        code = process.wait()
+    if sent == signal.SIGKILL:
+        assert code == -signal.SIGKILL, "the run ended before it could be interrupted"
+    else:
+        assert code == 130, stderr.read_text()
+        lines = stderr.read_text().splitlines()
+        assert lines[-1].startswith("interrupted: ") and f"of {total} slides finished" in lines[-1]
+        assert "the same command resumes" in lines[-1]
+        assert not any("Traceback" in line or "KeyboardInterrupt" in line for line in lines), "\n".join(lines)
     root = zarr.open_group(str(store), mode="r")
     complete = [k for k in root.group_keys() if root[k].attrs.get("complete") is True]
     assert len(complete) < total, "nothing was left to interrupt"

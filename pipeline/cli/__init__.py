@@ -2,7 +2,8 @@
 
 With ``--json`` the human-readable output goes to stderr and the last (only)
 line of stdout is one JSON object summarising what was done.
-Exit codes: 0 success, 1 some item failed, 2 bad usage or configuration.
+Exit codes: 0 success, 1 some item failed, 2 bad usage or configuration,
+130 ``tile`` stopped by Ctrl-C.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..errors import ConfigError, StoreError, WsiflowError
@@ -108,38 +109,55 @@ def tile(
     except StoreError as exc:
         _fail_data(reporter, exc, "tile")
     summary = run_tile(reporter, paths, out, cfg, annotations_dir=annotations, overwrite=overwrite)
+    if summary.get("interrupted"):
+        reporter.finish(summary, exit_code=INTERRUPTED_EXIT)
     reporter.finish(summary, exit_code=0 if summary["ok"] else 1)
+
+
+#: The shell's exit code for a command stopped by Ctrl-C (128 + SIGINT).
+INTERRUPTED_EXIT = 130
 
 
 def run_tile(
     reporter: Reporter, paths: list[Path], out: Path | str, cfg, *, annotations_dir, overwrite
 ) -> dict:
     """Tile ``paths`` into ``out`` with a progress bar and a per-slide table; return the summary."""
-    from ..cluster import dask_client
+    from ..cluster import dask_client, silence_logging
     from ..store import store_bytes
     from ..tiling import tile_slides
 
     started = time.perf_counter()
     orchestration = cfg.orchestration
-    with (
-        reporter.slide_progress(len(paths)) as bars,
-        dask_client(
-            orchestration.scheduler,
-            workers=orchestration.workers,
-            threads_per_worker=orchestration.threads_per_worker,
-        ) as client,
-    ):
-        results = tile_slides(
-            client,
-            paths,
-            out,
-            cfg.tiling,
-            annotations_dir=annotations_dir,
-            overwrite=overwrite,
-            on_planned=bars.planned,
-            on_patches=bars.advanced,
-            on_slide=bars.finished,
-        )
+    finished = []
+    try:
+        with (
+            reporter.slide_progress(len(paths)) as bars,
+            dask_client(
+                orchestration.scheduler,
+                workers=orchestration.workers,
+                threads_per_worker=orchestration.threads_per_worker,
+            ) as client,
+        ):
+
+            def on_slide(result) -> None:
+                finished.append(result)
+                bars.finished(result)
+
+            results = tile_slides(
+                client,
+                paths,
+                out,
+                cfg.tiling,
+                annotations_dir=annotations_dir,
+                overwrite=overwrite,
+                on_planned=bars.planned,
+                on_patches=bars.advanced,
+                on_slide=on_slide,
+            )
+    except KeyboardInterrupt:
+        # This process ends here; Dask's threads may still log the connections cut short.
+        silence_logging()
+        return _interrupted(reporter, paths, out, finished)
     seconds = time.perf_counter() - started
     table = Table(title=f"Patch store {out}")
     for column in ("slide", "status", "patches", "tumor", "level", "read px", "s"):
@@ -191,6 +209,27 @@ def run_tile(
         "seconds": round(seconds, 2),
         "failures": failures,
         "per_slide": [r.summary_row() for r in results],
+    }
+
+
+def _interrupted(reporter: Reporter, paths: list[Path], out: Path | str, finished: list) -> dict:
+    """Ctrl-C: one line on what is kept and how to go on; the summary of the slides finished."""
+    counts = {s: sum(r.status == s for r in finished) for s in ("done", "skipped", "failed")}
+    reporter.errors.print(
+        f"[red]interrupted:[/red] {len(finished)} of {len(paths)} slides finished "
+        f"({counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed). "
+        f"{escape(str(out))} marks only whole slides complete: the same command resumes, "
+        "skipping them."
+    )
+    return {
+        "command": "tile",
+        "ok": False,
+        "interrupted": True,
+        "store": str(out),
+        "slides": len(paths),
+        "finished": len(finished),
+        **counts,
+        "per_slide": [r.summary_row() for r in finished],
     }
 
 
