@@ -19,7 +19,7 @@ from typing import Any
 import dask
 from distributed import Client, Future, LocalCluster
 
-from .errors import WsiflowError
+from .errors import SchedulerError, WsiflowError
 
 
 @contextlib.contextmanager
@@ -32,7 +32,14 @@ def dask_client(
     tasks and connections it cuts short.
     """
     if scheduler is not None:
-        client = Client(scheduler, set_as_default=False)
+        try:
+            client = Client(scheduler, set_as_default=False)
+        except (OSError, TimeoutError) as exc:
+            raise SchedulerError(
+                scheduler,
+                f"cannot reach a Dask scheduler here ({exc}); check the address, "
+                "or leave --scheduler out for a local cluster",
+            ) from exc
         try:
             yield client
         finally:

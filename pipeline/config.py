@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError
 
@@ -139,6 +146,28 @@ class OrchestrationConfig(_Section):
     retries: int = Field(2, ge=0)
     retry_delay_s: float = Field(5.0, ge=0)
     cache: bool = True
+
+    @field_validator("scheduler")
+    @classmethod
+    def _dask_address(cls, address: str | None) -> str | None:
+        """A malformed address fails here, not after Dask's connection attempts."""
+        if address is None:
+            return None
+        from distributed.comm import parse_address
+        from distributed.comm.addressing import parse_host_port
+        from distributed.comm.registry import get_backend
+
+        try:
+            scheme, where = parse_address(address)
+            get_backend(scheme)  # "unknown address scheme" for http:// and the like
+            if scheme in ("tcp", "tls", "ws", "wss"):
+                parse_host_port(where)
+        except ValueError as exc:
+            raise ValueError(
+                "Expected a Dask scheduler address such as tcp://host:8786. "
+                f"Got {address!r} instead ({exc})"
+            ) from exc
+        return address
 
 
 class WsiflowConfig(_Section):

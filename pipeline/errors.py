@@ -68,6 +68,10 @@ class NoTissueError(SlideError):
     """Tissue detection found nothing to process on the slide."""
 
 
+class SchedulerError(FileError):
+    """The Dask scheduler at an address (``location``) cannot be reached."""
+
+
 class AnnotationError(FileError, ValueError):
     """An annotation file is missing, malformed or inconsistent with its slide."""
 

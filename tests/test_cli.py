@@ -236,6 +236,25 @@ def test_tile_uses_an_existing_scheduler_unchanged(cli_cohort, tmp_path):
         assert set(client.scheduler_info()["workers"]) == before  # still there, unchanged
 
 
+def test_tile_names_a_scheduler_it_cannot_reach(tmp_path):
+    """One line naming the address (exit 1, JSON summary too), after Dask's connect timeout."""
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on once closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    result = run(
+        "tile", str(tmp_path / "x.svs"), "--out", str(tmp_path / "s.zarr"),
+        "--scheduler", address, "--json",
+        env={"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "2s"},
+    )  # fmt: skip
+    assert result.returncode == 1
+    expected = f"{address}: cannot reach a Dask scheduler here (Timed out trying to connect"
+    assert f"error: {expected}" in result.stderr and "Traceback" not in result.stderr
+    assert last_json(result)["error"].startswith(expected)
+
+
 def test_tile_rejects_mpp_and_level_together(tmp_path):
     result = run(
         "tile", str(tmp_path), "--out", str(tmp_path / "s.zarr"), "--mpp", "0.5", "--level", "1"
@@ -305,7 +324,9 @@ def test_killed_run_leaves_no_false_complete_group(cli_cohort, tmp_path, signal_
         lines = stderr.read_text().splitlines()
         assert lines[-1].startswith("interrupted: ") and f"of {total} slides finished" in lines[-1]
         assert "the same command resumes" in lines[-1]
-        assert not any("Traceback" in line or "KeyboardInterrupt" in line for line in lines), "\n".join(lines)
+        assert not any("Traceback" in line or "KeyboardInterrupt" in line for line in lines), (
+            "\n".join(lines)
+        )
     root = zarr.open_group(str(store), mode="r")
     complete = [k for k in root.group_keys() if root[k].attrs.get("complete") is True]
     assert len(complete) < total, "nothing was left to interrupt"

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..errors import ConfigError, StoreError, WsiflowError
+from ..errors import ConfigError, SchedulerError, StoreError, WsiflowError
 from ._common import (
     ConfigOption,
     JsonOption,
@@ -108,7 +108,12 @@ def tile(
         open_root(out)  # a bad path or URL, missing credentials: say so before any work
     except StoreError as exc:
         _fail_data(reporter, exc, "tile")
-    summary = run_tile(reporter, paths, out, cfg, annotations_dir=annotations, overwrite=overwrite)
+    try:
+        summary = run_tile(
+            reporter, paths, out, cfg, annotations_dir=annotations, overwrite=overwrite
+        )
+    except SchedulerError as exc:
+        _fail_data(reporter, exc, "tile")
     if summary.get("interrupted"):
         reporter.finish(summary, exit_code=INTERRUPTED_EXIT)
     reporter.finish(summary, exit_code=0 if summary["ok"] else 1)
@@ -131,12 +136,13 @@ def run_tile(
     finished = []
     try:
         with (
-            reporter.slide_progress(len(paths)) as bars,
+            # The cluster first: a scheduler that cannot be reached is an error, no bars.
             dask_client(
                 orchestration.scheduler,
                 workers=orchestration.workers,
                 threads_per_worker=orchestration.threads_per_worker,
             ) as client,
+            reporter.slide_progress(len(paths)) as bars,
         ):
 
             def on_slide(result) -> None:

@@ -72,6 +72,29 @@ def test_every_problem_is_reported_at_once(tmp_path):
     assert "'mobilenetv2'" in str(info.value)  # the allowed backbones are listed
 
 
+@pytest.mark.parametrize(
+    ("address", "reason"),
+    [
+        ("notaurl", "missing port number in address 'notaurl'"),
+        ("tcp://host", "missing port number in address 'host'"),
+        ("http://host:8786", "unknown address scheme 'http'"),
+    ],
+)
+def test_scheduler_address_is_checked_before_any_connection(tmp_path, address, reason):
+    path = _write(tmp_path, f"orchestration:\n  scheduler: {address}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(
+        f"{path}:2: orchestration.scheduler: Expected a Dask scheduler address such as "
+        f"tcp://host:8786. Got {address!r} instead ("
+    )
+    assert reason in message
+    for good in ("tcp://10.0.0.5:8786", "127.0.0.1:8786", "tls://scheduler.lab:8786"):
+        config = with_overrides(WsiflowConfig(), {"orchestration.scheduler": good})
+        assert config.orchestration.scheduler == good
+
+
 def test_cross_field_rule(tmp_path):
     path = _write(tmp_path, "tiling:\n  target_mpp: 0.5\n  level: 1\n")
     with pytest.raises(ConfigError, match="Expected either target_mpp or level. Got both"):
