@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .cluster import submit_reporting, task_error
 from .config import InferenceConfig
 from .errors import ModelError, failure_reason
 from .grid import slide_id_of
@@ -134,9 +135,7 @@ def infer_slides(
         while work.count() < in_flight_cap:
             if pending and len(active) + len(plans) < max_active:
                 path, digest = pending.popleft()
-                future = client.submit(
-                    plan_inference, str(path), spec, config.stride_px, pure=False
-                )
+                future = submit_reporting(client, plan_inference, str(path), spec, config.stride_px)
                 plans[future] = (path, digest, time.perf_counter())
             elif block_queue:
                 slide_id, start = block_queue.popleft()
@@ -144,7 +143,7 @@ def infer_slides(
                     continue  # the slide failed meanwhile
                 plan = active[slide_id].plan
                 args = _block_args(plan, spec, config, start, block, tf_threads)
-                future = client.submit(predict_block, *args, pure=False)
+                future = submit_reporting(client, predict_block, *args)
                 blocks[future] = (slide_id, start)
             else:
                 return
@@ -166,7 +165,7 @@ def infer_slides(
 
     submit_some()
     for future, outcome in work:
-        error = outcome[1] if future.status == "error" else None
+        error = task_error(future, outcome)
         if future in plans:
             path, digest, started = plans.pop(future)
             if error is not None:

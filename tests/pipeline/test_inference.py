@@ -207,6 +207,8 @@ def test_second_run_skips_and_a_bad_slide_does_not_sink_the_cohort(
     assert len(read_detections(mixed_out / "detections" / "blank.csv")[0]) == 0
     assert sorted(read_scores(mixed_out / "scores.csv")) == sorted([first.stem, "blank"])
     assert f"{corrupt}: not a slide format" in result.stderr
+    # One line for it, no worker's log of a failed task (and traceback) besides.
+    assert result.stderr.count(str(corrupt)) == 1 and "Traceback" not in result.stderr
 
 
 def test_overlapping_stride_doubles_the_grid_and_averages(trained_model, slides, tmp_path):
