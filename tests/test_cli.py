@@ -237,15 +237,19 @@ def test_tile_uses_an_existing_scheduler_unchanged(cli_cohort, tmp_path):
 
 
 def test_tile_names_a_scheduler_it_cannot_reach(tmp_path):
-    """One line naming the address (exit 1, JSON summary too), after Dask's connect timeout."""
+    """One line naming the address (exit 1, JSON summary too), after Dask's connect timeout.
+
+    No store is made for a run that could not start.
+    """
     import socket
 
     with socket.socket() as probe:  # a port nothing listens on once closed
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     address = f"tcp://127.0.0.1:{port}"
+    store = tmp_path / "s.zarr"
     result = run(
-        "tile", str(tmp_path / "x.svs"), "--out", str(tmp_path / "s.zarr"),
+        "tile", str(tmp_path / "x.svs"), "--out", str(store),
         "--scheduler", address, "--json",
         env={"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "2s"},
     )  # fmt: skip
@@ -253,6 +257,7 @@ def test_tile_names_a_scheduler_it_cannot_reach(tmp_path):
     expected = f"{address}: cannot reach a Dask scheduler here (Timed out trying to connect"
     assert f"error: {expected}" in result.stderr and "Traceback" not in result.stderr
     assert last_json(result)["error"].startswith(expected)
+    assert not store.exists()
 
 
 def test_tile_rejects_mpp_and_level_together(tmp_path):

@@ -64,7 +64,6 @@ def tile(
 ) -> None:
     """Find tissue, label patches from annotations, extract them into a Zarr store (Dask)."""
     from ..slide import SLIDE_SUFFIXES, find_slides
-    from ..store import open_root
 
     reporter = Reporter(as_json)
     try:
@@ -105,14 +104,10 @@ def tile(
             "tile",
         )
     try:
-        open_root(out)  # a bad path or URL, missing credentials: say so before any work
-    except StoreError as exc:
-        _fail_data(reporter, exc, "tile")
-    try:
         summary = run_tile(
             reporter, paths, out, cfg, annotations_dir=annotations, overwrite=overwrite
         )
-    except SchedulerError as exc:
+    except (SchedulerError, StoreError) as exc:
         _fail_data(reporter, exc, "tile")
     if summary.get("interrupted"):
         reporter.finish(summary, exit_code=INTERRUPTED_EXIT)
@@ -128,38 +123,39 @@ def run_tile(
 ) -> dict:
     """Tile ``paths`` into ``out`` with a progress bar and a per-slide table; return the summary."""
     from ..cluster import dask_client, silence_logging
-    from ..store import store_bytes
+    from ..store import open_root, store_bytes
     from ..tiling import tile_slides
 
     started = time.perf_counter()
     orchestration = cfg.orchestration
     finished = []
     try:
-        with (
-            # The cluster first: a scheduler that cannot be reached is an error, no bars.
-            dask_client(
-                orchestration.scheduler,
-                workers=orchestration.workers,
-                threads_per_worker=orchestration.threads_per_worker,
-            ) as client,
-            reporter.slide_progress(len(paths)) as bars,
-        ):
+        with dask_client(
+            orchestration.scheduler,
+            workers=orchestration.workers,
+            threads_per_worker=orchestration.threads_per_worker,
+        ) as client:
+            # The cluster, then the store, then the bars: a scheduler that cannot be
+            # reached leaves no store behind; a bad store path or URL or missing
+            # credentials are one line before any bar.
+            open_root(out)
+            with reporter.slide_progress(len(paths)) as bars:
 
-            def on_slide(result) -> None:
-                finished.append(result)
-                bars.finished(result)
+                def on_slide(result) -> None:
+                    finished.append(result)
+                    bars.finished(result)
 
-            results = tile_slides(
-                client,
-                paths,
-                out,
-                cfg.tiling,
-                annotations_dir=annotations_dir,
-                overwrite=overwrite,
-                on_planned=bars.planned,
-                on_patches=bars.advanced,
-                on_slide=on_slide,
-            )
+                results = tile_slides(
+                    client,
+                    paths,
+                    out,
+                    cfg.tiling,
+                    annotations_dir=annotations_dir,
+                    overwrite=overwrite,
+                    on_planned=bars.planned,
+                    on_patches=bars.advanced,
+                    on_slide=on_slide,
+                )
     except KeyboardInterrupt:
         # This process ends here; Dask's threads may still log the connections cut short.
         silence_logging()
