@@ -57,6 +57,9 @@ class TilingConfig(_Section):
 
     target_mpp: float | None = Field(0.5, gt=0, description="patch resolution in µm/px")
     level: int | None = Field(None, ge=0, description="a pyramid level instead of target_mpp")
+    max_upsample: float = Field(
+        2.0, ge=1, description="a slide whose level 0 is coarser than target_mpp by more fails"
+    )
     patch_px: int = Field(96, ge=8, le=2048)
     stride_px: int | None = Field(None, ge=1, description="None: equal to patch_px")
     tissue_mpp: float = Field(8.0, gt=0, description="resolution of tissue detection")

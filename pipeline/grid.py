@@ -48,12 +48,16 @@ def choose_resolution(
     stride_px: int,
     target_mpp: float | None = None,
     level: int | None = None,
+    max_upsample: float | None = None,
 ) -> Resolution:
     """Pick the pyramid level for patches of ``patch_px`` at ``target_mpp`` (or at ``level``).
 
     With ``target_mpp`` the coarsest level no coarser than the target is read
     (within :data:`MPP_TOLERANCE`) and resampled to the target when it does
-    not match. Raises :class:`MissingMppError` when the slide records no mpp.
+    not match. Raises :class:`MissingMppError` when the slide records no mpp,
+    and :class:`SlideError` for a level the slide lacks, a target finer than
+    level 0 by more than ``max_upsample`` (when given; ``tiling.max_upsample``)
+    and a patch larger than the slide.
     """
     if (target_mpp is None) == (level is None):
         raise ValueError(
@@ -69,7 +73,9 @@ def choose_resolution(
             )
         downsample = info.level_downsamples[level]
         level_mpp = None if mpp0 is None else mpp0 * downsample
-        return Resolution(level, downsample, level_mpp, level_mpp, patch_px, patch_px, stride_px)
+        return _fitting(
+            info, Resolution(level, downsample, level_mpp, level_mpp, patch_px, patch_px, stride_px)
+        )
     if mpp0 is None:
         raise MissingMppError(
             info.path,
@@ -85,12 +91,42 @@ def choose_resolution(
     level = max(candidates, key=lambda k: info.level_downsamples[k]) if candidates else 0
     downsample = info.level_downsamples[level]
     level_mpp = mpp0 * downsample
-    if abs(level_mpp / target_mpp - 1) <= MPP_TOLERANCE:
+    upsample = level_mpp / target_mpp
+    if max_upsample is not None and upsample > max_upsample * (1 + MPP_TOLERANCE):
+        raise SlideError(
+            info.path,
+            f"patches at {target_mpp:g} µm/px would be upsampled {upsample:.1f}x from the "
+            f"slide's finest level ({level_mpp:.3g} µm/px); more than {max_upsample:g}x is "
+            "refused (tiling.max_upsample); check --mpp (tiling.target_mpp)",
+        )
+    if abs(upsample - 1) <= MPP_TOLERANCE:
         read_px, read_stride = patch_px, stride_px
     else:
         ratio = target_mpp / level_mpp
         read_px, read_stride = round(patch_px * ratio), max(1, round(stride_px * ratio))
-    return Resolution(level, downsample, level_mpp, target_mpp, patch_px, read_px, read_stride)
+    return _fitting(
+        info, Resolution(level, downsample, level_mpp, target_mpp, patch_px, read_px, read_stride)
+    )
+
+
+def _fitting(info: SlideInfo, resolution: Resolution) -> Resolution:
+    """``resolution``, or :class:`SlideError` when one patch is larger than the slide."""
+    width, height = info.level_wh[resolution.level]
+    if resolution.read_px <= min(width, height):
+        return resolution
+    if resolution.patch_mpp is None or info.mpp is None:
+        reason = (
+            f"one patch ({resolution.read_px:,} px) is larger than level {resolution.level} "
+            f"of the slide ({width:,} x {height:,} px)"
+        )
+    else:
+        w0, h0 = info.level0_wh
+        reason = (
+            f"one patch ({resolution.patch_px} px at {resolution.patch_mpp:g} µm/px = "
+            f"{resolution.patch_px * resolution.patch_mpp:,.0f} µm) is larger than the slide "
+            f"({w0 * info.mpp:,.0f} x {h0 * info.mpp:,.0f} µm)"
+        )
+    raise SlideError(info.path, reason)
 
 
 def patch_grid(level_wh: tuple[int, int], read_px: int, stride_px: int) -> np.ndarray:

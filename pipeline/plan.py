@@ -62,8 +62,13 @@ def find_annotation(slide_path: Path, annotations_dir: Path | None) -> Path | No
 
 
 def job_fingerprint(job: SlideJob, config: TilingConfig) -> str:
-    """Identity of the inputs (slide, annotation) and the tiling config."""
-    payload: dict[str, Any] = {"config": config.model_dump(mode="json"), "version": __version__}
+    """Identity of the inputs (slide, annotation) and the tiling config.
+
+    Settings that only refuse slides (``max_upsample``) leave stored patches
+    alone, so changing them redoes nothing.
+    """
+    settings = config.model_dump(mode="json", exclude={"max_upsample"})
+    payload: dict[str, Any] = {"config": settings, "version": __version__}
     payload["slide"] = file_identity(job.path) if job.path.exists() else str(job.path)
     payload["annotation"] = None if job.annotation is None else file_identity(job.annotation)
     return fingerprint(payload)
@@ -80,6 +85,7 @@ def plan_slide(job: SlideJob, config: TilingConfig) -> SlidePlan:
             stride_px=stride_px,
             target_mpp=config.target_mpp,
             level=config.level,
+            max_upsample=config.max_upsample,
         )
         tissue, _ = tissue_mask(reader, config.tissue_mpp)
         passthrough = _can_pass_through(reader, resolution, stride_px, config)

@@ -186,11 +186,13 @@ def test_second_run_skips_and_a_bad_slide_does_not_sink_the_cohort(
     write_pyramid_tiff(
         blank, 1024, 1024, lambda x, y, w, h: np.full((h, w, 3), 243, np.uint8), mpp=0.243
     )
+    tiny = tmp_path / "tiny.tif"  # smaller than one of the model's patches
+    write_pyramid_tiff(tiny, 40, 40, lambda x, y, w, h: np.zeros((h, w, 3), np.uint8), mpp=0.243)
     first = next(iter(slides.values()))
     mixed_out = tmp_path / "mixed"
     result = run(
         "infer", str(trained_model), str(corrupt), str(first), str(blank), str(tmp_path / "nope.tif"),
-        "--out", str(mixed_out), "--json",
+        str(tiny), "--out", str(mixed_out), "--json",
     )  # fmt: skip
     assert result.returncode == 1
     summary = last_json(result)
@@ -200,6 +202,9 @@ def test_second_run_skips_and_a_bad_slide_does_not_sink_the_cohort(
     assert "not a slide format" in by_slide["corrupt"]["reason"]
     assert by_slide["nope"]["status"] == "failed" and "no such file" in by_slide["nope"]["reason"]
     assert by_slide[first.stem]["status"] == "done"
+    assert by_slide["tiny"]["status"] == "failed"
+    assert by_slide["tiny"]["reason"].startswith(f"{tiny}: one patch (")
+    assert by_slide["tiny"]["reason"].endswith("µm) is larger than the slide (10 x 10 µm)")
     # No tissue: an empty heatmap and no detections, not a crash.
     assert by_slide["blank"]["status"] == "done" and by_slide["blank"]["patches"] == 0
     heat, _ = read_heatmap(mixed_out / "heatmaps" / "blank.zarr")

@@ -80,6 +80,35 @@ def test_resolution_by_level_and_errors():
         choose_resolution(_info(0.25), patch_px=64, stride_px=64, level=5)
 
 
+def test_resolution_refuses_upsampling_beyond_the_limit_and_patches_larger_than_the_slide():
+    twice = choose_resolution(
+        _info(0.5), patch_px=96, stride_px=96, target_mpp=0.25, max_upsample=2
+    )
+    assert (twice.level, twice.read_px) == (0, 48)  # a 20x scan read at 40x resolution
+    with pytest.raises(
+        SlideError,
+        match=r"^slide.tif: patches at 0.01 µm/px would be upsampled 25.0x from the slide's "
+        r"finest level \(0.25 µm/px\); more than 2x is refused \(tiling.max_upsample\)",
+    ):
+        choose_resolution(_info(0.25), patch_px=96, stride_px=96, target_mpp=0.01, max_upsample=2)
+    # No limit unless asked (inference reads slides at its model's resolution).
+    assert choose_resolution(_info(0.25), patch_px=96, stride_px=96, target_mpp=0.01).read_px == 4
+    with pytest.raises(
+        SlideError,
+        match=r"^slide.tif: one patch \(96 px at 100 µm/px = 9,600 µm\) is larger than the slide "
+        r"\(2,048 x 2,048 µm\)$",
+    ):
+        choose_resolution(_info(0.25), patch_px=96, stride_px=96, target_mpp=100)
+    with pytest.raises(
+        SlideError,
+        match=r"^slide.tif: one patch \(4,096 px\) is larger than level 2 of the slide "
+        r"\(2,048 x 2,048 px\)$",
+    ):
+        choose_resolution(_info(None), patch_px=4096, stride_px=4096, level=2)
+    fits = choose_resolution(_info(None), patch_px=2048, stride_px=2048, level=2)
+    assert fits.read_px == 2048
+
+
 def test_grid_keeps_only_whole_patches():
     grid = patch_grid((250, 130), 64, 64)
     assert grid.tolist() == [[0, 0], [64, 0], [128, 0], [0, 64], [64, 64], [128, 64]]

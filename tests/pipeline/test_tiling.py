@@ -467,3 +467,31 @@ def test_slide_without_mpp_needs_a_level(client, tmp_path):
     assert by_level.status == "done" and by_level.patches > 50
     group = zarr.open_group(str(store), mode="r")["nompp"]
     assert group.attrs["mpp"] is None and group.attrs["patch_mpp"] is None
+
+
+def test_resolutions_a_slide_cannot_give_fail_that_slide_and_redo_nothing(client, cohort, tmp_path):
+    """Upsampling beyond tiling.max_upsample and patches larger than the slide are refused."""
+    slides, _ = _train(cohort)
+    store = tmp_path / "s.zarr"
+    first = tile_slides(client, slides[:1], store, TilingConfig(patch_px=48))
+    assert [r.status for r in first] == ["done"]
+    # The guard stores nothing, so changing it does not redo a complete slide.
+    same = tile_slides(client, slides[:1], store, TilingConfig(patch_px=48, max_upsample=4))
+    assert [r.status for r in same] == ["skipped"]
+
+    (upsampled,) = tile_slides(client, slides[:1], store, TilingConfig(target_mpp=0.05))
+    assert upsampled.status == "failed"
+    assert upsampled.reason == (
+        f"{slides[0]}: patches at 0.05 µm/px would be upsampled 4.9x from the slide's finest "
+        "level (0.243 µm/px); more than 2x is refused (tiling.max_upsample); check --mpp "
+        "(tiling.target_mpp)"
+    )
+    (huge,) = tile_slides(client, slides[:1], store, TilingConfig(target_mpp=20, patch_px=256))
+    assert huge.status == "failed"
+    width_um, height_um = 4096 * 0.243, 3072 * 0.243
+    assert huge.reason == (
+        f"{slides[0]}: one patch (256 px at 20 µm/px = 5,120 µm) is larger than the slide "
+        f"({width_um:,.0f} x {height_um:,.0f} µm)"
+    )
+    # The slide's complete group from the first run is kept.
+    assert zarr.open_group(str(store), mode="r")[slides[0].stem].attrs["complete"] is True
