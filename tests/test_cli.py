@@ -208,6 +208,8 @@ def test_tile_then_preview(cli_cohort, tmp_path):
         assert image.size == (8 * 128, 1 * (128 + 28))
     missing = run("preview", str(store), "--slide", "nope", "--out", str(sheet))
     assert missing.returncode == 2 and "Got 'nope' instead" in missing.stderr
+    negative = run("preview", str(store), "--per-class", "-3", "--out", str(sheet))
+    assert negative.returncode == 2 and "'--per-class': Input should be greater" in negative.stderr
 
 
 def test_tile_uses_an_existing_scheduler_unchanged(cli_cohort, tmp_path):

@@ -244,7 +244,11 @@ def preview(
     slide: Annotated[
         str | None, typer.Option("--slide", help="Only this slide id (default: all slides).")
     ] = None,
-    per_class: Annotated[int, typer.Option("--per-class", help="Patches per class.")] = 16,
+    per_class: Annotated[
+        int,
+        # max: pipeline.preview.MAX_PER_CLASS, not imported here to keep the CLI's start fast
+        typer.Option("--per-class", min=1, max=1024, help="Patches per class (at most)."),
+    ] = 16,
     seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
     as_json: JsonOption = False,
 ) -> None:
