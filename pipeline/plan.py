@@ -16,7 +16,7 @@ from . import __version__
 from .annotations import check_within, read_annotations
 from .codecs import PatchImageCodec
 from .config import TilingConfig
-from .errors import NoTissueError
+from .errors import AnnotationError, NoTissueError
 from .grid import PatchTable, Resolution, choose_resolution, select_patches
 from .masks import PlacedMask, rasterize_tumor
 from .slide import SlideReader, open_slide
@@ -51,14 +51,25 @@ class SlidePlan:
 
 
 def find_annotation(slide_path: Path, annotations_dir: Path | None) -> Path | None:
-    """``<dir>/<slide stem>.xml`` (or ``.geojson``/``.json``) if it exists."""
+    """``<dir>/<slide stem>.xml`` (or ``.geojson``/``.json``) if it exists.
+
+    Two of them (an ASAP XML and its QuPath export, say) are an
+    :class:`AnnotationError` rather than a silent choice: they may disagree.
+    """
     if annotations_dir is None:
         return None
-    for suffix in ANNOTATION_SUFFIXES:
-        candidate = annotations_dir / f"{slide_path.stem}{suffix}"
-        if candidate.is_file():
-            return candidate
-    return None
+    found = [
+        annotations_dir / f"{slide_path.stem}{suffix}"
+        for suffix in ANNOTATION_SUFFIXES
+        if (annotations_dir / f"{slide_path.stem}{suffix}").is_file()
+    ]
+    if len(found) > 1:
+        raise AnnotationError(
+            annotations_dir,
+            f"{len(found)} annotation files for slide {slide_path.stem!r} "
+            f"({', '.join(p.name for p in found)}); keep one",
+        )
+    return found[0] if found else None
 
 
 def job_fingerprint(job: SlideJob, config: TilingConfig) -> str:

@@ -25,7 +25,7 @@ import numpy as np
 
 from .cluster import submit_reporting, task_error
 from .config import TilingConfig
-from .errors import failure_reason
+from .errors import AnnotationError, failure_reason
 from .extract import extract_chunk
 from .grid import slide_id_of
 from .plan import SlideJob, SlidePlan, find_annotation, job_fingerprint, plan_slide
@@ -69,22 +69,24 @@ class SlideResult:
 def make_jobs(
     slides: list[Path], annotations_dir: Path | None
 ) -> tuple[list[SlideJob], list[SlideResult]]:
-    """Pair slides with annotations; a repeated slide id is a failure naming both files."""
+    """Pair slides with annotations; a repeated slide id is a failure naming both files.
+
+    So is a slide with two annotation files (:func:`find_annotation`).
+    """
     jobs: dict[str, SlideJob] = {}
     failures = []
     for path in slides:
         slide_id = slide_id_of(path)
         if slide_id in jobs:
-            failures.append(
-                SlideResult(
-                    slide_id,
-                    str(path),
-                    "failed",
-                    reason=f"{path}: duplicate slide id {slide_id!r} (also {jobs[slide_id].path})",
-                )
-            )
+            reason = f"{path}: duplicate slide id {slide_id!r} (also {jobs[slide_id].path})"
+            failures.append(SlideResult(slide_id, str(path), "failed", reason=reason))
             continue
-        jobs[slide_id] = SlideJob(slide_id, path, find_annotation(path, annotations_dir))
+        try:
+            annotation = find_annotation(path, annotations_dir)
+        except AnnotationError as exc:
+            failures.append(SlideResult(slide_id, str(path), "failed", reason=str(exc)))
+            continue
+        jobs[slide_id] = SlideJob(slide_id, path, annotation)
     return list(jobs.values()), failures
 
 

@@ -495,3 +495,22 @@ def test_resolutions_a_slide_cannot_give_fail_that_slide_and_redo_nothing(client
     )
     # The slide's complete group from the first run is kept.
     assert zarr.open_group(str(store), mode="r")[slides[0].stem].attrs["complete"] is True
+
+
+def test_a_slide_with_two_annotation_files_fails_naming_both(client, cohort, tmp_path):
+    """An ASAP XML and a QuPath export of the same slide may disagree: no silent choice."""
+    slides, annotations = _train(cohort)
+    both = tmp_path / "annotations"
+    shutil.copytree(annotations, both)
+    stem = slides[0].stem
+    assert (both / f"{stem}.xml").is_file()
+    (both / f"{stem}.geojson").write_text('{"type": "FeatureCollection", "features": []}')
+    results = tile_slides(
+        client, slides, tmp_path / "s.zarr", TilingConfig(patch_px=48), annotations_dir=both
+    )
+    by_id = {r.slide_id: r for r in results}
+    assert by_id[stem].status == "failed"
+    assert by_id[stem].reason == (
+        f"{both}: 2 annotation files for slide {stem!r} ({stem}.xml, {stem}.geojson); keep one"
+    )
+    assert [by_id[p.stem].status for p in slides[1:]] == ["done"] * len(slides[1:])
