@@ -8,6 +8,7 @@ paths between processes, never readers.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -277,18 +278,35 @@ def find_slides(paths: list[Path] | tuple[Path, ...]) -> list[Path]:
     Files given explicitly are kept whatever their suffix (and whether or not
     they exist, so the caller reports them); folders contribute files with a
     suffix in :data:`SLIDE_SUFFIXES`, skipping hidden files and folders.
+    Symbolic links to folders are followed (a cohort linked in from another
+    disk), each real folder once, so a link back up the tree ends the search.
     """
     found: list[Path] = []
     for path in paths:
         path = Path(path)
         if path.is_dir():
-            found.extend(
-                p
-                for p in sorted(path.rglob("*"))
-                if p.is_file()
-                and p.suffix.lower() in SLIDE_SUFFIXES
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )
+            found.extend(_slides_in(path))
         else:
             found.append(path)
     return sorted(dict.fromkeys(found))
+
+
+def _slides_in(folder: Path) -> list[Path]:
+    """Slide files under ``folder``, following links to folders, each real folder once."""
+    found = []
+    seen: set[str] = set()
+    for top, folders, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            folders[:] = []
+            continue
+        seen.add(real)
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        found.extend(
+            Path(top, name)
+            for name in files
+            if not name.startswith(".")
+            and Path(name).suffix.lower() in SLIDE_SUFFIXES
+            and Path(top, name).is_file()
+        )
+    return found

@@ -75,6 +75,21 @@ def test_find_slides_recurses_and_skips_hidden(tmp_path):
     assert found == [tmp_path / "a" / "b" / "y.tif", tmp_path / "a" / "x.svs"]
 
 
+def test_find_slides_follows_links_to_folders_once(tmp_path):
+    """A cohort folder linked in from another disk is searched; a loop of links ends."""
+    elsewhere = tmp_path / "nas" / "tumor"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "tumor_001.tif").write_bytes(b"")
+    cohort = tmp_path / "cohort"
+    (cohort / "normal").mkdir(parents=True)
+    (cohort / "normal" / "normal_001.tif").write_bytes(b"")
+    (cohort / "tumor").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "up").symlink_to(tmp_path, target_is_directory=True)  # a loop
+    (cohort / "normal" / "again").symlink_to(cohort / "normal", target_is_directory=True)
+    found = find_slides([cohort])
+    assert found == [cohort / "normal" / "normal_001.tif", cohort / "tumor" / "tumor_001.tif"]
+
+
 def test_regions_read_row_by_row_decode_each_tile_once(tmp_path):
     """Regions that are not whole tiles keep two rows of tiles decoded, as a grid reads them."""
     path = tmp_path / "g.tif"
