@@ -26,6 +26,9 @@ TUMOR_GROUPS = frozenset({"_0", "_1", "Tumor", "metastases"})
 #: ASAP groups carved out of tumor outlines.
 EXCLUSION_GROUPS = frozenset({"_2", "Exclusion"})
 
+#: Vertices may lie this fraction of the slide's width (height) outside it: annotation
+#: tools let a stroke overshoot the edge, and masks are clipped to the slide anyway.
+OUTSIDE_LEEWAY = 0.02
 #: QuPath classifications that mark areas to carve out of tumor.
 EXCLUSION_CLASSES = frozenset({"Exclusion", "Ignore", "Ignore*", "Normal", "Non-tumor", "Other"})
 
@@ -216,18 +219,24 @@ def read_annotations(path: Path | str) -> list[Polygon]:
 
 
 def check_within(path: Path | str, polygons: list[Polygon], level0_wh: tuple[int, int]) -> None:
-    """Raise :class:`AnnotationError` if a vertex lies outside the slide (level-0 pixels)."""
+    """Raise :class:`AnnotationError` if a vertex lies outside the slide (level-0 pixels).
+
+    A stroke overshooting an edge by up to :data:`OUTSIDE_LEEWAY` of the
+    slide's size is kept (rasterising clips it to the slide).
+    """
     width, height = level0_wh
+    dx, dy = OUTSIDE_LEEWAY * width, OUTSIDE_LEEWAY * height
     for polygon in polygons:
         for ring in (polygon.level0_xy, *polygon.holes):
             x_min, y_min = ring.min(axis=0)
             x_max, y_max = ring.max(axis=0)
-            if x_min < 0 or y_min < 0 or x_max > width or y_max > height:
+            if x_min < -dx or y_min < -dy or x_max > width + dx or y_max > height + dy:
                 raise AnnotationError(
                     path,
                     f"annotation {polygon.name!r}: Expected coordinates within the slide's "
-                    f"{width} x {height} level-0 pixels. Got x {x_min:.0f}..{x_max:.0f}, "
-                    f"y {y_min:.0f}..{y_max:.0f} instead (annotation of another slide?).",
+                    f"{width} x {height} level-0 pixels ({OUTSIDE_LEEWAY:.0%} leeway). Got x "
+                    f"{x_min:.0f}..{x_max:.0f}, y {y_min:.0f}..{y_max:.0f} instead "
+                    "(annotation of another slide?).",
                 )
 
 

@@ -167,6 +167,21 @@ def test_coordinates_outside_the_slide(tmp_path):
     outside = Polygon("far", "_0", SQUARE + 5000)
     check_within(tmp_path / "a.xml", [inside], (200, 200))
     with pytest.raises(
-        AnnotationError, match=r"'far': Expected coordinates within the slide's 200 x 200"
+        AnnotationError,
+        match=r"^.*a.xml: annotation 'far': Expected coordinates within the slide's 200 x 200 "
+        r"level-0 pixels \(2% leeway\). Got x 5010..5110, y 5020..5120 instead",
     ):
         check_within(tmp_path / "a.xml", [inside, outside], (200, 200))
+    # A stroke overshooting an edge a little (2% of the slide's size) is kept ...
+    edge = np.array([[-40.0, -60.0], [2040.0, -60.0], [2040.0, 1060.0], [-40.0, 1060.0]])
+    check_within(tmp_path / "a.xml", [Polygon("edge", "_0", edge)], (2000, 3000))
+    # ... and rasterised clipped to the slide: the corner patches are all tumor.
+    from pipeline.masks import rasterize_tumor
+
+    placed = rasterize_tumor([Polygon("edge", "_0", edge)], 4.0, (2000, 3000))
+    corners = np.array([[0, 0, 100, 100], [1900, 0, 2000, 100], [0, 1000, 100, 1100]])
+    np.testing.assert_allclose(placed.fractions(corners), [1.0, 1.0, 0.6], atol=0.02)
+    for beyond in ([-41.0, 0.0], [0.0, 3061.0]):
+        stroke = np.vstack([edge[:3], [beyond]])
+        with pytest.raises(AnnotationError, match="'edge': Expected coordinates within"):
+            check_within(tmp_path / "a.xml", [Polygon("edge", "_0", stroke)], (2000, 3000))
