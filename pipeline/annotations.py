@@ -23,8 +23,9 @@ from .errors import AnnotationError
 
 #: ASAP groups that outline tumor, as CAMELYON16 names them (and CAMELYON17's "metastases").
 TUMOR_GROUPS = frozenset({"_0", "_1", "Tumor", "metastases"})
-#: ASAP groups carved out of tumor outlines.
-EXCLUSION_GROUPS = frozenset({"_2", "Exclusion"})
+#: ASAP groups carved out of tumor outlines (CAMELYON17's masks paint "normal" over
+#: "metastases"); any other group, or none, outlines tumor.
+EXCLUSION_GROUPS = frozenset({"_2", "Exclusion", "normal", "Normal"})
 
 #: Vertices may lie this fraction of the slide's width (height) outside it: annotation
 #: tools let a stroke overshoot the edge, and masks are clipped to the slide anyway.

@@ -27,6 +27,31 @@ def test_round_trip_keeps_names_groups_and_coordinates(tmp_path):
     assert not list(tmp_path.glob("*.partial"))
 
 
+def test_camelyon17_normal_regions_are_carved_out_of_metastases(tmp_path):
+    """CAMELYON17's masks paint group ``normal`` over ``metastases``; other groups are tumor."""
+    from pipeline.masks import rasterize_tumor
+
+    path = tmp_path / "patient_004_node_4.xml"
+    big = np.array([[0.0, 0.0], [100.0, 0.0], [100.0, 100.0], [0.0, 100.0]])
+    write_asap_xml(
+        path,
+        [
+            Polygon("Annotation 0", "metastases", big),
+            Polygon("Annotation 1", "normal", big / 2),  # the top-left quarter
+            Polygon("Annotation 2", "None", big + np.array([150.0, 0.0])),  # no group: tumor
+        ],
+    )
+    polygons = read_asap_xml(path)
+    assert [(p.is_tumor, p.is_exclusion) for p in polygons] == [
+        (True, False),
+        (False, True),
+        (False, False),
+    ]
+    placed = rasterize_tumor(polygons, 1.0, (300, 200))
+    boxes = np.array([[0, 0, 50, 50], [50, 50, 100, 100], [150, 0, 250, 100]])
+    np.testing.assert_allclose(placed.fractions(boxes), [0.0, 1.0, 1.0], atol=0.03)
+
+
 def test_file_is_laid_out_like_camelyon16(tmp_path):
     path = tmp_path / "a.xml"
     write_asap_xml(path, [Polygon("Annotation 0", "_1", TRIANGLE)])
