@@ -75,6 +75,8 @@ class SlideReader:
         self.path = Path(path)
         if not self.path.is_file():
             raise SlideNotFoundError(self.path, "no such file")
+        if self.path.stat().st_size == 0:
+            raise SlideReadError(self.path, "empty file (0 bytes): a copy or download cut short?")
         try:
             self._osr = openslide.OpenSlide(str(self.path))
         except openslide.OpenSlideUnsupportedFormatError as exc:

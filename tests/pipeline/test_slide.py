@@ -56,6 +56,13 @@ def test_garbage_file_is_a_read_error_naming_the_file(tmp_path):
     assert "OpenSlide" in str(info.value)
 
 
+def test_empty_file_says_it_is_empty(tmp_path):
+    empty = tmp_path / "tumor_001.tif"
+    empty.write_bytes(b"")
+    with pytest.raises(SlideReadError, match=r"tumor_001.tif: empty file \(0 bytes\)"):
+        open_slide(empty)
+
+
 def test_truncated_slide_fails_with_a_clear_error(tmp_path):
     path = tmp_path / "truncated.tif"
     write_pyramid_tiff(path, 1024, 1024, _gradient, mpp=0.25, tile_px=256)
