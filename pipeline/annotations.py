@@ -6,7 +6,8 @@ tumor outline and are carved out of it.
 
 QuPath exports GeoJSON features (Polygon or MultiPolygon, with holes). A
 feature is an exclusion when its classification is one of
-:data:`EXCLUSION_CLASSES`, tumor otherwise (unclassified outlines included).
+:data:`EXCLUSION_CLASSES`, skipped when it is one of :data:`SKIPPED_CLASSES`,
+tumor otherwise (unclassified outlines included).
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ EXCLUSION_GROUPS = frozenset({"_2", "Exclusion", "normal", "Normal"})
 OUTSIDE_LEEWAY = 0.02
 #: QuPath classifications that mark areas to carve out of tumor.
 EXCLUSION_CLASSES = frozenset({"Exclusion", "Ignore", "Ignore*", "Normal", "Non-tumor", "Other"})
+#: QuPath classifications that are neither tumor nor carved out of it: a ``Region*``
+#: outlines an area to analyse (often the whole tissue, tumor included).
+SKIPPED_CLASSES = frozenset({"Region*"})
 
 _GROUP_COLOURS = {"_0": "#F4FA58", "_1": "#F4FA58", "_2": "#64FE2E"}
 
@@ -186,6 +190,8 @@ def read_geojson(path: Path | str) -> list[Polygon]:
         class_name = (
             classification.get("name") if isinstance(classification, dict) else classification
         )
+        if class_name in SKIPPED_CLASSES:
+            continue
         group = "Exclusion" if class_name in EXCLUSION_CLASSES else "Tumor"
         geometry = feature["geometry"]
         kind = geometry.get("type")

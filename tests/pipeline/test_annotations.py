@@ -142,6 +142,8 @@ def test_qupath_geojson_polygons_multipolygons_and_holes(tmp_path):
             ),
             _feature({"type": "Polygon", "coordinates": [hole]}, "Ignore*", "skip me"),
             _feature({"type": "Point", "coordinates": [5, 5]}, "Tumor", "dot"),
+            # An area to analyse around the tissue: neither tumor nor carved out.
+            _feature({"type": "Polygon", "coordinates": [outer]}, "Region*", "tissue"),
         ],
     }
     path = tmp_path / "slide.geojson"
