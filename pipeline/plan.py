@@ -58,11 +58,8 @@ def find_annotation(slide_path: Path, annotations_dir: Path | None) -> Path | No
     """
     if annotations_dir is None:
         return None
-    found = [
-        annotations_dir / f"{slide_path.stem}{suffix}"
-        for suffix in ANNOTATION_SUFFIXES
-        if (annotations_dir / f"{slide_path.stem}{suffix}").is_file()
-    ]
+    candidates = (annotations_dir / f"{slide_path.stem}{suffix}" for suffix in ANNOTATION_SUFFIXES)
+    found = [path for path in candidates if path.is_file()]
     if len(found) > 1:
         raise AnnotationError(
             annotations_dir,
