@@ -28,6 +28,7 @@ from pipeline.inference import (
     slide_fingerprint,
     unique_slides,
 )
+from pipeline.outputs import claim_folder
 from pipeline.results import is_complete, read_manifest, slide_files
 
 
@@ -107,7 +108,7 @@ def infer_slides_flow(
     logger = get_run_logger()
     inference = cfg.inference
     spec = model_spec(model_dir, inference.min_tissue_fraction)  # ModelError: the flow fails
-    out = Path(out_dir)
+    out = claim_folder(out_dir, "inference")  # never a folder of the user's
     manifest = read_manifest(out)
     threads = tf_threads(inference, cfg.orchestration)
     submitted, duplicates = unique_slides(find_slides([Path(s) for s in slides]))

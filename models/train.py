@@ -37,6 +37,7 @@ import numpy as np
 from pipeline import __version__
 from pipeline.config import TrainingConfig
 from pipeline.errors import ModelError, StoreError, WsiflowError
+from pipeline.outputs import claim_folder
 from pipeline.store import canonical, fingerprint
 
 from .classifier import (
@@ -521,6 +522,7 @@ def _prepare_dir(
     """A fresh or resumed state for ``out_dir``, or the metadata of a finished same run."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ModelError(out_dir, "exists and is not a directory")
+    claim_folder(out_dir, "model")  # never a folder of the user's: --overwrite deletes in it
     if overwrite or (replace_different and _run_in(out_dir) not in (None, digest)):
         for name in (MODEL_FILE, METADATA_FILE, HISTORY_FILE, "logs", CHECKPOINTS):
             target = out_dir / name

@@ -97,3 +97,29 @@ def failure_reason(path: Path | str, exc: BaseException) -> str:
     if isinstance(exc, FileError):
         return str(exc)
     return f"{path}: {type(exc).__name__}: {exc}"
+
+
+class ForeignOutputError(FileError, ValueError):
+    """An output folder wsiflow did not make: it is never written into (exit 2)."""
+
+
+class OutputLockedError(FileError):
+    """Another run is writing into the same output folder right now."""
+
+
+class OutputWriteError(FileError, OSError):
+    """An output cannot be written: a full disk, no permission, a read-only file system."""
+
+
+def os_reason(exc: OSError, needed_bytes: int | None = None) -> str:
+    """One line for an operating-system error while writing, with the fix where there is one."""
+    import errno
+
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        need = "" if needed_bytes is None else f": needs ~{needed_bytes / 1e6:,.0f} MB more"
+        return f"{reason}{need}; free space or write elsewhere, then run the same command again"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"cannot write here{where}: {reason}; choose a folder you can write to"
+    return reason

@@ -29,6 +29,7 @@ from .froc import (
     score_detections,
     tumor_mask,
 )
+from .outputs import claim_folder
 from .plan import find_annotation
 from .plots import plot_froc, plot_roc
 from .results import SCORES, detections_path, read_detections, read_reference, read_scores
@@ -66,7 +67,7 @@ def evaluate(
     with the reason in ``undefined``.
     """
     results_dir = Path(results_dir)
-    out_dir = Path(out_dir or results_dir)
+    out_dir = claim_folder(out_dir or results_dir, "evaluation", accept=("inference",))
     scores_path = results_dir / SCORES
     scores = read_scores(scores_path)
     if not scores:
@@ -139,7 +140,6 @@ def evaluate(
         froc = compute_froc(hits, config.fp_rates)
     except ValueError as exc:  # no lesion to find (normal slides or ITCs only)
         froc, undefined["froc"] = None, str(exc)
-    out_dir.mkdir(parents=True, exist_ok=True)
     files = {"report": out_dir / REPORT, "roc": out_dir / "roc.png", "froc": out_dir / "froc.png"}
     report = {
         "slides": len(names),

@@ -27,6 +27,7 @@ from .errors import ModelError, failure_reason
 from .grid import slide_id_of
 from .heatmap import HeatmapAccumulator, detect_lesions, heatmap_image, overlay, slide_score
 from .infer_tasks import InferencePlan, ModelSpec, model_spec, plan_inference, predict_block
+from .outputs import claim_folder
 from .results import (
     is_complete,
     outputs_exist,
@@ -96,8 +97,7 @@ def infer_slides(
     from distributed import as_completed
 
     spec = model_spec(model_dir, config.min_tissue_fraction)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = claim_folder(out_dir, "inference")
     manifest = _manifest(out_dir, spec, config)
     results: list[SlideInference] = []
 

@@ -33,7 +33,8 @@ from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from .codecs import PatchImageCodec
-from .errors import StoreError
+from .errors import ForeignOutputError, StoreError
+from .outputs import foreign_entries, not_ours
 
 STORE_FORMAT = 1
 #: Compressors for the lossless choices; image codecs go through PatchImageCodec.
@@ -83,11 +84,51 @@ def join(store: Path | str, *parts: str) -> str:
 
 
 def open_root(store_path: Path | str) -> zarr.Group:
-    """Open (or create) the store's root group."""
+    """Open (or create) the store's root group.
+
+    Only an absent or empty location, or a wsiflow patch store, is written
+    into: anything else (a folder of the user's files, another Zarr group)
+    is a :class:`ForeignOutputError` before anything is written there.
+    """
+    check_writable_store(store_path)
     root = _open_group(store_path, "a")
     if "wsiflow_store" not in root.attrs:
         root.update_attributes({"wsiflow_store": STORE_FORMAT, "slides": {}})
     return root
+
+
+def check_writable_store(store_path: Path | str) -> None:
+    """Raise :class:`ForeignOutputError` unless ``store_path`` is absent, empty or ours."""
+    where = location(store_path)
+    if is_url(where):
+        fs, path = _filesystem(where)
+        try:
+            names = [Path(p).name for p in fs.ls(path, detail=False)] if fs.isdir(path) else []
+        except FileNotFoundError:
+            names = []
+        except Exception as exc:  # connection, credentials, permissions
+            raise StoreError(where, f"cannot open ({type(exc).__name__}: {exc})") from exc
+        read = (lambda: fs.cat_file(f"{path}/zarr.json")) if "zarr.json" in names else None
+    else:
+        folder = Path(where)
+        if folder.exists() and not folder.is_dir():
+            raise ForeignOutputError(where, "exists and is not a folder (a patch store is one)")
+        names = foreign_entries(folder) if folder.is_dir() else []
+        read = (folder / "zarr.json").read_bytes if "zarr.json" in names else None
+    if not names:
+        return
+    if read is None:
+        raise ForeignOutputError(where, not_ours(names))
+    try:
+        attrs = json.loads(read()).get("attributes", {})
+    except (OSError, ValueError, AttributeError):
+        attrs = {}
+    if "wsiflow_store" not in attrs:
+        raise ForeignOutputError(
+            where,
+            "is a Zarr group wsiflow did not write (no wsiflow_store attribute); "
+            "choose another --out",
+        )
 
 
 def zarr_root(store_path: Path | str) -> zarr.Group:
@@ -175,6 +216,22 @@ def completed_fingerprint(root: zarr.Group, slide_id: str) -> str | None:
     if attrs.get("complete") is not True:
         return None
     return attrs.get("fingerprint")
+
+
+def other_source(root: zarr.Group, slide_id: str, path: Path) -> str | None:
+    """The source file of ``slide_id``'s complete group when it is not ``path``; else None.
+
+    Two files with one slide id (``dirA/case1.tif``, ``dirB/case1.tif``) are
+    two slides: the second never silently replaces the first.
+    """
+    try:
+        attrs = root[slide_id].attrs
+    except (KeyError, FileNotFoundError, ValueError, OSError):
+        return None
+    source = attrs.get("slide", {}).get("path") if isinstance(attrs.get("slide"), dict) else None
+    if attrs.get("complete") is not True or not source:
+        return None
+    return None if source == str(Path(path).resolve()) else source
 
 
 def create_slide_group(

@@ -25,7 +25,7 @@ import numpy as np
 
 from .cluster import submit_reporting, task_error
 from .config import TilingConfig
-from .errors import AnnotationError, failure_reason
+from .errors import AnnotationError, SlideError, failure_reason
 from .extract import extract_chunk
 from .grid import slide_id_of
 from .plan import SlideJob, SlidePlan, find_annotation, job_fingerprint, plan_slide
@@ -35,6 +35,7 @@ from .store import (
     location,
     mark_complete,
     open_root,
+    other_source,
     update_summary,
     zarr_root,
 )
@@ -121,7 +122,17 @@ def tile_slides(
     pending: list[tuple[SlideJob, str]] = []
     for job in jobs:
         digest = job_fingerprint(job, config)
-        if not overwrite and completed_fingerprint(root, job.slide_id) == digest:
+        other = None if overwrite else other_source(root, job.slide_id, job.path)
+        if other is not None:
+            result = SlideResult(
+                job.slide_id,
+                str(job.path),
+                "failed",
+                reason=f"{job.path}: {_other_source(job, store_path, other)}",
+            )
+            results.append(result)
+            _finish(root, result, on_slide)
+        elif not overwrite and completed_fingerprint(root, job.slide_id) == digest:
             result = _skipped(job, root.attrs.get("slides", {}).get(job.slide_id, {}))
             results.append(result)
             _finish(root, result, on_slide)
@@ -272,6 +283,9 @@ def tile_slide(
     store_path = location(store_path)
     root = zarr_root(store_path)
     digest = job_fingerprint(job, config)
+    other = None if overwrite else other_source(root, job.slide_id, job.path)
+    if other is not None:
+        raise SlideError(job.path, _other_source(job, store_path, other))
     if not overwrite and completed_fingerprint(root, job.slide_id) == digest:
         return _skipped(job, root[job.slide_id].attrs)
     started = time.perf_counter()
@@ -300,6 +314,14 @@ class Tiled:
             level=self.level,
             read_px=self.read_px,
         )
+
+
+def _other_source(job: SlideJob, store_path: str, other: str) -> str:
+    return (
+        f"slide id {job.slide_id!r} in {store_path} is already complete from "
+        f"another file, {other}; pass --overwrite to replace it, or tile this one into "
+        "another store"
+    )
 
 
 def _group_token(digest: str) -> str:

@@ -158,6 +158,30 @@ def _parse_size(text: str | None) -> tuple[int | None, int | None]:
     return int(match[1]), int(match[2])
 
 
+@contextlib.contextmanager
+def output_lock(reporter: Reporter, folder: Path | str) -> Iterator[None]:
+    """Hold the lock of a local output folder while a command writes into it.
+
+    Raises :class:`~pipeline.errors.OutputLockedError` naming the run that
+    holds it; says so when the lock of a run that died is taken over. Stores
+    given by URL are not locked.
+    """
+    from ..outputs import OutputLock
+    from ..store import is_url
+
+    if is_url(folder):
+        yield
+        return
+    command = " ".join(["wsiflow", *sys.argv[1:]])[:300]
+    with OutputLock(Path(str(folder)), command) as lock:
+        if lock.took_over is not None:
+            reporter.errors.print(
+                f"[yellow]warning:[/yellow] {escape(str(folder))}: took over the lock left by "
+                f"{escape(lock.took_over.describe())}, which is no longer running"
+            )
+        yield
+
+
 def _fail_usage(reporter: Reporter, error: Exception, command: str) -> None:
     for line in str(error).splitlines():
         reporter.errors.print(f"[red]error:[/red] {escape(line)}")
@@ -165,7 +189,14 @@ def _fail_usage(reporter: Reporter, error: Exception, command: str) -> None:
 
 
 def _fail_data(reporter: Reporter, error: Exception, command: str) -> None:
-    """Bad input data (exit 1): the error names the file and the reason."""
+    """Bad input data (exit 1): the error names the file and the reason.
+
+    An output folder wsiflow may not write into is a usage error (exit 2).
+    """
+    from ..errors import ForeignOutputError
+
+    if isinstance(error, ForeignOutputError):
+        _fail_usage(reporter, error, command)
     for line in str(error).splitlines():
         reporter.errors.print(f"[red]error:[/red] {escape(line)}")
     reporter.finish({"command": command, "ok": False, "error": str(error)}, exit_code=1)

@@ -10,8 +10,8 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from ..errors import ConfigError
-from ._common import ConfigOption, JsonOption, Reporter, _fail_usage, _load, app
+from ..errors import ConfigError, WsiflowError
+from ._common import ConfigOption, JsonOption, Reporter, _fail_data, _fail_usage, _load, app
 from .slides import inspect_slides, run_synth
 
 
@@ -44,6 +44,12 @@ def demo(
         cfg = _load(config, {})
     except ConfigError as exc:
         _fail_usage(reporter, exc, "demo")
+    from ..outputs import claim_folder
+
+    try:
+        claim_folder(out, "demo")
+    except WsiflowError as exc:
+        _fail_data(reporter, exc, "demo")
     started = time.perf_counter()
     cohort_dir = Path(cfg.slides.root) if cfg.slides.root else out / "cohort"
     stages: dict[str, float] = {}

@@ -23,6 +23,7 @@ from ._common import (
     _fail_usage,
     _load,
     app,
+    output_lock,
 )
 
 
@@ -95,13 +96,16 @@ def run_infer(
     from ..cluster import dask_client
     from ..infer_tasks import model_spec
     from ..inference import infer_slides
+    from ..outputs import claim_folder
 
     model_spec(model)  # a missing or unfinished model fails here, before a cluster starts
+    claim_folder(out, "inference")
     started = time.perf_counter()
     inference = cfg.inference
     n_workers = inference.workers or 1
     tf_threads = max(1, (os.cpu_count() or 1) // n_workers)
     with (
+        output_lock(reporter, out),
         reporter.slide_progress(len(paths)) as bars,
         dask_client(cfg.orchestration.scheduler, workers=n_workers, threads_per_worker=1) as client,
     ):

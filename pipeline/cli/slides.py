@@ -11,8 +11,18 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..errors import ConfigError, SlideError
-from ._common import ConfigOption, JsonOption, Reporter, _fail_usage, _load, _parse_size, app
+from ..errors import ConfigError, SlideError, WsiflowError
+from ._common import (
+    ConfigOption,
+    JsonOption,
+    Reporter,
+    _fail_data,
+    _fail_usage,
+    _load,
+    _parse_size,
+    app,
+    output_lock,
+)
 
 
 @app.command()
@@ -55,19 +65,24 @@ def synth(
         )
     except ConfigError as exc:
         _fail_usage(reporter, exc, "synth")
-    summary = run_synth(
-        reporter, out_dir, cfg.slides.synthetic, workers=workers, overwrite=overwrite
-    )
+    try:
+        summary = run_synth(
+            reporter, out_dir, cfg.slides.synthetic, workers=workers, overwrite=overwrite
+        )
+    except WsiflowError as exc:
+        _fail_data(reporter, exc, "synth")
     reporter.finish(summary)
 
 
 def run_synth(reporter: Reporter, out_dir: Path, params, *, workers: int, overwrite: bool) -> dict:
     """Generate (or reuse) a cohort with a progress bar; return the JSON summary."""
+    from ..outputs import claim_folder
     from ..synth.cohort import plan_cohort, write_cohort
 
     total = len(plan_cohort(params))
     started = time.perf_counter()
-    with reporter.progress() as progress:
+    claim_folder(out_dir, "cohort")
+    with output_lock(reporter, out_dir), reporter.progress() as progress:
         task = progress.add_task("synth", total=total, rate="")
 
         def done(record) -> None:

@@ -10,7 +10,15 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..errors import ConfigError, SchedulerError, StoreError, WsiflowError
+from ..errors import (
+    ConfigError,
+    ForeignOutputError,
+    OutputLockedError,
+    OutputWriteError,
+    SchedulerError,
+    StoreError,
+    WsiflowError,
+)
 from ._common import (
     ConfigOption,
     JsonOption,
@@ -22,6 +30,7 @@ from ._common import (
     _fail_usage,
     _load,
     app,
+    output_lock,
 )
 
 
@@ -107,7 +116,13 @@ def tile(
         summary = run_tile(
             reporter, paths, out, cfg, annotations_dir=annotations, overwrite=overwrite
         )
-    except (SchedulerError, StoreError) as exc:
+    except (
+        SchedulerError,
+        StoreError,
+        ForeignOutputError,
+        OutputLockedError,
+        OutputWriteError,
+    ) as exc:
         _fail_data(reporter, exc, "tile")
     if summary.get("interrupted"):
         reporter.finish(summary, exit_code=INTERRUPTED_EXIT)
@@ -139,7 +154,7 @@ def run_tile(
             # reached leaves no store behind; a bad store path or URL or missing
             # credentials are one line before any bar.
             open_root(out)
-            with reporter.slide_progress(len(paths)) as bars:
+            with output_lock(reporter, out), reporter.slide_progress(len(paths)) as bars:
 
                 def on_slide(result) -> None:
                     finished.append(result)

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..annotations import write_asap_xml
 from ..config import SyntheticConfig
+from ..outputs import claim_folder
 from .pyramid import write_pyramid_tiff
 from .scene import make_scene
 
@@ -129,7 +130,7 @@ def write_cohort(
     interrupted run is redone, never reused. Slides are generated in
     ``workers`` processes.
     """
-    root = Path(root)
+    root = claim_folder(root, "cohort")
     reused = None if overwrite else _reuse(root, params)
     if reused is not None:
         return CohortSummary(root=root, params=params, slides=reused, reused=True)
