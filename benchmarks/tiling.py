@@ -257,7 +257,12 @@ def main() -> None:
     pipeline_rates = {}
     cores_busy = {}  # CPU seconds of the driver (scheduler included) and workers / wall seconds
     store_sizes = {}
-    variants = {"default": config, "re-encode": config.model_copy(update={"passthrough": False})}
+    # "unverified": tiles copied without the decode that checks them for corrupt JPEG data.
+    variants = {
+        "default": config,
+        "unverified": config.model_copy(update={"verify_copied_tiles": False}),
+        "re-encode": config.model_copy(update={"passthrough": False}),
+    }
     # The same slide under several names (hard links): a cohort, whose planning spreads too.
     cohort = [slide]
     for i in range(1, args.cohort):
@@ -320,7 +325,7 @@ def main() -> None:
     )
     print(f"{'limit 1/(decode + encode-write)':<48}{limit:>10,.0f} patches/s")
     print(f"{'OpenSlide read_region loop (1 core)':<48}{openslide_rate:>10,.0f} patches/s")
-    for name in variants:
+    for name in alone_jobs:
         for processes in (1, 2):
             label = (
                 f"{name} path's own work alone, {processes} process{'es' if processes > 1 else ''}"
@@ -352,11 +357,16 @@ def main() -> None:
             f"  store {size / 1e6:,.1f} MB = raw pixels / {raw_bytes / size:.1f}, "
             f"{size / slide_bytes:.2f} x the slide file ({slide_bytes / 1e6:,.1f} MB)"
         )
-        alone_scaling = alone_rates[name, 2] / alone_rates[name, 1]
-        print(
-            f"  its own work alone: 2 processes / 1 = {alone_scaling:.2f} (this machine's "
-            f"scaling for it); wsiflow 1 worker / alone = {one / alone_rates[name, 1]:.2f}"
-        )
+        if name == "unverified":
+            verified = pipeline_rates["default", 1, 1]
+            print(f"  default (verified) / unverified, 1 slide, 1 worker = {verified / one:.2f}")
+        alone = alone_jobs.get(name) and alone_rates[name, 1]
+        alone_scaling = alone_rates[name, 2] / alone if alone else float("nan")
+        if alone:
+            print(
+                f"  its own work alone: 2 processes / 1 = {alone_scaling:.2f} (this machine's "
+                f"scaling for it); wsiflow 1 worker / alone = {one / alone:.2f}"
+            )
         results[name] = {
             "wsiflow_1_worker_per_s": round(one),
             "wsiflow_2_workers_per_s": round(two),
@@ -364,9 +374,9 @@ def main() -> None:
             "ratio_to_openslide": round(one / openslide_rate, 2),
             "scaling_2_workers": round(two / one, 2),
             "scaling_2_workers_cohort": round(cohort_scaling, 2),
-            "alone_per_s": round(alone_rates[name, 1]),
-            "alone_2_processes_per_s": round(alone_rates[name, 2]),
-            "alone_scaling": round(alone_scaling, 2),
+            "alone_per_s": round(alone) if alone else None,
+            "alone_2_processes_per_s": round(alone_rates[name, 2]) if alone else None,
+            "alone_scaling": round(alone_scaling, 2) if alone else None,
             "cores_busy": {
                 f"{n}_slides_{workers}_workers": round(cores_busy[name, workers, n], 2)
                 for n in (1, args.cohort)

@@ -17,11 +17,11 @@ says ``"complete": true``; inference refuses anything else.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ModelError
+from pipeline.outputs import write_atomic
 
 MODEL_FILE = "model.keras"
 METADATA_FILE = "wsiflow_model.json"
@@ -87,6 +87,4 @@ def load_model_dir(model_dir: Path | str, *, compile: bool = False):
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     """Write JSON so a reader sees the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(payload, indent=2, default=str) + "\n")

@@ -37,7 +37,7 @@ import numpy as np
 from pipeline import __version__
 from pipeline.config import TrainingConfig
 from pipeline.errors import ModelError, StoreError, WsiflowError
-from pipeline.outputs import claim_folder
+from pipeline.outputs import atomic, claim_folder
 from pipeline.store import canonical, fingerprint
 
 from .classifier import (
@@ -496,24 +496,20 @@ def _better(record: dict[str, Any], best: dict[str, Any]) -> bool:
 
 
 def _save_atomic(model, path: Path) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")  # Keras insists on the .keras suffix
-    model.save(tmp)
-    os.replace(tmp, path)
+    with atomic(path, f".tmp-{path.name}") as tmp:  # Keras insists on the .keras suffix
+        model.save(tmp)
 
 
 def _copy_atomic(source: Path, path: Path) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        shutil.copyfile(source, tmp)
 
 
 def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as handle:
+    with atomic(path) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, HISTORY_COLUMNS)
         writer.writeheader()
         writer.writerows(history)
-    os.replace(tmp, path)
 
 
 def _prepare_dir(

@@ -19,7 +19,7 @@ from typing import Any
 import dask
 from distributed import Client, Future, LocalCluster
 
-from .errors import SchedulerError, WsiflowError
+from .errors import SchedulerError, WsiflowError, write_error
 
 
 @contextlib.contextmanager
@@ -145,3 +145,8 @@ def _returning_failures(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> An
         return fn(*args, **kwargs)
     except WsiflowError as exc:
         return TaskFailed(exc)
+    except OSError as exc:  # a full disk or an unwritable store: not a bug, one line
+        error = write_error(exc)
+        if error is None:
+            raise
+        return TaskFailed(error)

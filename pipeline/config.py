@@ -72,6 +72,9 @@ class TilingConfig(_Section):
     passthrough: bool = Field(
         True, description="copy aligned source JPEG tiles into a jpeg store without re-encoding"
     )
+    verify_copied_tiles: bool = Field(
+        True, description="decode each copied tile once, so corrupt JPEG data fails its slide"
+    )
 
     @model_validator(mode="after")
     def _one_resolution(self) -> TilingConfig:

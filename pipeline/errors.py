@@ -111,6 +111,17 @@ class OutputWriteError(FileError, OSError):
     """An output cannot be written: a full disk, no permission, a read-only file system."""
 
 
+#: errno values that mean an output cannot be written (the disk or the place, not the data).
+WRITE_ERRNOS = frozenset({28, 122, 13, 1, 30})  # ENOSPC, EDQUOT, EACCES, EPERM, EROFS
+
+
+def write_error(exc: OSError) -> OutputWriteError | None:
+    """``exc`` as an :class:`OutputWriteError` when it says an output cannot be written."""
+    if isinstance(exc, WsiflowError) or exc.errno not in WRITE_ERRNOS:
+        return None
+    return OutputWriteError(exc.filename or "output", os_reason(exc))
+
+
 def os_reason(exc: OSError, needed_bytes: int | None = None) -> str:
     """One line for an operating-system error while writing, with the fix where there is one."""
     import errno

@@ -99,13 +99,15 @@ def extract_chunk(
     read_px: int,
     patch_px: int,
     passthrough: bool = False,
+    verify: bool = True,
 ) -> int:
     """Read a block of whole chunks' patches and write them into the store; return how many.
 
     One chunk's patches are in memory at a time. Image-codec stores get each
     chunk encoded here, patch by patch while the decoded patch is still in
     cache, and written as the chunk's file (or, with ``passthrough``, the
-    source tiles' bytes); lossless stores go through Zarr chunk by chunk.
+    source tiles' bytes, each decoded once as a check when ``verify``);
+    lossless stores go through Zarr chunk by chunk.
     """
     array = _cached_patches(store_path, slide_id, token)
     codec = image_codec_of(array)
@@ -123,7 +125,10 @@ def extract_chunk(
         block = level_xy[offset : offset + chunk]
         if direct is not None:
             try:
-                images = [direct.jpeg_tile(direct.tile_index(int(x), int(y))) for x, y in block]
+                images = [
+                    direct.jpeg_tile(direct.tile_index(int(x), int(y)), verify=verify)
+                    for x, y in block
+                ]
             except OSError as exc:
                 raise SlideError(slide_path, f"cannot read level {level} tiles: {exc}") from exc
         else:

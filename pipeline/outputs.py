@@ -19,16 +19,25 @@ no such lock.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
+import shutil
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from .errors import ForeignOutputError, OutputLockedError, OutputWriteError, os_reason
+from .errors import (
+    ForeignOutputError,
+    OutputLockedError,
+    OutputWriteError,
+    WsiflowError,
+    os_reason,
+)
 
 #: The marker file of a wsiflow output folder: ``{"wsiflow_output": KIND, ...}``.
 MARKER = ".wsiflow"
@@ -109,15 +118,36 @@ def not_ours(entries: list[str]) -> str:
     )
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` under a temporary name, then rename it into place."""
-    partial = path.with_name(f".{path.name}.partial")
+@contextlib.contextmanager
+def atomic(path: Path | str, temporary: str | None = None) -> Iterator[Path]:
+    """Write ``path`` through a temporary file beside it, renamed into place at the end.
+
+    Yields the temporary path (``.<name>.partial``, or ``temporary``: Keras
+    wants a ``.keras`` suffix). Whatever goes wrong, the temporary file is
+    removed, so nothing half-written is left to look complete; an
+    operating-system error (a full disk, no permission) becomes one
+    :class:`OutputWriteError` naming ``path``.
+    """
+    path = Path(path)
+    partial = path.with_name(temporary or f".{path.name}.partial")
     try:
-        partial.write_text(text, encoding="utf-8")
+        yield partial
         os.replace(partial, path)
-    except OSError:
-        partial.unlink(missing_ok=True)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            if partial.is_dir():
+                shutil.rmtree(partial)
+            else:
+                partial.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, WsiflowError):
+            raise OutputWriteError(path, os_reason(exc)) from exc
         raise
+
+
+def write_atomic(path: Path | str, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (:func:`atomic`)."""
+    with atomic(path) as partial:
+        partial.write_text(text, encoding="utf-8")
 
 
 @dataclass(frozen=True)

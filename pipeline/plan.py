@@ -48,6 +48,7 @@ class SlidePlan:
     table: PatchTable
     attrs: dict[str, Any] = field(repr=False)
     passthrough: bool = False
+    verify_copied_tiles: bool = True
 
 
 def find_annotation(slide_path: Path, annotations_dir: Path | None) -> Path | None:
@@ -72,10 +73,10 @@ def find_annotation(slide_path: Path, annotations_dir: Path | None) -> Path | No
 def job_fingerprint(job: SlideJob, config: TilingConfig) -> str:
     """Identity of the inputs (slide, annotation) and the tiling config.
 
-    Settings that only refuse slides (``max_upsample``) leave stored patches
-    alone, so changing them redoes nothing.
+    Settings that only refuse slides (``max_upsample``, ``verify_copied_tiles``)
+    leave stored patches alone, so changing them redoes nothing.
     """
-    settings = config.model_dump(mode="json", exclude={"max_upsample"})
+    settings = config.model_dump(mode="json", exclude={"max_upsample", "verify_copied_tiles"})
     payload: dict[str, Any] = {"config": settings, "version": __version__}
     payload["slide"] = file_identity(job.path) if job.path.exists() else str(job.path)
     payload["annotation"] = None if job.annotation is None else file_identity(job.annotation)
@@ -142,7 +143,12 @@ def plan_slide(job: SlideJob, config: TilingConfig) -> SlidePlan:
         "wsiflow_version": __version__,
     }
     return SlidePlan(
-        job=job, resolution=resolution, table=table, attrs=attrs, passthrough=passthrough
+        job=job,
+        resolution=resolution,
+        table=table,
+        attrs=attrs,
+        passthrough=passthrough,
+        verify_copied_tiles=config.verify_copied_tiles,
     )
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
 from .froc import Froc
+from .outputs import atomic
 
 
 def plot_roc(path: Path, fpr: np.ndarray, tpr: np.ndarray, auc: float) -> None:
@@ -55,10 +55,11 @@ def plot_froc(path: Path, froc: Froc) -> None:
 def _save(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    partial = path.with_name(f".{path.name}.partial")
-    fig.savefig(partial, format="png")
-    plt.close(fig)
-    os.replace(partial, path)
+    try:
+        with atomic(path) as partial:
+            fig.savefig(partial, format="png")
+    finally:
+        plt.close(fig)
 
 
 def plot_training(path: Path, history: list[dict]) -> None:

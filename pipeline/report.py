@@ -11,10 +11,10 @@ import base64
 import html
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from .outputs import write_atomic
 from .results import read_manifest
 
 
@@ -91,9 +91,7 @@ def write_report(
                 parts.append(figure + "</figure>")
         parts.append("</div>")
     document = _PAGE.format(title=_e(title), body="\n".join(parts))
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(document, encoding="utf-8")
-    os.replace(partial, path)
+    write_atomic(path, document)
     return path
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from PIL import Image
 
 from .errors import ResultsError
 from .heatmap import Detections, HeatmapGrid
+from .outputs import atomic, write_atomic
 
 MANIFEST = "inference.json"
 SCORES = "scores.csv"
@@ -69,7 +69,7 @@ def read_manifest(out_dir: Path) -> dict[str, Any]:
 
 
 def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
-    _write_text(Path(out_dir) / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
+    write_atomic(Path(out_dir) / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
 
 
 def outputs_exist(out_dir: Path, slide_id: str) -> bool:
@@ -101,27 +101,26 @@ def write_slide_outputs(
     files = slide_files(out_dir, slide_id)
     for path in files.values():
         path.parent.mkdir(parents=True, exist_ok=True)
-    _write_text(files["detections"], detections_csv(detections))
+    write_atomic(files["detections"], detections_csv(detections))
     _write_png(files["heatmap_png"], heatmap_rgba)
     _write_png(files["overlay_png"], overlay_rgb)
     target = files["heatmap"]
-    partial = target.with_name(f".{target.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    group = zarr.open_group(str(partial), mode="w")
-    array = group.create_array(
-        "probability", shape=heatmap.shape, dtype="float32", chunks=_chunks(heatmap.shape)
-    )
-    array[:] = heatmap
-    group.update_attributes(
-        {
-            **attrs,
-            "level0_cell_px": list(grid.level0_cell_px),
-            "cells_per_patch": grid.cells_per_patch,
-            "detections": len(detections),
-        }
-    )
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(partial, target)
+    with atomic(target) as partial:
+        shutil.rmtree(partial, ignore_errors=True)
+        group = zarr.open_group(str(partial), mode="w")
+        array = group.create_array(
+            "probability", shape=heatmap.shape, dtype="float32", chunks=_chunks(heatmap.shape)
+        )
+        array[:] = heatmap
+        group.update_attributes(
+            {
+                **attrs,
+                "level0_cell_px": list(grid.level0_cell_px),
+                "cells_per_patch": grid.cells_per_patch,
+                "detections": len(detections),
+            }
+        )
+        shutil.rmtree(target, ignore_errors=True)  # the rename needs the place free
     return files
 
 
@@ -192,7 +191,7 @@ def write_scores(out_dir: Path, scores: dict[str, float]) -> Path:
     for slide_id in sorted(scores):
         writer.writerow((slide_id, f"{scores[slide_id]:.6f}"))
     path = Path(out_dir) / SCORES
-    _write_text(path, buffer.getvalue())
+    write_atomic(path, buffer.getvalue())
     return path
 
 
@@ -256,13 +255,6 @@ def _chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(min(max(1, s), 1024) for s in shape)
 
 
-def _write_text(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
-
-
 def _write_png(path: Path, image: np.ndarray) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    Image.fromarray(image).save(partial, format="PNG", compress_level=1)  # ~5x faster than 6
-    os.replace(partial, path)
+    with atomic(path) as partial:
+        Image.fromarray(image).save(partial, format="PNG", compress_level=1)  # ~5x faster than 6

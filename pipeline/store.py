@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ from zarr.storage import LocalStore
 
 from .codecs import PatchImageCodec
 from .errors import ForeignOutputError, StoreError
-from .outputs import foreign_entries, not_ours
+from .outputs import atomic, foreign_entries, not_ours
 
 STORE_FORMAT = 1
 #: Compressors for the lossless choices; image codecs go through PatchImageCodec.
@@ -312,10 +311,9 @@ def write_encoded_chunk(array: zarr.Array, chunk_index: int, data: bytes) -> Non
         buffer = default_buffer_prototype().buffer.from_bytes(data)
         sync((array.store_path / _chunk_key(array, chunk_index)).set(buffer))
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(data)
-    os.replace(partial, path)
+    with atomic(path) as partial:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_bytes(data)
 
 
 def read_encoded_chunk(array: zarr.Array, chunk_index: int) -> bytes | None:

@@ -24,6 +24,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
+import simplejpeg
 import tifffile
 
 #: OpenSlide vendors whose levels are tiled TIFF pages tifffile can decode as they are.
@@ -72,9 +73,12 @@ class DirectLevel:
             return cached
         if self._counts[index] == 0:
             return None
-        segment, _, _ = self._decode(self.raw_tile(index), index, jpegtables=self._jpegtables)
+        if self.jpeg_tiles:
+            tile = decode_jpeg(self.jpeg_tile(index), f"tile {index}")
+        else:
+            segment, _, _ = self._decode(self.raw_tile(index), index, jpegtables=self._jpegtables)
+            tile = segment.reshape(self.tile_h, self.tile_w, -1)[..., :3]
         self.tiles_decoded += 1
-        tile = segment.reshape(self.tile_h, self.tile_w, -1)[..., :3]
         tile.flags.writeable = False
         if keep:
             self._cache[index] = tile
@@ -94,18 +98,22 @@ class DirectLevel:
             raise OSError(f"tile {index} is missing or truncated: {len(data)} of {count} bytes")
         return data
 
-    def jpeg_tile(self, index: int) -> bytes:
+    def jpeg_tile(self, index: int, *, verify: bool = False) -> bytes:
         """Tile ``index`` as a complete JPEG stream (needs :attr:`jpeg_tiles`), not decoded.
 
         The stored bytes themselves when they are one; otherwise with the
         page's shared tables and colour space put in after the start marker.
+        With ``verify``, the stream is decoded once (at 1/8 scale: every
+        entropy-coded bit is still read) and corrupt data raises ``OSError``.
         """
         data = self.raw_tile(index)
         if data[:2] != _SOI:
             raise OSError(f"tile {index} is not a JPEG stream (starts with {data[:2].hex()})")
-        if not self._jpeg_header:
-            return data
-        return b"".join((_SOI, self._jpeg_header, memoryview(data)[2:]))
+        if self._jpeg_header:
+            data = b"".join((_SOI, self._jpeg_header, memoryview(data)[2:]))
+        if verify:
+            decode_jpeg(data, f"tile {index}", min_factor=8)
+        return data
 
     def tile_index(self, x: int, y: int) -> int:
         """Index of the tile whose top-left corner is at level pixels ``(x, y)``."""
@@ -147,6 +155,21 @@ class DirectLevel:
                     sy0 - tile_y : sy1 - tile_y, sx0 - tile_x : sx1 - tile_x
                 ]
         return out
+
+
+def decode_jpeg(data: bytes, what: str, *, min_factor: int = 1) -> np.ndarray:
+    """Decode a complete JPEG stream to ``(h, w, 3)`` uint8 RGB, refusing corrupt data.
+
+    libjpeg's warnings ("Corrupt JPEG data: premature end of data segment",
+    "... extraneous bytes before marker") are errors here: the decoder goes on
+    after them and returns grey or shifted blocks, which must never become
+    patches or heatmaps. ``min_factor`` decodes at a reduced scale (a check).
+    Raises ``OSError`` naming ``what``.
+    """
+    try:
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True, min_factor=min_factor)
+    except ValueError as exc:
+        raise OSError(f"{what}: corrupt JPEG data ({exc})") from exc
 
 
 class DirectTiff:

@@ -25,7 +25,7 @@ import numpy as np
 
 from .cluster import submit_reporting, task_error
 from .config import TilingConfig
-from .errors import AnnotationError, SlideError, failure_reason
+from .errors import AnnotationError, OutputWriteError, SlideError, failure_reason
 from .extract import extract_chunk
 from .grid import slide_id_of
 from .plan import SlideJob, SlidePlan, find_annotation, job_fingerprint, plan_slide
@@ -177,6 +177,8 @@ def tile_slides(
             work.add(future)
 
     def fail(job: SlideJob, exc: BaseException) -> None:
+        if isinstance(exc, OutputWriteError):  # the store's disk: every slide would fail
+            raise exc
         active.pop(job.slide_id, None)
         result = SlideResult(
             job.slide_id, str(job.path), "failed", reason=failure_reason(job.path, exc)
@@ -389,6 +391,7 @@ def _chunk_args(
         resolution.read_px,
         resolution.patch_px,
         plan.passthrough,
+        plan.verify_copied_tiles,
     )
 
 

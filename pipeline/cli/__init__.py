@@ -10,19 +10,32 @@ from __future__ import annotations
 
 import sys
 
-from ..errors import WsiflowError
+from ..errors import WsiflowError, write_error
 from . import demo, infer, learn, orchestrate, slides, tiles, view  # noqa: F401  (each module registers its commands)
 from ._common import app
 
 
 def main() -> None:
-    """Console-script entry point: typed errors become one line and exit code 1."""
+    """Console-script entry point: typed errors become one line and exit code 1.
+
+    So does an output that cannot be written (a full disk, no permission)
+    wherever it surfaces.
+    """
     try:
         app()
     except WsiflowError as exc:
-        for line in str(exc).splitlines():
-            print(f"error: {line}", file=sys.stderr)
-        sys.exit(1)
+        _exit_with(exc)
+    except OSError as exc:
+        error = write_error(exc)
+        if error is None:
+            raise
+        _exit_with(error)
+
+
+def _exit_with(exc: WsiflowError) -> None:
+    for line in str(exc).splitlines():
+        print(f"error: {line}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import csv
 import io
 import json
 import math
-import os
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -24,7 +23,7 @@ import numpy as np
 
 from ..annotations import write_asap_xml
 from ..config import SyntheticConfig
-from ..outputs import claim_folder
+from ..outputs import claim_folder, write_atomic
 from .pyramid import write_pyramid_tiff
 from .scene import make_scene
 
@@ -155,12 +154,11 @@ def write_cohort(
                     on_slide_done(record)
     slides = tuple(records[spec.slide_id] for spec in specs)
     _write_reference(root / "testing" / "reference.csv", slides)
-    partial = manifest.with_name(MANIFEST + ".partial")
-    partial.write_text(
+    write_atomic(
+        manifest,
         json.dumps({"params": params.model_dump(), "slides": [asdict(r) for r in slides]}, indent=2)
-        + "\n"
+        + "\n",
     )
-    os.replace(partial, manifest)
     return CohortSummary(root=root, params=params, slides=slides, reused=False)
 
 
@@ -230,9 +228,7 @@ def _write_reference(path: Path, slides: tuple[SlideRecord, ...]) -> None:
         else:
             writer.writerow([record.slide_id, "Normal"])
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(buffer.getvalue())
-    os.replace(partial, path)
+    write_atomic(path, buffer.getvalue())
 
 
 def _reuse(root: Path, params: SyntheticConfig) -> tuple[SlideRecord, ...] | None:
