@@ -26,6 +26,9 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "(or install your platform's openslide package)."
     ) from exc
 
+#: What OpenSlide raises when a read fails (the viewer's Deep Zoom tiles come straight from it).
+READ_ERRORS = (openslide.OpenSlideError,)
+
 #: Background used where a read falls outside the slide or the slide is transparent.
 BACKGROUND_RGB = (255, 255, 255)
 

@@ -19,9 +19,11 @@ Anything not found, out of range or unreadable is 404, never 500.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +33,8 @@ from PIL import Image
 from ..errors import WsiflowError
 from ..heatmap import COLOR_MAP, VISIBLE_FROM, colorize, sample_level0
 from ..results import read_detections
-from .catalog import Catalog
+from ..slide import READ_ERRORS
+from .catalog import Catalog, Handle
 
 #: Deep Zoom tile side and overlap (OpenSlide's example server uses the same).
 TILE_PX = 254
@@ -49,18 +52,23 @@ def create_app(
     catalog = Catalog(Path(slide_dir), None if heatmaps_dir is None else Path(heatmaps_dir))
     app.extensions["wsiflow_catalog"] = catalog
     cache = _TileCache(cache_tiles)
-    deepzooms: dict[str, object] = {}
-    dz_lock = threading.Lock()
 
-    def deepzoom(slide_id: str):
-        reader = catalog.reader(slide_id)
-        if reader is None:
-            abort(404)
-        with dz_lock:
-            dz = deepzooms.get(slide_id)
-            if dz is None or dz[0] is not reader:
-                dz = deepzooms[slide_id] = (reader, reader.deepzoom(TILE_PX, OVERLAP))
-        return dz[1]
+    @contextlib.contextmanager
+    def reading(slide_id: str) -> Iterator[Handle]:
+        """The slide's shared handle for this request; 404 if none.
+
+        A read that fails (a corrupt tile) is 404, and the handle is retired:
+        OpenSlide's error state sticks to it, and every later read of it would
+        fail. The next request opens the slide anew.
+        """
+        with catalog.borrow(slide_id) as handle:
+            if handle is None:
+                abort(404)
+            try:
+                yield handle
+            except (ValueError, WsiflowError, *READ_ERRORS):
+                catalog.discard(slide_id, handle)
+                abort(404)
 
     @app.get("/")
     def index():
@@ -118,52 +126,51 @@ def create_app(
 
     @app.get("/slides/<slide_id>.dzi")
     def slide_dzi(slide_id: str):
-        return Response(deepzoom(slide_id).get_dzi("jpeg"), mimetype="application/xml")
+        with reading(slide_id) as handle:
+            dzi = handle.deepzoom(TILE_PX, OVERLAP).get_dzi("jpeg")
+        return Response(dzi, mimetype="application/xml")
 
     @app.get("/slides/<slide_id>_files/<int:level>/<int:col>_<int:row>.jpeg")
     def slide_tile(slide_id: str, level: int, col: int, row: int):
-        key = ("slide", slide_id, level, col, row)
-        data = cache.get(key)
-        if data is None:
-            dz = deepzoom(slide_id)
-            try:
-                tile = dz.get_tile(level, (col, row))
-            except (ValueError, WsiflowError):
-                abort(404)
-            except Exception:  # OpenSlide errors on a damaged region
-                abort(404)
-            data = _encode(tile, "JPEG")
-            cache.put(key, data)
+        with reading(slide_id) as handle:
+            key = ("slide", slide_id, handle.stamp, level, col, row)  # a changed file: new tiles
+            data = cache.get(key)
+            if data is None:
+                dz = handle.deepzoom(TILE_PX, OVERLAP)
+                if not (0 <= level < dz.level_count):
+                    abort(404)
+                cols, rows = dz.level_tiles[level]
+                if not (0 <= col < cols and 0 <= row < rows):
+                    abort(404)
+                tile = dz.get_tile(level, (col, row))  # a damaged region: 404 and a new handle
+                data = _encode(tile, "JPEG")
+                cache.put(key, data)
         return Response(data, mimetype="image/jpeg")
 
     @app.get("/slides/<slide_id>/thumbnail.jpeg")
     def slide_thumbnail(slide_id: str):
-        reader = catalog.reader(slide_id) or abort(404)
-        key = ("thumb", slide_id)
-        data = cache.get(key)
-        if data is None:
-            try:
-                data = _encode(Image.fromarray(reader.thumbnail((256, 256))), "JPEG")
-            except WsiflowError:
-                abort(404)
-            cache.put(key, data)
+        with reading(slide_id) as handle:
+            key = ("thumb", slide_id, handle.stamp)
+            data = cache.get(key)
+            if data is None:
+                data = _encode(Image.fromarray(handle.reader.thumbnail((256, 256))), "JPEG")
+                cache.put(key, data)
         return Response(data, mimetype="image/jpeg")
 
     @app.get("/slides/<slide_id>/associated/<name>.jpeg")
     def associated(slide_id: str, name: str):
-        reader = catalog.reader(slide_id) or abort(404)
-        if name not in reader.info.associated_images:
-            abort(404)
-        try:
-            image = reader.associated_image(name)
-        except WsiflowError:
-            abort(404)
+        with reading(slide_id) as handle:
+            if name not in handle.reader.info.associated_images:
+                abort(404)
+            image = handle.reader.associated_image(name)
         return Response(_encode(Image.fromarray(image), "JPEG"), mimetype="image/jpeg")
 
     @app.get("/heatmaps/<slide_id>.dzi")
     def heatmap_dzi(slide_id: str):
         catalog.heatmap(slide_id) or abort(404)
-        return Response(deepzoom(slide_id).get_dzi("png"), mimetype="application/xml")
+        with reading(slide_id) as handle:
+            dzi = handle.deepzoom(TILE_PX, OVERLAP).get_dzi("png")
+        return Response(dzi, mimetype="application/xml")
 
     @app.get("/heatmaps/<slide_id>_files/<int:level>/<int:col>_<int:row>.png")
     def heatmap_tile(slide_id: str, level: int, col: int, row: int):
@@ -171,15 +178,13 @@ def create_app(
         key = ("heatmap", slide_id, heatmap.stamp, level, col, row)
         data = cache.get(key)
         if data is None:
-            dz = deepzoom(slide_id)
-            try:
+            with reading(slide_id) as handle:
+                dz = handle.deepzoom(TILE_PX, OVERLAP)
                 (l0x, l0y), slide_level, (level_w, level_h) = dz.get_tile_coordinates(
                     level, (col, row)
                 )
                 out_w, out_h = dz.get_tile_dimensions(level, (col, row))
-            except ValueError:
-                abort(404)
-            downsample = catalog.reader(slide_id).info.level_downsamples[slide_level]
+                downsample = handle.reader.info.level_downsamples[slide_level]
             box = (l0x, l0y, l0x + level_w * downsample, l0y + level_h * downsample)
             values = sample_level0(heatmap.probability, heatmap.level0_cell_px, box, (out_w, out_h))
             data = _encode(Image.fromarray(colorize(values), mode="RGBA"), "PNG")
@@ -191,6 +196,21 @@ def create_app(
         return Response("not found\n", status=404, mimetype="text/plain")
 
     return app
+
+
+def log_requests(wsgi_app):
+    """Wrap a WSGI app to print one line per request on stderr (``serve --verbose``)."""
+    import sys
+
+    def logged(environ, start_response):
+        def start(status, headers, exc_info=None):
+            path = environ.get("PATH_INFO", "")
+            print(f"{environ.get('REQUEST_METHOD')} {path} {status}", file=sys.stderr, flush=True)
+            return start_response(status, headers, exc_info)
+
+        return wsgi_app(environ, start)
+
+    return logged
 
 
 class _TileCache:

@@ -2,15 +2,22 @@
 
 Only files found by scanning the configured folders are ever opened, looked
 up by slide id: a request cannot name a path. Files whose real location
-(symlinks resolved) lies outside the folder are left out. Open slides and
-loaded heatmaps are kept (a few, oldest closed) and reopened when the file
-changes.
+(symlinks resolved) lies outside their folder are left out: slides, heatmaps
+and detections alike. Open slides and loaded heatmaps are kept (a few, oldest
+closed) and reopened when the file changes.
+
+A slide handle is shared by the requests reading it and counted: one that is
+replaced (its file changed, a read failed and left OpenSlide's error on it)
+or pushed out of the cache is closed only when its last reader is done, never
+under one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +54,25 @@ class Heatmap:
     stamp: tuple[int, int]  # size and mtime of its zarr.json: changes when it is rewritten
 
 
+class Handle:
+    """An open slide shared by concurrent requests; closed when retired and unused."""
+
+    def __init__(self, reader: SlideReader, stamp: tuple[int, int]):
+        self.reader = reader
+        self.stamp = stamp
+        self.users = 0
+        self.retired = False
+        self._deepzoom: Any = None
+        self._lock = threading.Lock()
+
+    def deepzoom(self, tile_px: int, overlap: int) -> Any:
+        """This handle's Deep Zoom generator (made once)."""
+        with self._lock:
+            if self._deepzoom is None:
+                self._deepzoom = self.reader.deepzoom(tile_px, overlap)
+            return self._deepzoom
+
+
 class Catalog:
     """The slides under ``slide_dir`` and, optionally, heatmaps in an inference folder."""
 
@@ -56,7 +82,7 @@ class Catalog:
         self._lock = threading.RLock()
         self._entries: dict[str, SlideEntry] = {}
         self._stamps: dict[Path, tuple[int, int]] = {}
-        self._open: OrderedDict[str, tuple[tuple[int, int], SlideReader]] = OrderedDict()
+        self._open: OrderedDict[str, Handle] = OrderedDict()
         self._heatmaps: dict[str, tuple[tuple[int, int], Heatmap | None]] = {}
         self._manifest_cache: tuple[tuple[int, int], dict[str, Any]] | None = None
         self.refresh()
@@ -111,27 +137,61 @@ class Catalog:
             entry = self._entries.get(slide_id)
         return entry if entry is not None and entry.error is None else None
 
-    def reader(self, slide_id: str) -> SlideReader | None:
-        """An open reader of ``slide_id`` (shared; OpenSlide reads are thread-safe)."""
+    @contextlib.contextmanager
+    def borrow(self, slide_id: str) -> Iterator[Handle | None]:
+        """The shared open handle of ``slide_id`` for one request (None: not servable).
+
+        OpenSlide reads are thread-safe; the handle stays open until every
+        request that borrowed it is done, even if it is replaced meanwhile.
+        """
+        handle = self._acquire(slide_id)
+        try:
+            yield handle
+        finally:
+            if handle is not None:
+                self._release(handle)
+
+    def discard(self, slide_id: str, handle: Handle) -> None:
+        """Retire ``handle`` (a read failed: OpenSlide's error sticks to it); reopen next time."""
+        with self._lock:
+            if self._open.get(slide_id) is handle:
+                del self._open[slide_id]
+            self._retire(handle)
+
+    def _acquire(self, slide_id: str) -> Handle | None:
         entry = self.entry(slide_id)
         if entry is None:
             return None
         stamp = _stamp(entry.path)
         with self._lock:
-            cached = self._open.get(slide_id)
-            if cached is not None and cached[0] == stamp:
-                self._open.move_to_end(slide_id)
-                return cached[1]
-            try:
-                reader = open_slide(entry.path, direct=False)
-            except WsiflowError:
-                return None
-            if cached is not None:
-                cached[1].close()
-            self._open[slide_id] = (stamp, reader)
-            while len(self._open) > OPEN_SLIDES:
-                self._open.popitem(last=False)[1][1].close()
-            return reader
+            handle = self._open.get(slide_id)
+            if handle is None or handle.stamp != stamp:
+                try:
+                    reader = open_slide(entry.path, direct=False)
+                except WsiflowError:
+                    return None
+                if handle is not None:
+                    self._retire(handle)
+                handle = self._open[slide_id] = Handle(reader, stamp)
+                while len(self._open) > OPEN_SLIDES:
+                    self._retire(self._open.popitem(last=False)[1])
+            self._open.move_to_end(slide_id)
+            handle.users += 1
+            return handle
+
+    def _release(self, handle: Handle) -> None:
+        with self._lock:
+            handle.users -= 1
+            if handle.retired and handle.users == 0:
+                handle.reader.close()
+
+    def _retire(self, handle: Handle) -> None:
+        """Close ``handle`` now if no request uses it, else when the last one is done."""
+        if handle.retired:
+            return
+        handle.retired = True
+        if handle.users == 0:
+            handle.reader.close()
 
     def heatmap(self, slide_id: str) -> Heatmap | None:
         """The complete heatmap of ``slide_id`` in the heatmaps folder, if there is one."""
@@ -140,7 +200,7 @@ class Catalog:
             return None
         files = slide_files(self.heatmaps_dir, slide_id)
         zarr_json = files["heatmap"] / "zarr.json"
-        if not zarr_json.is_file():
+        if not zarr_json.is_file() or not self._inside_heatmaps(files["heatmap"]):
             return None
         record = self._manifest()["slides"].get(slide_id, {})
         if record.get("status") not in ("done", "skipped"):
@@ -177,12 +237,16 @@ class Catalog:
         if self.heatmap(slide_id) is None:
             return None
         path = slide_files(self.heatmaps_dir, slide_id)["detections"]
-        return path if path.is_file() else None
+        return path if path.is_file() and self._inside_heatmaps(path) else None
+
+    def _inside_heatmaps(self, path: Path) -> bool:
+        """Whether ``path``, links resolved, lies in the heatmaps folder (never serve beyond)."""
+        return path.resolve().is_relative_to(self.heatmaps_dir)
 
     def close(self) -> None:
         with self._lock:
-            for _, reader in self._open.values():
-                reader.close()
+            for handle in self._open.values():
+                self._retire(handle)
             self._open.clear()
 
 
