@@ -19,7 +19,7 @@ from typing import Any
 import dask
 from distributed import Client, Future, LocalCluster
 
-from .errors import SchedulerError, WsiflowError, write_error
+from .errors import ConfigError, SchedulerError, WsiflowError, write_error
 
 
 @contextlib.contextmanager
@@ -66,6 +66,43 @@ def dask_client(
         logging.disable(disabled)
 
 
+#: Memory allowed per local worker process: Python, Dask, an open slide, a chunk in flight
+#: (and TensorFlow with a small model for inference). Workers beyond what the machine's
+#: available memory holds at this rate are refused rather than left to swap or be killed.
+WORKER_MEMORY_BYTES = 400 * 2**20
+
+
+def check_local_workers(workers: int, option: str = "--workers") -> str | None:
+    """Refuse ``workers`` local processes beyond available memory; a warning beyond the cores.
+
+    Raises :class:`ConfigError` naming ``option``; returns the warning line (or None).
+    """
+    import psutil
+
+    available = psutil.virtual_memory().available
+    most = max(1, available // WORKER_MEMORY_BYTES)
+    if workers > most:
+        raise ConfigError(
+            "command-line options",
+            [
+                (
+                    option,
+                    f"Expected at most {most} local workers: each takes up to "
+                    f"~{WORKER_MEMORY_BYTES / 2**20:.0f} MB and {available / 2**30:.1f} GB "
+                    f"of memory is available. Got {workers} instead.",
+                    None,
+                )
+            ],
+        )
+    cores = os.cpu_count() or 1
+    if workers > cores:
+        return (
+            f"{option} {workers} is more than this machine's {cores} cores: the workers share "
+            "them, so the run is slower, not faster, and takes more memory"
+        )
+    return None
+
+
 def silence_logging() -> None:
     """Drop every log record from now on, in this process (``logging.disable``)."""
     logging.disable(logging.CRITICAL)
@@ -74,7 +111,7 @@ def silence_logging() -> None:
 def local_cluster(
     *, workers: int | None = None, threads_per_worker: int = 1, silence_logs: int = logging.ERROR
 ) -> LocalCluster:
-    """A LocalCluster of ``workers`` processes (default: one per core), without a dashboard.
+    """A LocalCluster of ``workers`` processes (default: one per core); HTTP on a free port.
 
     ``silence_logs``: the level below which Dask's own log lines are dropped.
 
@@ -90,7 +127,8 @@ def local_cluster(
             n_workers=n_workers,
             threads_per_worker=threads_per_worker,
             processes=True,
-            dashboard_address=None,
+            # Any free port: a second run beside a first would warn that 8787 is taken.
+            dashboard_address="127.0.0.1:0",
             silence_logs=silence_logs,
             preload=[__name__],  # each worker runs dask_setup below
         )

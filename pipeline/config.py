@@ -207,6 +207,9 @@ def load_config(path: Path | str | None) -> WsiflowConfig:
         column = "" if mark is None else f" (column {mark.column + 1})"
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(path, [("<yaml>", f"malformed YAML{column}: {problem}", line)]) from exc
+    duplicates = _duplicate_keys(node)
+    if duplicates:
+        raise ConfigError(path, duplicates)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -274,6 +277,28 @@ def _allowed_keys(model: type[BaseModel], loc: tuple[str, ...]) -> list[str]:
             return []
         model = annotation
     return sorted(model.model_fields)
+
+
+def _duplicate_keys(
+    node: yaml.Node | None, prefix: tuple[str, ...] = ()
+) -> list[tuple[str, str, int | None]]:
+    """Every key given twice in one mapping (YAML keeps the last silently), with both lines."""
+    if isinstance(node, yaml.SequenceNode):
+        return [p for item in node.value for p in _duplicate_keys(item, prefix)]
+    if not isinstance(node, yaml.MappingNode):
+        return []
+    problems: list[tuple[str, str, int | None]] = []
+    first: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        key, line = str(key_node.value), key_node.start_mark.line + 1
+        if key in first:
+            problems.append(
+                (".".join((*prefix, key)), f"given twice (lines {first[key]} and {line})", line)
+            )
+        else:
+            first[key] = line
+        problems.extend(_duplicate_keys(value_node, (*prefix, key)))
+    return problems
 
 
 def _line_of(node: yaml.Node | None, loc: tuple[str, ...]) -> int | None:

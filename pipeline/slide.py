@@ -8,12 +8,15 @@ paths between processes, never readers.
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 import numpy as np
+import tifffile
 
 from .errors import SlideNotFoundError, SlideReadError
 from .tiffdirect import DIRECT_VENDORS, DirectLevel, DirectTiff
@@ -77,17 +80,24 @@ class SlideReader:
     def __init__(self, path: Path | str, *, direct: bool = True):
         self.path = Path(path)
         if not self.path.is_file():
-            raise SlideNotFoundError(self.path, "no such file")
+            raise SlideNotFoundError(self.path, _why_missing(self.path))
         if self.path.stat().st_size == 0:
             raise SlideReadError(self.path, "empty file (0 bytes): a copy or download cut short?")
         try:
+            with open(self.path, "rb") as handle:
+                handle.read(1)
+        except OSError as exc:  # permission denied, an I/O error on the disk
+            raise SlideReadError(self.path, f"cannot read the file: {exc.strerror}") from exc
+        try:
             self._osr = openslide.OpenSlide(str(self.path))
         except openslide.OpenSlideUnsupportedFormatError as exc:
-            raise SlideReadError(
-                self.path, "not a slide format OpenSlide can read (unsupported or not a slide)"
-            ) from exc
+            reason = _truncated(self.path) or (
+                "not a slide format OpenSlide can read (unsupported or not a slide)"
+            )
+            raise SlideReadError(self.path, reason) from exc
         except openslide.OpenSlideError as exc:
-            raise SlideReadError(self.path, f"OpenSlide cannot open it: {exc}") from exc
+            reason = _truncated(self.path) or f"OpenSlide cannot open it: {exc}"
+            raise SlideReadError(self.path, reason) from exc
         self.info = _slide_info(self.path, self._osr)
         self._direct: DirectTiff | None = None
         if direct and self.info.vendor in DIRECT_VENDORS:
@@ -233,6 +243,82 @@ def open_slide(path: Path | str, *, direct: bool = True) -> SlideReader:
     return SlideReader(path, direct=direct)
 
 
+def _why_missing(path: Path) -> str:
+    """Why ``path`` is not a file: a broken link, a link loop, or nothing there."""
+    if not path.is_symlink():
+        return "is a folder, not a slide file" if path.is_dir() else "no such file"
+    try:
+        path.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "a link loop (the link leads back to itself)"
+    return f"a broken link: its target {os.readlink(path)} does not exist"
+
+
+def _truncated(path: Path) -> str | None:
+    """A reason when ``path`` is a TIFF whose structure points past its end (cut short)."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        header = handle.read(16)
+    order = {b"II": "<", b"MM": ">"}.get(header[:2])
+    if order is None or len(header) < 16:
+        return None
+    version = int.from_bytes(header[2:4], "little" if order == "<" else "big")
+    if version == 42:  # classic TIFF: the first directory's offset is 4 bytes at 4
+        first = int.from_bytes(header[4:8], "little" if order == "<" else "big")
+    elif version == 43:  # BigTIFF: 8 bytes at 8
+        first = int.from_bytes(header[8:16], "little" if order == "<" else "big")
+    else:
+        return None
+    cut = f"truncated: a TIFF of {size:,} bytes whose structure reaches past its end"
+    end = _directories_end(path, order, version == 43, first)
+    if end > size:
+        return f"{cut} (its directories reach byte {end:,}); a copy or download cut short?"
+    tiff_log = logging.getLogger("tifffile")
+    level = tiff_log.level
+    tiff_log.setLevel(logging.CRITICAL)  # it logs what it skips; the reason below says it
+    try:
+        with tifffile.TiffFile(path) as tif:
+            end = max(
+                (
+                    int(offset) + int(count)
+                    for page in tif.pages
+                    for offset, count in zip(page.dataoffsets, page.databytecounts, strict=False)
+                ),
+                default=0,
+            )
+    except Exception:  # tifffile cannot walk its directories: not a TIFF we can judge
+        return None
+    finally:
+        tiff_log.setLevel(level)
+    if end > size:
+        return f"{cut} (its data runs to byte {end:,}); a copy or download cut short?"
+    return None
+
+
+def _directories_end(path: Path, order: str, big: bool, offset: int) -> int:
+    """The furthest byte the chain of TIFF directories from ``offset`` needs (a bounded walk)."""
+    count_size, entry_size, offset_size = (8, 20, 8) if big else (2, 12, 4)
+    byteorder = "little" if order == "<" else "big"
+    size = path.stat().st_size
+    end = 0
+    with open(path, "rb") as handle:
+        for _ in range(10_000):  # a chain that loops ends here
+            if offset == 0:
+                break
+            if offset + count_size > size:
+                return max(end, offset + count_size)
+            handle.seek(offset)
+            count = int.from_bytes(handle.read(count_size), byteorder)
+            next_at = offset + count_size + count * entry_size
+            end = max(end, next_at + offset_size)
+            if end > size:
+                return end
+            handle.seek(next_at)
+            offset = int.from_bytes(handle.read(offset_size), byteorder)
+    return end
+
+
 def _slide_info(path: Path, osr: openslide.OpenSlide) -> SlideInfo:
     props = dict(osr.properties)
     mpp_xy = None
@@ -282,7 +368,8 @@ def find_slides(paths: list[Path] | tuple[Path, ...]) -> list[Path]:
 
     Files given explicitly are kept whatever their suffix (and whether or not
     they exist, so the caller reports them); folders contribute files with a
-    suffix in :data:`SLIDE_SUFFIXES`, skipping hidden files and folders.
+    suffix in :data:`SLIDE_SUFFIXES`, skipping hidden files and folders (broken
+    links and link loops among them are kept, for the caller to report).
     Symbolic links to folders are followed (a cohort linked in from another
     disk), each real folder once, so a link back up the tree ends the search.
     """
@@ -307,11 +394,13 @@ def _slides_in(folder: Path) -> list[Path]:
             continue
         seen.add(real)
         folders[:] = sorted(name for name in folders if not name.startswith("."))
+        # Broken links and link loops are listed too: opening them says which they are,
+        # rather than the slide silently missing from the cohort.
         found.extend(
             Path(top, name)
             for name in files
             if not name.startswith(".")
             and Path(name).suffix.lower() in SLIDE_SUFFIXES
-            and Path(top, name).is_file()
+            and (Path(top, name).is_file() or Path(top, name).is_symlink())
         )
     return found

@@ -146,7 +146,7 @@ def _parse_size(text: str | None) -> tuple[int | None, int | None]:
     match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
     if not match:
         raise ConfigError(
-            "--size",
+            "command-line options",
             [
                 (
                     "--size",
@@ -156,6 +156,38 @@ def _parse_size(text: str | None) -> tuple[int | None, int | None]:
             ],
         )
     return int(match[1]), int(match[2])
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is: one line, then exit code 143."""
+
+
+#: The shell's exit codes for a command stopped by Ctrl-C (128 + SIGINT) and SIGTERM (128 + 15).
+INTERRUPTED_EXIT = 130
+TERMINATED_EXIT = 143
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` while the block runs (main thread only)."""
+    import signal
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def stop_exit_code(exc: KeyboardInterrupt) -> int:
+    return TERMINATED_EXIT if isinstance(exc, Terminated) else INTERRUPTED_EXIT
 
 
 @contextlib.contextmanager
@@ -180,6 +212,17 @@ def output_lock(reporter: Reporter, folder: Path | str) -> Iterator[None]:
                 f"{escape(lock.took_over.describe())}, which is no longer running"
             )
         yield
+
+
+def _check_workers(reporter: Reporter, workers: int | None, option: str = "--workers") -> None:
+    """A warning line for more local workers than cores; ConfigError beyond memory."""
+    if workers is None:
+        return
+    from ..cluster import check_local_workers
+
+    warning = check_local_workers(workers, option)
+    if warning is not None:
+        reporter.errors.print(f"[yellow]warning:[/yellow] {escape(warning)}")
 
 
 def _fail_usage(reporter: Reporter, error: Exception, command: str) -> None:

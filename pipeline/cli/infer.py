@@ -13,17 +13,21 @@ from rich.table import Table
 
 from ..errors import ConfigError, WsiflowError
 from ._common import (
+    TERMINATED_EXIT,
     ConfigOption,
     JsonOption,
     RedoOption,
     Reporter,
     SchedulerOption,
     SlidesArgument,
+    _check_workers,
     _fail_data,
     _fail_usage,
     _load,
     app,
     output_lock,
+    stop_exit_code,
+    stop_on_sigterm,
 )
 
 
@@ -72,6 +76,8 @@ def infer(
                 "orchestration.scheduler": scheduler,
             },
         )
+        if cfg.orchestration.scheduler is None:
+            _check_workers(reporter, cfg.inference.workers)
     except ConfigError as exc:
         _fail_usage(reporter, exc, "infer")
     paths = find_slides(slides)
@@ -83,6 +89,8 @@ def infer(
         summary = run_infer(reporter, model, paths, out, cfg, overwrite=overwrite)
     except WsiflowError as exc:  # the model directory: named
         _fail_data(reporter, exc, "infer")
+    if summary.get("interrupted"):
+        reporter.finish(summary, exit_code=summary.pop("exit_code"))
     reporter.finish(summary, exit_code=0 if summary["ok"] else 1)
 
 
@@ -93,7 +101,7 @@ def run_infer(
 
     Raises :class:`WsiflowError` for an unusable model before any slide is read.
     """
-    from ..cluster import dask_client
+    from ..cluster import dask_client, silence_logging
     from ..infer_tasks import model_spec
     from ..inference import infer_slides
     from ..outputs import claim_folder
@@ -104,23 +112,52 @@ def run_infer(
     inference = cfg.inference
     n_workers = inference.workers or 1
     tf_threads = max(1, (os.cpu_count() or 1) // n_workers)
-    with (
-        output_lock(reporter, out),
-        reporter.slide_progress(len(paths)) as bars,
-        dask_client(cfg.orchestration.scheduler, workers=n_workers, threads_per_worker=1) as client,
-    ):
-        results = infer_slides(
-            client,
-            model,
-            paths,
-            out,
-            inference,
-            overwrite=overwrite,
-            tf_threads=tf_threads,
-            on_planned=bars.planned,
-            on_patches=bars.advanced,
-            on_slide=bars.finished,
+    finished: list = []
+    try:
+        with (
+            stop_on_sigterm(),
+            output_lock(reporter, out),
+            reporter.slide_progress(len(paths)) as bars,
+            dask_client(
+                cfg.orchestration.scheduler, workers=n_workers, threads_per_worker=1
+            ) as client,
+        ):
+
+            def on_slide(result) -> None:
+                finished.append(result)
+                bars.finished(result)
+
+            results = infer_slides(
+                client,
+                model,
+                paths,
+                out,
+                inference,
+                overwrite=overwrite,
+                tf_threads=tf_threads,
+                on_planned=bars.planned,
+                on_patches=bars.advanced,
+                on_slide=on_slide,
+            )
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
+        silence_logging()
+        code = stop_exit_code(exc)
+        what = "terminated" if code == TERMINATED_EXIT else "interrupted"
+        reporter.errors.print(
+            f"[red]{what}:[/red] {len(finished)} of {len(paths)} slides finished. "
+            f"{escape(str(out))} records only whole slides complete: the same command "
+            "resumes, skipping them."
         )
+        return {
+            "command": "infer",
+            "ok": False,
+            "interrupted": True,
+            "exit_code": code,
+            "out": str(out),
+            "slides": len(paths),
+            "finished": len(finished),
+            "per_slide": [r.summary_row() for r in finished],
+        }
     seconds = time.perf_counter() - started
     table = Table(title=f"Inference {out}")
     for column in ("slide", "status", "patches", "score", "detections", "s"):

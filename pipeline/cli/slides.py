@@ -16,6 +16,7 @@ from ._common import (
     ConfigOption,
     JsonOption,
     Reporter,
+    _check_workers,
     _fail_data,
     _fail_usage,
     _load,
@@ -41,7 +42,8 @@ def synth(
         float | None, typer.Option("--mpp", help="Level-0 µm per pixel (0.243).")
     ] = None,
     workers: Annotated[
-        int, typer.Option("--workers", "-w", help="Slides generated in parallel (processes).")
+        int,
+        typer.Option("--workers", "-w", min=1, help="Slides generated in parallel (processes)."),
     ] = max(1, os.cpu_count() or 1),
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Regenerate even if present.")
@@ -63,6 +65,7 @@ def synth(
                 "slides.synthetic.mpp": mpp,
             },
         )
+        _check_workers(reporter, workers)
     except ConfigError as exc:
         _fail_usage(reporter, exc, "synth")
     try:

@@ -20,17 +20,21 @@ from ..errors import (
     WsiflowError,
 )
 from ._common import (
+    TERMINATED_EXIT,
     ConfigOption,
     JsonOption,
     RedoOption,
     Reporter,
     SchedulerOption,
     SlidesArgument,
+    _check_workers,
     _fail_data,
     _fail_usage,
     _load,
     app,
     output_lock,
+    stop_exit_code,
+    stop_on_sigterm,
 )
 
 
@@ -93,6 +97,8 @@ def tile(
         elif mpp is not None:
             overrides.update({"tiling.target_mpp": mpp, "tiling.level": CLEAR})
         cfg = _load(config, overrides)
+        if cfg.orchestration.scheduler is None:
+            _check_workers(reporter, cfg.orchestration.workers)
     except ConfigError as exc:
         _fail_usage(reporter, exc, "tile")
     paths = find_slides(slides)
@@ -125,12 +131,8 @@ def tile(
     ) as exc:
         _fail_data(reporter, exc, "tile")
     if summary.get("interrupted"):
-        reporter.finish(summary, exit_code=INTERRUPTED_EXIT)
+        reporter.finish(summary, exit_code=summary.pop("exit_code"))
     reporter.finish(summary, exit_code=0 if summary["ok"] else 1)
-
-
-#: The shell's exit code for a command stopped by Ctrl-C (128 + SIGINT).
-INTERRUPTED_EXIT = 130
 
 
 def run_tile(
@@ -145,11 +147,14 @@ def run_tile(
     orchestration = cfg.orchestration
     finished = []
     try:
-        with dask_client(
-            orchestration.scheduler,
-            workers=orchestration.workers,
-            threads_per_worker=orchestration.threads_per_worker,
-        ) as client:
+        with (
+            stop_on_sigterm(),
+            dask_client(
+                orchestration.scheduler,
+                workers=orchestration.workers,
+                threads_per_worker=orchestration.threads_per_worker,
+            ) as client,
+        ):
             # The cluster, then the store, then the bars: a scheduler that cannot be
             # reached leaves no store behind; a bad store path or URL or missing
             # credentials are one line before any bar.
@@ -171,10 +176,10 @@ def run_tile(
                     on_patches=bars.advanced,
                     on_slide=on_slide,
                 )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
         # This process ends here; Dask's threads may still log the connections cut short.
         silence_logging()
-        return _interrupted(reporter, paths, out, finished)
+        return _interrupted(reporter, paths, out, finished, stop_exit_code(exc))
     seconds = time.perf_counter() - started
     table = Table(title=f"Patch store {out}")
     for column in ("slide", "status", "patches", "tumor", "level", "read px", "s"):
@@ -229,11 +234,14 @@ def run_tile(
     }
 
 
-def _interrupted(reporter: Reporter, paths: list[Path], out: Path | str, finished: list) -> dict:
-    """Ctrl-C: one line on what is kept and how to go on; the summary of the slides finished."""
+def _interrupted(
+    reporter: Reporter, paths: list[Path], out: Path | str, finished: list, exit_code: int
+) -> dict:
+    """Ctrl-C or SIGTERM: one line on what is kept and how to go on; the slides finished."""
     counts = {s: sum(r.status == s for r in finished) for s in ("done", "skipped", "failed")}
+    what = "terminated" if exit_code == TERMINATED_EXIT else "interrupted"
     reporter.errors.print(
-        f"[red]interrupted:[/red] {len(finished)} of {len(paths)} slides finished "
+        f"[red]{what}:[/red] {len(finished)} of {len(paths)} slides finished "
         f"({counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed). "
         f"{escape(str(out))} marks only whole slides complete: the same command resumes, "
         "skipping them."
@@ -242,6 +250,7 @@ def _interrupted(reporter: Reporter, paths: list[Path], out: Path | str, finishe
         "command": "tile",
         "ok": False,
         "interrupted": True,
+        "exit_code": exit_code,
         "store": str(out),
         "slides": len(paths),
         "finished": len(finished),

@@ -14,6 +14,7 @@ from skimage.measure import label, regionprops
 
 from pipeline.annotations import read_asap_xml
 from pipeline.config import SyntheticConfig
+from pipeline.outputs import MARKER
 from pipeline.slide import open_slide
 from pipeline.synth.cohort import plan_cohort, write_cohort, write_slide
 from pipeline.synth.scene import make_scene
@@ -69,7 +70,10 @@ def test_layout_and_reference(small_cohort):
         rows = list(csv.reader(f))
     assert [row[:2] for row in rows] == [[r.slide_id, r.label] for r in tests]
     assert all(row[2] in ("Macro", "Micro") for row in rows if row[1] == "Tumor")
-    assert not [p for p in root.rglob("*") if p.name.endswith(".partial") or p.name.startswith(".")]
+    leftovers = [
+        p for p in root.rglob("*") if p.name.endswith(".partial") or p.name.startswith(".")
+    ]
+    assert leftovers == [root / MARKER]  # only the marker saying wsiflow made the folder
 
 
 def test_slides_open_with_openslide(small_cohort):
