@@ -270,7 +270,7 @@ def _truncated(path: Path) -> str | None:
         first = int.from_bytes(header[8:16], "little" if order == "<" else "big")
     else:
         return None
-    cut = f"truncated: a TIFF of {size:,} bytes whose structure reaches past its end"
+    cut = f"truncated or corrupt: a TIFF of {size:,} bytes whose structure reaches past its end"
     end = _directories_end(path, order, version == 43, first)
     if end > size:
         return f"{cut} (its directories reach byte {end:,}); a copy or download cut short?"
