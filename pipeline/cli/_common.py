@@ -190,6 +190,35 @@ def stop_exit_code(exc: KeyboardInterrupt) -> int:
     return TERMINATED_EXIT if isinstance(exc, Terminated) else INTERRUPTED_EXIT
 
 
+def stopped_summary(
+    reporter: Reporter, command: str, exit_code: int, total: int, finished: list, **where: str
+) -> dict[str, Any]:
+    """Ctrl-C or SIGTERM: one line on what is kept and how to go on; the slides finished.
+
+    ``where``: the output the command wrote (``store=...`` or ``out=...``).
+    """
+    counts = {s: sum(r.status == s for r in finished) for s in ("done", "skipped", "failed")}
+    what = "terminated" if exit_code == TERMINATED_EXIT else "interrupted"
+    (location,) = where.values()
+    reporter.errors.print(
+        f"[red]{what}:[/red] {len(finished)} of {total} slides finished "
+        f"({counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed). "
+        f"{escape(location)} marks only whole slides complete: the same command resumes, "
+        "skipping them."
+    )
+    return {
+        "command": command,
+        "ok": False,
+        "interrupted": True,
+        "exit_code": exit_code,
+        **where,
+        "slides": total,
+        "finished": len(finished),
+        **counts,
+        "per_slide": [r.summary_row() for r in finished],
+    }
+
+
 @contextlib.contextmanager
 def output_lock(reporter: Reporter, folder: Path | str) -> Iterator[None]:
     """Hold the lock of a local output folder while a command writes into it.

@@ -13,7 +13,6 @@ from rich.table import Table
 
 from ..errors import ConfigError, WsiflowError
 from ._common import (
-    TERMINATED_EXIT,
     ConfigOption,
     JsonOption,
     RedoOption,
@@ -28,6 +27,7 @@ from ._common import (
     output_lock,
     stop_exit_code,
     stop_on_sigterm,
+    stopped_summary,
 )
 
 
@@ -141,23 +141,9 @@ def run_infer(
             )
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
         silence_logging()
-        code = stop_exit_code(exc)
-        what = "terminated" if code == TERMINATED_EXIT else "interrupted"
-        reporter.errors.print(
-            f"[red]{what}:[/red] {len(finished)} of {len(paths)} slides finished. "
-            f"{escape(str(out))} records only whole slides complete: the same command "
-            "resumes, skipping them."
+        return stopped_summary(
+            reporter, "infer", stop_exit_code(exc), len(paths), finished, out=str(out)
         )
-        return {
-            "command": "infer",
-            "ok": False,
-            "interrupted": True,
-            "exit_code": code,
-            "out": str(out),
-            "slides": len(paths),
-            "finished": len(finished),
-            "per_slide": [r.summary_row() for r in finished],
-        }
     seconds = time.perf_counter() - started
     table = Table(title=f"Inference {out}")
     for column in ("slide", "status", "patches", "score", "detections", "s"):

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from ..errors import (
@@ -20,7 +19,6 @@ from ..errors import (
     WsiflowError,
 )
 from ._common import (
-    TERMINATED_EXIT,
     ConfigOption,
     JsonOption,
     RedoOption,
@@ -35,6 +33,7 @@ from ._common import (
     output_lock,
     stop_exit_code,
     stop_on_sigterm,
+    stopped_summary,
 )
 
 
@@ -179,7 +178,9 @@ def run_tile(
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
         # This process ends here; Dask's threads may still log the connections cut short.
         silence_logging()
-        return _interrupted(reporter, paths, out, finished, stop_exit_code(exc))
+        return stopped_summary(
+            reporter, "tile", stop_exit_code(exc), len(paths), finished, store=str(out)
+        )
     seconds = time.perf_counter() - started
     table = Table(title=f"Patch store {out}")
     for column in ("slide", "status", "patches", "tumor", "level", "read px", "s"):
@@ -231,31 +232,6 @@ def run_tile(
         "seconds": round(seconds, 2),
         "failures": failures,
         "per_slide": [r.summary_row() for r in results],
-    }
-
-
-def _interrupted(
-    reporter: Reporter, paths: list[Path], out: Path | str, finished: list, exit_code: int
-) -> dict:
-    """Ctrl-C or SIGTERM: one line on what is kept and how to go on; the slides finished."""
-    counts = {s: sum(r.status == s for r in finished) for s in ("done", "skipped", "failed")}
-    what = "terminated" if exit_code == TERMINATED_EXIT else "interrupted"
-    reporter.errors.print(
-        f"[red]{what}:[/red] {len(finished)} of {len(paths)} slides finished "
-        f"({counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed). "
-        f"{escape(str(out))} marks only whole slides complete: the same command resumes, "
-        "skipping them."
-    )
-    return {
-        "command": "tile",
-        "ok": False,
-        "interrupted": True,
-        "exit_code": exit_code,
-        "store": str(out),
-        "slides": len(paths),
-        "finished": len(finished),
-        **counts,
-        "per_slide": [r.summary_row() for r in finished],
     }
 
 
