@@ -173,7 +173,7 @@ def test_train_flow_reports_metrics_and_is_cached(prefect_api, patch_store, tmp_
     config = write_config(
         tmp_path / "train.yaml",
         "training:\n  backbone: small_cnn\n  head_epochs: 2\n  fine_tune_epochs: 0\n"
-        "  steps_per_epoch: 10\n  batch_per_replica: 32\n  validation_max_patches: 512\n",
+        "  steps_per_epoch: 25\n  batch_per_replica: 32\n  validation_max_patches: 512\n",
     )
     parameters = {"stores": [str(patch_store)], "model_dir": str(tmp_path / "m"), "config": config}
     state = run_flow("train", parameters, return_state=True)
