@@ -220,16 +220,21 @@ def stopped_summary(
 
 
 @contextlib.contextmanager
-def output_lock(reporter: Reporter, folder: Path | str) -> Iterator[None]:
+def output_lock(reporter: Reporter, folder: Path | str, kind: str | None = None) -> Iterator[None]:
     """Hold the lock of a local output folder while a command writes into it.
 
-    Raises :class:`~pipeline.errors.OutputLockedError` naming the run that
-    holds it; says so when the lock of a run that died is taken over. Stores
-    given by URL are not locked.
+    With ``kind``, the folder is first claimed as a wsiflow output of that kind
+    (:func:`~pipeline.outputs.claim_folder`: made and marked, or refused);
+    without, it must exist (a store ``open_root`` made). Raises
+    :class:`~pipeline.errors.OutputLockedError` naming the run that holds it;
+    says so when the lock of a run that died is taken over. Stores given by
+    URL are not locked.
     """
-    from ..outputs import OutputLock
+    from ..outputs import OutputLock, claim_folder
     from ..store import is_url
 
+    if kind is not None:
+        claim_folder(folder, kind)
     if is_url(folder):
         yield
         return

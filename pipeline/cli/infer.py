@@ -104,10 +104,8 @@ def run_infer(
     from ..cluster import dask_client, silence_logging
     from ..infer_tasks import model_spec
     from ..inference import infer_slides
-    from ..outputs import claim_folder
 
     model_spec(model)  # a missing or unfinished model fails here, before a cluster starts
-    claim_folder(out, "inference")
     started = time.perf_counter()
     inference = cfg.inference
     n_workers = inference.workers or 1
@@ -116,7 +114,7 @@ def run_infer(
     try:
         with (
             stop_on_sigterm(),
-            output_lock(reporter, out),
+            output_lock(reporter, out, "inference"),
             reporter.slide_progress(len(paths)) as bars,
             dask_client(
                 cfg.orchestration.scheduler, workers=n_workers, threads_per_worker=1

@@ -9,7 +9,16 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import ConfigError, DatasetError, WsiflowError
-from ._common import ConfigOption, JsonOption, Reporter, _fail_data, _fail_usage, _load, app
+from ._common import (
+    ConfigOption,
+    JsonOption,
+    Reporter,
+    _fail_data,
+    _fail_usage,
+    _load,
+    app,
+    output_lock,
+)
 
 #: The held-out split used when only MNIST's 10,000 test digits are available.
 TEST_ONLY_TRAIN, TEST_ONLY_HOLDOUT = 8000, 2000
@@ -191,7 +200,7 @@ def run_train(
     from models.train import train_classifier
 
     training = cfg.training
-    with reporter.progress() as progress:
+    with output_lock(reporter, out, "model"), reporter.progress() as progress:
         steps_task = progress.add_task("epoch", total=None, rate="")
 
         def on_batch(epoch: int, step: int, steps: int) -> None:

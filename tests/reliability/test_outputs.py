@@ -185,11 +185,16 @@ def test_a_store_in_use_by_another_run_is_refused(one_slide, tmp_path):
     assert not (store / LOCK).exists()
 
 
-def test_an_inference_folder_in_use_is_refused(tmp_path, trained_model, one_slide):
-    out = claim_folder(tmp_path / "inference", "inference")
+@pytest.mark.parametrize("command", ["infer", "train"])
+def test_an_inference_or_model_folder_in_use_is_refused(
+    command, tmp_path, trained_model, patch_store, one_slide
+):
+    kind = {"infer": "inference", "train": "model"}[command]
+    out = claim_folder(tmp_path / kind, kind)
     holder = _hold_lock(out)
+    inputs = [str(trained_model), str(one_slide)] if command == "infer" else [str(patch_store)]
     try:
-        result = run("infer", str(trained_model), str(one_slide), "--out", str(out))
+        result = run(command, *inputs, "--out", str(out))
         assert result.returncode == 1
         _one_error_line(result, str(out), f"pid {holder.pid}")
         assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, LOCK])
