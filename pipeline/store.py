@@ -206,31 +206,33 @@ def _filesystem(store_path: Path | str) -> tuple[Any, str]:
         raise StoreError(where, f"not a store location: {exc}") from exc
 
 
+def completed_attrs(root: zarr.Group, slide_id: str) -> dict[str, Any] | None:
+    """The attributes of ``slide_id``'s complete group; None if absent, partial, unreadable."""
+    try:
+        attrs = root[slide_id].attrs
+    except (KeyError, FileNotFoundError, ValueError, OSError):
+        return None
+    return dict(attrs) if attrs.get("complete") is True else None
+
+
 def completed_fingerprint(root: zarr.Group, slide_id: str) -> str | None:
     """The fingerprint of ``slide_id``'s complete group; None if absent, partial, unreadable."""
-    try:
-        attrs = root[slide_id].attrs
-    except (KeyError, FileNotFoundError, ValueError, OSError):
-        return None
-    if attrs.get("complete") is not True:
-        return None
-    return attrs.get("fingerprint")
+    attrs = completed_attrs(root, slide_id)
+    return None if attrs is None else attrs.get("fingerprint")
 
 
-def other_source(root: zarr.Group, slide_id: str, path: Path) -> str | None:
-    """The source file of ``slide_id``'s complete group when it is not ``path``; else None.
+def other_source(complete: dict[str, Any] | None, path: Path) -> str | None:
+    """The source file of a complete group (its ``complete`` attributes) when not ``path``.
 
     Two files with one slide id (``dirA/case1.tif``, ``dirB/case1.tif``) are
-    two slides: the second never silently replaces the first.
+    two slides: the second never silently replaces the first. None when the
+    group is not complete or is from ``path``.
     """
-    try:
-        attrs = root[slide_id].attrs
-    except (KeyError, FileNotFoundError, ValueError, OSError):
+    slide = (complete or {}).get("slide")
+    source = slide.get("path") if isinstance(slide, dict) else None
+    if not source or source == str(Path(path).resolve()):
         return None
-    source = attrs.get("slide", {}).get("path") if isinstance(attrs.get("slide"), dict) else None
-    if attrs.get("complete") is not True or not source:
-        return None
-    return None if source == str(Path(path).resolve()) else source
+    return source
 
 
 def create_slide_group(

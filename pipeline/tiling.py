@@ -30,7 +30,7 @@ from .extract import extract_chunk
 from .grid import slide_id_of
 from .plan import SlideJob, SlidePlan, find_annotation, job_fingerprint, plan_slide
 from .store import (
-    completed_fingerprint,
+    completed_attrs,
     create_slide_group,
     location,
     mark_complete,
@@ -122,7 +122,8 @@ def tile_slides(
     pending: list[tuple[SlideJob, str]] = []
     for job in jobs:
         digest = job_fingerprint(job, config)
-        other = None if overwrite else other_source(root, job.slide_id, job.path)
+        done = completed_attrs(root, job.slide_id)
+        other = None if overwrite else other_source(done, job.path)
         if other is not None:
             result = SlideResult(
                 job.slide_id,
@@ -132,7 +133,7 @@ def tile_slides(
             )
             results.append(result)
             _finish(root, result, on_slide)
-        elif not overwrite and completed_fingerprint(root, job.slide_id) == digest:
+        elif not overwrite and done is not None and done.get("fingerprint") == digest:
             result = _skipped(job, root.attrs.get("slides", {}).get(job.slide_id, {}))
             results.append(result)
             _finish(root, result, on_slide)
@@ -285,11 +286,12 @@ def tile_slide(
     store_path = location(store_path)
     root = zarr_root(store_path)
     digest = job_fingerprint(job, config)
-    other = None if overwrite else other_source(root, job.slide_id, job.path)
+    done = completed_attrs(root, job.slide_id)
+    other = None if overwrite else other_source(done, job.path)
     if other is not None:
         raise SlideError(job.path, _other_source(job, store_path, other))
-    if not overwrite and completed_fingerprint(root, job.slide_id) == digest:
-        return _skipped(job, root[job.slide_id].attrs)
+    if not overwrite and done is not None and done.get("fingerprint") == digest:
+        return _skipped(job, done)
     started = time.perf_counter()
     plan, group = _plan_and_start(job, config, store_path, digest)
     tiled = _write_all(plan, group, store_path, digest, config)
