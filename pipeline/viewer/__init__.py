@@ -59,15 +59,18 @@ def create_app(
 
         A read that fails (a corrupt tile) is 404, and the handle is retired:
         OpenSlide's error state sticks to it, and every later read of it would
-        fail. The next request opens the slide anew.
+        fail. The next request opens the slide anew. A level or tile address
+        the slide does not have (Deep Zoom's ``ValueError``) is only a 404.
         """
         with catalog.borrow(slide_id) as handle:
             if handle is None:
                 abort(404)
             try:
                 yield handle
-            except (ValueError, WsiflowError, *READ_ERRORS):
+            except (WsiflowError, *READ_ERRORS):
                 catalog.discard(slide_id, handle)
+                abort(404)
+            except ValueError:
                 abort(404)
 
     @app.get("/")
@@ -136,13 +139,7 @@ def create_app(
             key = ("slide", slide_id, handle.stamp, level, col, row)  # a changed file: new tiles
             data = cache.get(key)
             if data is None:
-                dz = handle.deepzoom(TILE_PX, OVERLAP)
-                if not (0 <= level < dz.level_count):
-                    abort(404)
-                cols, rows = dz.level_tiles[level]
-                if not (0 <= col < cols and 0 <= row < rows):
-                    abort(404)
-                tile = dz.get_tile(level, (col, row))  # a damaged region: 404 and a new handle
+                tile = handle.deepzoom(TILE_PX, OVERLAP).get_tile(level, (col, row))
                 data = _encode(tile, "JPEG")
                 cache.put(key, data)
         return Response(data, mimetype="image/jpeg")
