@@ -7,6 +7,7 @@ one, the fix. The CLI prints one line per failure from ``str(error)``.
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 
@@ -112,7 +113,7 @@ class OutputWriteError(FileError, OSError):
 
 
 #: errno values that mean an output cannot be written (the disk or the place, not the data).
-WRITE_ERRNOS = frozenset({28, 122, 13, 1, 30})  # ENOSPC, EDQUOT, EACCES, EPERM, EROFS
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS})
 
 
 def write_error(exc: OSError) -> OutputWriteError | None:
@@ -122,14 +123,11 @@ def write_error(exc: OSError) -> OutputWriteError | None:
     return OutputWriteError(exc.filename or "output", os_reason(exc))
 
 
-def os_reason(exc: OSError, needed_bytes: int | None = None) -> str:
+def os_reason(exc: OSError) -> str:
     """One line for an operating-system error while writing, with the fix where there is one."""
-    import errno
-
     reason = exc.strerror or str(exc)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        need = "" if needed_bytes is None else f": needs ~{needed_bytes / 1e6:,.0f} MB more"
-        return f"{reason}{need}; free space or write elsewhere, then run the same command again"
+        return f"{reason}; free space or write elsewhere, then run the same command again"
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         where = f" ({exc.filename})" if exc.filename else ""
         return f"cannot write here{where}: {reason}; choose a folder you can write to"

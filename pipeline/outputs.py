@@ -87,9 +87,9 @@ def claim_folder(folder: Path | str, kind: str, *, accept: tuple[str, ...] = ())
             raise ForeignOutputError(folder, not_ours(entries))
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        write_atomic(folder / MARKER, json.dumps({"wsiflow_output": kind}) + "\n")
     except OSError as exc:
         raise OutputWriteError(folder, os_reason(exc)) from exc
+    write_atomic(folder / MARKER, json.dumps({"wsiflow_output": kind}) + "\n")  # its own error
     return folder
 
 

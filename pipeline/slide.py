@@ -260,18 +260,18 @@ def _truncated(path: Path) -> str | None:
     size = path.stat().st_size
     with open(path, "rb") as handle:
         header = handle.read(16)
-    order = {b"II": "<", b"MM": ">"}.get(header[:2])
-    if order is None or len(header) < 16:
+    byteorder = {b"II": "little", b"MM": "big"}.get(header[:2])
+    if byteorder is None or len(header) < 16:
         return None
-    version = int.from_bytes(header[2:4], "little" if order == "<" else "big")
+    version = int.from_bytes(header[2:4], byteorder)
     if version == 42:  # classic TIFF: the first directory's offset is 4 bytes at 4
-        first = int.from_bytes(header[4:8], "little" if order == "<" else "big")
+        first = int.from_bytes(header[4:8], byteorder)
     elif version == 43:  # BigTIFF: 8 bytes at 8
-        first = int.from_bytes(header[8:16], "little" if order == "<" else "big")
+        first = int.from_bytes(header[8:16], byteorder)
     else:
         return None
     cut = f"truncated or corrupt: a TIFF of {size:,} bytes whose structure reaches past its end"
-    end = _directories_end(path, order, version == 43, first)
+    end = _directories_end(path, size, byteorder, version == 43, first)
     if end > size:
         return f"{cut} (its directories reach byte {end:,}); a copy or download cut short?"
     tiff_log = logging.getLogger("tifffile")
@@ -296,11 +296,9 @@ def _truncated(path: Path) -> str | None:
     return None
 
 
-def _directories_end(path: Path, order: str, big: bool, offset: int) -> int:
+def _directories_end(path: Path, size: int, byteorder: str, big: bool, offset: int) -> int:
     """The furthest byte the chain of TIFF directories from ``offset`` needs (a bounded walk)."""
     count_size, entry_size, offset_size = (8, 20, 8) if big else (2, 12, 4)
-    byteorder = "little" if order == "<" else "big"
-    size = path.stat().st_size
     end = 0
     with open(path, "rb") as handle:
         for _ in range(10_000):  # a chain that loops ends here
