@@ -20,6 +20,7 @@ is written last (see :mod:`models.saved`).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -27,6 +28,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,6 +208,7 @@ def train_classifier(
     replace_different: bool = False,
     on_epoch: Callable[[EpochRecord], None] | None = None,
     on_batch: Callable[[int, int, int], None] | None = None,
+    hold: Callable[[], AbstractContextManager] | None = None,
 ) -> TrainResult:
     """Train on the complete slides of ``stores`` and write the model directory ``out_dir``.
 
@@ -218,6 +221,9 @@ def train_classifier(
     owns, as the demo's). ``config`` (the whole resolved config) goes into the
     metadata for the record. ``on_epoch`` gets an :class:`EpochRecord` after
     every epoch, ``on_batch`` ``(epoch, step, steps)`` after every step.
+    ``hold()`` is entered once the inputs are checked, before ``out_dir`` is
+    read or made, and held to the end (the CLI claims and locks it there, so
+    a bad input leaves no folder behind).
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -253,153 +259,156 @@ def train_classifier(
         }
     )
     mlflow = _mlflow_or_error() if cfg.mlflow else None
-    state = _prepare_dir(out_dir, digest, overwrite, replace_different)
-    if isinstance(state, dict):  # finished with the same inputs and settings
-        return TrainResult(out_dir, state, reused=True, seconds=time.perf_counter() - started)
-    resumed_at = state.epoch
+    with contextlib.ExitStack() as held:
+        if hold is not None:
+            held.enter_context(hold())  # claim and lock out_dir: inputs are good
+        state = _prepare_dir(out_dir, digest, overwrite, replace_different)
+        if isinstance(state, dict):  # finished with the same inputs and settings
+            return TrainResult(out_dir, state, reused=True, seconds=time.perf_counter() - started)
+        resumed_at = state.epoch
 
-    strategy = distribution_strategy(cfg.replicas)
-    replicas = strategy.num_replicas_in_sync
-    global_batch = cfg.batch_per_replica * replicas
-    train_tumor = sum(s.tumor for s in train)
-    steps = cfg.steps_per_epoch or max(MIN_STEPS, math.ceil(2 * train_tumor / global_batch))
-    preprocess = preprocess_fn(spec.preprocessing)
-    # Datasets outside the strategy scope: their random generators live on the host.
-    train_ds = make_dataset(
-        train, batch_size=global_batch, training=True, seed=cfg.seed, preprocess=preprocess
-    )
-    val_ds = make_dataset(
-        val,
-        batch_size=global_batch,
-        training=False,
-        seed=cfg.seed,
-        preprocess=preprocess,
-        max_patches=cfg.validation_max_patches,
-    )
-    previous_policy = keras.mixed_precision.global_policy()
-    if cfg.mixed_precision:
-        keras.mixed_precision.set_global_policy(_mixed_policy())
-    keras.utils.set_random_seed(cfg.seed)
-    checkpoints = out_dir / CHECKPOINTS
-    mlflow_run = _start_mlflow(mlflow, cfg, out_dir) if mlflow else None
-    try:
-        with strategy.scope():
-            if state.epoch:
-                model = _load_checkpoint(checkpoints / "last.keras")
-            elif parent_dir is not None:
-                model, _ = load_model_dir(parent_dir)
-            else:
-                model, _ = build_classifier(backbone, px, weights=cfg.weights)
-        base_name = parent.get("base_layer") if parent else _base_name(model, backbone)
-        base = model.get_layer(base_name) if base_name else None
-        total_epochs = sum(p.epochs for p in phases)
-        for index, phase in enumerate(phases):
-            end = sum(p.epochs for p in phases[: index + 1])
-            if index < state.phase_index or (
-                index == state.phase_index and (state.phase_done or state.epoch >= end)
-            ):
-                continue  # finished before an interruption
-            if index > state.phase_index or state.epoch == 0 or not _in_phase(state, index):
-                _enter_phase(model, base, phase, cfg, strategy)
-                state.phase_index, state.phase_done, state.wait = index, False, 0
-                state.epoch = max(state.epoch, end - phase.epochs)
-            checkpointer = _Checkpointer(
-                out_dir,
-                state,
-                phase,
-                phase_index=index,
-                patience=cfg.early_stopping_patience,
-                total_epochs=total_epochs,
-                steps=steps,
-                global_batch=global_batch,
-                on_epoch=on_epoch,
-                on_batch=on_batch,
-            )
-            callbacks = [
-                keras.callbacks.ReduceLROnPlateau(
-                    monitor="val_auc",
-                    mode="max",
-                    factor=0.2,
-                    patience=cfg.reduce_lr_patience,
-                    min_lr=1e-7,
-                ),
-                keras.callbacks.TensorBoard(
-                    log_dir=str(out_dir / "logs"), write_graph=False, profile_batch=0
-                ),
-                checkpointer,  # last: it records the learning rate the plateau rule set
-            ]
-            model.fit(
-                train_ds,
-                steps_per_epoch=steps,
-                epochs=end,
-                initial_epoch=state.epoch,
-                validation_data=val_ds,
-                callbacks=callbacks,
-                shuffle=False,  # the stream is shuffled; Keras cannot shuffle a dataset
-                verbose=0,
-            )
-            state.phase_done = True
-    except BaseException:
+        strategy = distribution_strategy(cfg.replicas)
+        replicas = strategy.num_replicas_in_sync
+        global_batch = cfg.batch_per_replica * replicas
+        train_tumor = sum(s.tumor for s in train)
+        steps = cfg.steps_per_epoch or max(MIN_STEPS, math.ceil(2 * train_tumor / global_batch))
+        preprocess = preprocess_fn(spec.preprocessing)
+        # Datasets outside the strategy scope: their random generators live on the host.
+        train_ds = make_dataset(
+            train, batch_size=global_batch, training=True, seed=cfg.seed, preprocess=preprocess
+        )
+        val_ds = make_dataset(
+            val,
+            batch_size=global_batch,
+            training=False,
+            seed=cfg.seed,
+            preprocess=preprocess,
+            max_patches=cfg.validation_max_patches,
+        )
+        previous_policy = keras.mixed_precision.global_policy()
+        if cfg.mixed_precision:
+            keras.mixed_precision.set_global_policy(_mixed_policy())
+        keras.utils.set_random_seed(cfg.seed)
+        checkpoints = out_dir / CHECKPOINTS
+        mlflow_run = _start_mlflow(mlflow, cfg, out_dir) if mlflow else None
+        try:
+            with strategy.scope():
+                if state.epoch:
+                    model = _load_checkpoint(checkpoints / "last.keras")
+                elif parent_dir is not None:
+                    model, _ = load_model_dir(parent_dir)
+                else:
+                    model, _ = build_classifier(backbone, px, weights=cfg.weights)
+            base_name = parent.get("base_layer") if parent else _base_name(model, backbone)
+            base = model.get_layer(base_name) if base_name else None
+            total_epochs = sum(p.epochs for p in phases)
+            for index, phase in enumerate(phases):
+                end = sum(p.epochs for p in phases[: index + 1])
+                if index < state.phase_index or (
+                    index == state.phase_index and (state.phase_done or state.epoch >= end)
+                ):
+                    continue  # finished before an interruption
+                if index > state.phase_index or state.epoch == 0 or not _in_phase(state, index):
+                    _enter_phase(model, base, phase, cfg, strategy)
+                    state.phase_index, state.phase_done, state.wait = index, False, 0
+                    state.epoch = max(state.epoch, end - phase.epochs)
+                checkpointer = _Checkpointer(
+                    out_dir,
+                    state,
+                    phase,
+                    phase_index=index,
+                    patience=cfg.early_stopping_patience,
+                    total_epochs=total_epochs,
+                    steps=steps,
+                    global_batch=global_batch,
+                    on_epoch=on_epoch,
+                    on_batch=on_batch,
+                )
+                callbacks = [
+                    keras.callbacks.ReduceLROnPlateau(
+                        monitor="val_auc",
+                        mode="max",
+                        factor=0.2,
+                        patience=cfg.reduce_lr_patience,
+                        min_lr=1e-7,
+                    ),
+                    keras.callbacks.TensorBoard(
+                        log_dir=str(out_dir / "logs"), write_graph=False, profile_batch=0
+                    ),
+                    checkpointer,  # last: it records the learning rate the plateau rule set
+                ]
+                model.fit(
+                    train_ds,
+                    steps_per_epoch=steps,
+                    epochs=end,
+                    initial_epoch=state.epoch,
+                    validation_data=val_ds,
+                    callbacks=callbacks,
+                    shuffle=False,  # the stream is shuffled; Keras cannot shuffle a dataset
+                    verbose=0,
+                )
+                state.phase_done = True
+        except BaseException:
+            if mlflow_run is not None:
+                mlflow.end_run(status="FAILED")
+            raise
+        finally:
+            keras.mixed_precision.set_global_policy(previous_policy)
+        metadata = {
+            "complete": True,
+            "format": 1,
+            "wsiflow_version": __version__,
+            "keras_version": keras.__version__,
+            "backbone": backbone,
+            "base_layer": base_name,
+            "weights": cfg.weights,
+            "parent_model": str(parent_dir) if parent_dir else None,
+            "patch_px": px,
+            "patch_mpp": patch_mpp,
+            "preprocessing": spec.preprocessing,
+            "class_names": list(CLASS_NAMES),
+            "output": "sigmoid probability of the tumor class",
+            "replicas": replicas,
+            "devices": list(strategy.extended.worker_devices),
+            "global_batch": global_batch,
+            "steps_per_epoch": steps,
+            "phases": [p.__dict__ for p in phases],
+            "training": cfg.model_dump(mode="json"),
+            "config": config,
+            "stores": sorted({s.store for s in slides}),
+            "slides": {
+                "train": [_slide_record(s) for s in train],
+                "validation": [_slide_record(s) for s in val],
+            },
+            "metrics": {
+                "best_epoch": state.best.get("epoch"),
+                "val_auc": state.best.get("val_auc"),
+                "val_loss": state.best.get("val_loss"),
+                "val_accuracy": state.best.get("val_accuracy"),
+                "train_auc": state.best.get("auc"),
+                "train_loss": state.best.get("loss"),
+                "epochs_run": len(state.history),
+            },
+            "history": state.history,
+            "fingerprint": digest,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        if not (out_dir / MODEL_FILE).is_file():
+            raise ModelError(out_dir / MODEL_FILE, "no epoch produced a validation AUC to keep")
+        write_json_atomic(out_dir / METADATA_FILE, metadata)  # the model is complete from here
+        shutil.rmtree(checkpoints, ignore_errors=True)
         if mlflow_run is not None:
-            mlflow.end_run(status="FAILED")
-        raise
-    finally:
-        keras.mixed_precision.set_global_policy(previous_policy)
-    metadata = {
-        "complete": True,
-        "format": 1,
-        "wsiflow_version": __version__,
-        "keras_version": keras.__version__,
-        "backbone": backbone,
-        "base_layer": base_name,
-        "weights": cfg.weights,
-        "parent_model": str(parent_dir) if parent_dir else None,
-        "patch_px": px,
-        "patch_mpp": patch_mpp,
-        "preprocessing": spec.preprocessing,
-        "class_names": list(CLASS_NAMES),
-        "output": "sigmoid probability of the tumor class",
-        "replicas": replicas,
-        "devices": list(strategy.extended.worker_devices),
-        "global_batch": global_batch,
-        "steps_per_epoch": steps,
-        "phases": [p.__dict__ for p in phases],
-        "training": cfg.model_dump(mode="json"),
-        "config": config,
-        "stores": sorted({s.store for s in slides}),
-        "slides": {
-            "train": [_slide_record(s) for s in train],
-            "validation": [_slide_record(s) for s in val],
-        },
-        "metrics": {
-            "best_epoch": state.best.get("epoch"),
-            "val_auc": state.best.get("val_auc"),
-            "val_loss": state.best.get("val_loss"),
-            "val_accuracy": state.best.get("val_accuracy"),
-            "train_auc": state.best.get("auc"),
-            "train_loss": state.best.get("loss"),
-            "epochs_run": len(state.history),
-        },
-        "history": state.history,
-        "fingerprint": digest,
-        "seconds": round(time.perf_counter() - started, 1),
-    }
-    if not (out_dir / MODEL_FILE).is_file():
-        raise ModelError(out_dir / MODEL_FILE, "no epoch produced a validation AUC to keep")
-    write_json_atomic(out_dir / METADATA_FILE, metadata)  # the model is complete from here
-    shutil.rmtree(checkpoints, ignore_errors=True)
-    if mlflow_run is not None:
-        best = {f"wsiflow_{k}": v for k, v in metadata["metrics"].items() if v is not None}
-        mlflow.log_metrics(best)
-        mlflow.log_artifact(str(out_dir / METADATA_FILE))
-        mlflow.end_run()
-    return TrainResult(
-        out_dir,
-        metadata,
-        resumed_at_epoch=resumed_at,
-        seconds=time.perf_counter() - started,
-        last_model=model,
-    )
+            best = {f"wsiflow_{k}": v for k, v in metadata["metrics"].items() if v is not None}
+            mlflow.log_metrics(best)
+            mlflow.log_artifact(str(out_dir / METADATA_FILE))
+            mlflow.end_run()
+        return TrainResult(
+            out_dir,
+            metadata,
+            resumed_at_epoch=resumed_at,
+            seconds=time.perf_counter() - started,
+            last_model=model,
+        )
 
 
 class _Checkpointer(keras.callbacks.Callback):

@@ -28,8 +28,8 @@ def dask_client(
 ) -> Iterator[Client]:
     """Yield a client of ``scheduler`` (left running) or of a new :func:`local_cluster`.
 
-    Stopped by Ctrl-C, a new cluster is closed without Dask's logs of the
-    tasks and connections it cuts short.
+    Left by an exception (Ctrl-C, a full disk), a new cluster is closed without
+    Dask's logs of the tasks and connections it cuts short.
     """
     if scheduler is not None:
         try:
@@ -53,11 +53,12 @@ def dask_client(
         ):
             try:
                 yield client
-            except KeyboardInterrupt:
-                # Closed mid-task, the scheduler and client (here) fail to gather results
-                # and the workers miss heartbeats: errors with tracebacks, none of them
-                # news after Ctrl-C. The workers are not reused; this process logs again
-                # once the cluster is closed.
+            except BaseException:
+                # Closed mid-task (Ctrl-C, or a run stopped by an error it reports in one
+                # line, as a full disk), the scheduler and client (here) fail to gather
+                # results and the workers miss heartbeats: errors with tracebacks, none of
+                # them news. The workers are not reused; this process logs again once the
+                # cluster is closed.
                 with contextlib.suppress(Exception):
                     client.run(silence_logging)
                 silence_logging()

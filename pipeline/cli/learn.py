@@ -195,12 +195,12 @@ def run_train(
     """Train with a per-step progress bar and one line per epoch; return the summary.
 
     Bad inputs raise (:class:`WsiflowError` naming the file, ``ValueError``)
-    before the first step.
+    before ``out`` is made or locked, and before the first step.
     """
     from models.train import train_classifier
 
     training = cfg.training
-    with output_lock(reporter, out, "model"), reporter.progress() as progress:
+    with reporter.progress() as progress:
         steps_task = progress.add_task("epoch", total=None, rate="")
 
         def on_batch(epoch: int, step: int, steps: int) -> None:
@@ -226,6 +226,7 @@ def run_train(
             replace_different=replace_different,
             on_epoch=on_epoch,
             on_batch=on_batch,
+            hold=lambda: output_lock(reporter, out, "model"),
         )
         progress.remove_task(steps_task)
     meta = result.metadata
