@@ -16,6 +16,7 @@ from flows.runtime import (
     load,
     task_options,
 )
+from pipeline.annotations import EXCLUSION_GROUPS, TUMOR_GROUPS
 from pipeline.config import EvaluationConfig
 from pipeline.evaluate import REPORT
 from pipeline.results import MANIFEST, SCORES
@@ -29,12 +30,14 @@ def _evaluate_key(context: Any, parameters: dict[str, Any]) -> str:
         identity(results / SCORES),
         identity(results / MANIFEST),
         folder_identity(results / "detections", "*.csv"),
+        folder_identity(results, "*.csv"),  # a submission folder of <slide>.csv
         identity(parameters["reference"]),
-        folder_identity(parameters["annotations_dir"], "*.xml"),
-        folder_identity(masks, "*_Mask.tif") if masks else None,
-        str(Path(parameters["slides_dir"]).resolve()),
+        folder_identity(parameters["annotations_dir"], "*.*"),
+        folder_identity(masks, "*.tif") if masks else None,
+        str(Path(parameters["slides_dir"]).resolve()) if parameters["slides_dir"] else None,
         str(Path(parameters["out_dir"] or results).resolve()),
         parameters["config"].model_dump(mode="json"),
+        parameters.get("groups"),
     )
 
 
@@ -42,23 +45,29 @@ def _evaluate_key(context: Any, parameters: dict[str, Any]) -> str:
 def evaluate_task(
     results_dir: str,
     reference: str,
-    annotations_dir: str,
-    slides_dir: str,
+    annotations_dir: str | None,
+    slides_dir: str | None,
     config: EvaluationConfig,
     out_dir: str | None = None,
     masks_dir: str | None = None,
+    groups: tuple[tuple[str, ...], tuple[str, ...]] = (TUMOR_GROUPS, EXCLUSION_GROUPS),
 ) -> dict[str, Any]:
-    """Evaluate; the report without its curves, plus the files written."""
+    """Evaluate; the report without its curves, plus the files written.
+
+    ``groups``: the annotation groups that are tumor, and exclusions.
+    """
+    from pipeline.annotations import Groups
     from pipeline.evaluate import evaluate
 
     evaluation = evaluate(
         Path(results_dir),
         Path(reference),
-        Path(annotations_dir),
-        Path(slides_dir),
+        Path(annotations_dir) if annotations_dir else None,
+        Path(slides_dir) if slides_dir else None,
         config,
         out_dir=Path(out_dir) if out_dir else None,
         masks_dir=Path(masks_dir) if masks_dir else None,
+        groups=Groups.of(*groups),
     )
     report = {k: v for k, v in evaluation.report.items() if k not in ("roc_curve", "froc_curve")}
     return {**report, "files": {k: str(v) for k, v in evaluation.files.items()}}
@@ -68,8 +77,8 @@ def evaluate_task(
 def evaluate_flow(
     results_dir: str,
     reference: str,
-    annotations_dir: str,
-    slides_dir: str,
+    annotations_dir: str | None = None,
+    slides_dir: str | None = None,
     out_dir: str | None = None,
     masks_dir: str | None = None,
     config: str | None = None,
@@ -85,8 +94,16 @@ def evaluate_flow(
     cfg = load(config, settings)
     report_path = Path(out_dir or results_dir) / REPORT
     options = task_options(cfg.orchestration, io=False, refresh=not report_path.is_file())
+    groups = (cfg.tiling.tumor_groups, cfg.tiling.exclusion_groups)
     report = evaluate_task.with_options(**options)(
-        results_dir, reference, annotations_dir, slides_dir, cfg.evaluation, out_dir, masks_dir
+        results_dir,
+        reference,
+        annotations_dir,
+        slides_dir,
+        cfg.evaluation,
+        out_dir,
+        masks_dir,
+        groups,
     )
     auc, froc = report["slide_auc"], report["froc"]
     artifacts.summary_markdown(

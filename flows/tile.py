@@ -93,6 +93,8 @@ def tile_slides_flow(
             result = SlideResult(job.slide_id, str(job.path), "failed", reason=reason)
             logger.error("failed: %s", result.reason)
         cached += state == "Cached"
+        for warning in result.warnings:
+            logger.warning(warning)
         results.append(result)
     order = {str(p): i for i, p in enumerate(paths)}
     results.sort(key=lambda r: order.get(r.path, len(order)))

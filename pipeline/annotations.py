@@ -1,13 +1,27 @@
 """Lesion annotations as polygons in level-0 pixels: ASAP XML and QuPath GeoJSON.
 
-CAMELYON16 ships one ASAP XML file per tumor slide. Polygons in groups ``_0``
-and ``_1`` outline tumor; polygons in ``_2`` outline non-tumor areas inside a
-tumor outline and are carved out of it.
+CAMELYON16 ships one ASAP XML file per tumor slide. Each annotation is in a
+group: the organisers' ``_0``/``_1`` (or ``Tumor``) outline tumor and ``_2``
+outlines non-tumor areas inside a tumor outline, carved out of it; CAMELYON17
+says ``metastases``/``normal``; re-published copies rename them
+(``metastasis``/``negative``). Which names mean what is configurable
+(:class:`Groups`, ``tiling.tumor_groups`` and ``tiling.exclusion_groups``,
+matched in any case); an annotation in no group (ASAP's ``None``) is tumor;
+one in a group that is neither is left out with a warning listing the groups
+found, never taken for tumor in silence. ``Spline`` annotations are read as
+their control polygon (the vertices ASAP stores; the curve through them is
+not reconstructed).
 
 QuPath exports GeoJSON features (Polygon or MultiPolygon, with holes). A
-feature is an exclusion when its classification is one of
-:data:`EXCLUSION_CLASSES`, skipped when it is one of :data:`SKIPPED_CLASSES`,
-tumor otherwise (unclassified outlines included).
+feature is an exclusion when its classification is an exclusion group or one
+of :data:`EXCLUSION_CLASSES`, skipped when it is one of
+:data:`SKIPPED_CLASSES`, tumor when unclassified or of a tumor group, and
+left out with a warning otherwise.
+
+A degenerate outline (fewer than 3 distinct vertices, or no area) is dropped
+with a warning naming the file, the annotation and the reason; the slide's
+other outlines are kept. Warnings go to the ``warnings`` list the caller
+passes.
 """
 
 from __future__ import annotations
@@ -15,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import xml.etree.ElementTree as ET
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,11 +37,14 @@ import numpy as np
 
 from .errors import AnnotationError
 
-#: ASAP groups that outline tumor, as CAMELYON16 names them (and CAMELYON17's "metastases").
-TUMOR_GROUPS = frozenset({"_0", "_1", "Tumor", "metastases"})
-#: ASAP groups carved out of tumor outlines (CAMELYON17's masks paint "normal" over
-#: "metastases"); any other group, or none, outlines tumor.
-EXCLUSION_GROUPS = frozenset({"_2", "Exclusion", "normal", "Normal"})
+#: Groups that outline tumor (any case): CAMELYON16's ``_0``, ``_1`` and ``Tumor``,
+#: CAMELYON17's ``metastases``, renamed copies' ``metastasis``.
+TUMOR_GROUPS = ("_0", "_1", "Tumor", "metastases", "metastasis")
+#: Groups carved out of tumor outlines (any case): CAMELYON16's ``_2``, CAMELYON17's
+#: ``normal`` (its masks paint it over ``metastases``), renamed copies' ``negative``.
+EXCLUSION_GROUPS = ("_2", "Exclusion", "normal", "negative")
+#: ASAP's group of an annotation in no group: tumor, as an outline drawn on its own is.
+NO_GROUP = "None"
 
 #: Vertices may lie this fraction of the slide's width (height) outside it: annotation
 #: tools let a stroke overshoot the edge, and masks are clipped to the slide anyway.
@@ -41,24 +59,60 @@ _GROUP_COLOURS = {"_0": "#F4FA58", "_1": "#F4FA58", "_2": "#64FE2E"}
 
 
 @dataclass(frozen=True)
+class Groups:
+    """Which annotation groups outline tumor and which are carved out (names case-folded)."""
+
+    tumor: frozenset[str]
+    exclusion: frozenset[str]
+
+    @classmethod
+    def of(
+        cls, tumor: Iterable[str] = TUMOR_GROUPS, exclusion: Iterable[str] = EXCLUSION_GROUPS
+    ) -> Groups:
+        return cls(
+            frozenset(name.casefold() for name in tumor),
+            frozenset(name.casefold() for name in exclusion),
+        )
+
+    def role(self, group: str | None) -> str | None:
+        """``"tumor"``, ``"exclusion"``, or None for a group that is neither."""
+        if group is None or group == NO_GROUP or group.casefold() in self.tumor:
+            return "tumor"
+        if group.casefold() in self.exclusion:
+            return "exclusion"
+        return None
+
+
+#: The default groups (:data:`TUMOR_GROUPS`, :data:`EXCLUSION_GROUPS`).
+DEFAULT_GROUPS = Groups.of()
+
+
+@dataclass(frozen=True)
 class Polygon:
     """One annotated outline: ``level0_xy`` is ``(N, 2)`` float64 x, y in level-0 pixels.
 
     ``holes`` are inner rings (GeoJSON), each ``(M, 2)``, carved out of this polygon.
+    ``role`` is ``"tumor"`` or ``"exclusion"``: given by the reader from its
+    :class:`Groups`, else taken from ``group`` by the default groups.
     """
 
     name: str
     group: str
     level0_xy: np.ndarray = field(repr=False)
     holes: tuple[np.ndarray, ...] = field(default=(), repr=False)
+    role: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.role:
+            object.__setattr__(self, "role", DEFAULT_GROUPS.role(self.group) or "tumor")
 
     @property
     def is_tumor(self) -> bool:
-        return self.group in TUMOR_GROUPS
+        return self.role == "tumor"
 
     @property
     def is_exclusion(self) -> bool:
-        return self.group in EXCLUSION_GROUPS
+        return self.role == "exclusion"
 
     def bounds(self) -> tuple[float, float, float, float]:
         """Return ``(x_min, y_min, x_max, y_max)`` in level-0 pixels."""
@@ -87,7 +141,7 @@ def write_asap_xml(path: Path | str, polygons: list[Polygon]) -> None:
     lines.append("\t</Annotations>")
     lines.append("\t<AnnotationGroups>")
     for group in sorted({p.group for p in polygons}):
-        colour = "#00ff00" if group in EXCLUSION_GROUPS else "#ff0000"
+        colour = "#00ff00" if DEFAULT_GROUPS.role(group) == "exclusion" else "#ff0000"
         lines.append(f'\t\t<Group Name="{_xml_attr(group)}" PartOfGroup="None" Color="{colour}">')
         lines.append("\t\t\t<Attributes />")
         lines.append("\t\t</Group>")
@@ -98,12 +152,15 @@ def write_asap_xml(path: Path | str, polygons: list[Polygon]) -> None:
     os.replace(partial, path)
 
 
-def read_asap_xml(path: Path | str) -> list[Polygon]:
-    """Read every polygon of an ASAP XML file, in file order.
+def read_asap_xml(
+    path: Path | str, groups: Groups = DEFAULT_GROUPS, warnings: list[str] | None = None
+) -> list[Polygon]:
+    """Read the tumor and exclusion polygons of an ASAP XML file, in file order.
 
     Raises :class:`AnnotationError` naming the file and the problem for a
-    missing file, malformed XML, a polygon with fewer than three points or a
-    coordinate that is not a finite number.
+    missing file, malformed XML or a coordinate that is not a finite number.
+    Degenerate polygons and groups that are neither tumor nor exclusion are
+    left out, each with a line appended to ``warnings``.
     """
     path = Path(path)
     if not path.is_file():
@@ -119,10 +176,11 @@ def read_asap_xml(path: Path | str) -> list[Polygon]:
         raise AnnotationError(
             path, f"Expected an <ASAP_Annotations> root element. Got <{root.tag}> instead."
         )
+    notes = _Notes(path, groups, warnings)
     polygons = []
     for index, element in enumerate(root.iter("Annotation")):
         name = element.get("Name") or f"Annotation {index}"
-        group = element.get("PartOfGroup") or "None"
+        group = element.get("PartOfGroup") or NO_GROUP
         kind = element.get("Type", "Polygon")
         if kind not in ("Polygon", "Spline"):
             # Dots and rectangles carry no area to rasterise as a lesion outline.
@@ -142,23 +200,71 @@ def read_asap_xml(path: Path | str) -> list[Polygon]:
                     path, f"annotation {name!r}: coordinate {order} lacks a finite X or Y"
                 )
             points.append((order, x, y))
-        if len(points) < 3:
-            raise AnnotationError(
-                path,
-                f"annotation {name!r}: Expected a polygon of at least 3 coordinates. "
-                f"Got {len(points)} instead.",
-            )
         points.sort(key=lambda p: p[0])
-        xy = np.array([(x, y) for _, x, y in points], dtype=np.float64)
-        polygons.append(Polygon(name=name, group=group, level0_xy=xy))
+        xy = np.array([(x, y) for _, x, y in points], dtype=np.float64).reshape(-1, 2)
+        polygon = notes.keep(name, group, xy)
+        if polygon is not None:
+            polygons.append(polygon)
+    notes.finish()
     return polygons
 
 
-def read_geojson(path: Path | str) -> list[Polygon]:
+class _Notes:
+    """A reader's checks of one file: roles by group, degenerate outlines, the warnings."""
+
+    def __init__(self, path: Path, groups: Groups, warnings: list[str] | None) -> None:
+        self.path, self.groups = path, groups
+        self.warnings = warnings if warnings is not None else []
+        self.found: dict[str, int] = {}
+        self.unknown: dict[str, int] = {}
+
+    def keep(
+        self, name: str, group: str, xy: np.ndarray, holes: tuple[np.ndarray, ...] = ()
+    ) -> Polygon | None:
+        """The polygon, or None (and why, in the warnings) when it is left out."""
+        self.found[group] = self.found.get(group, 0) + 1
+        role = self.groups.role(group)
+        if role is None:
+            self.unknown[group] = self.unknown.get(group, 0) + 1
+            return None
+        problem = degenerate(xy)
+        if problem:
+            self.warnings.append(f"{self.path}: annotation {name!r} left out: {problem}")
+            return None
+        return Polygon(name, group, xy, tuple(h for h in holes if not degenerate(h)), role)
+
+    def finish(self) -> None:
+        if not self.unknown:
+            return
+        left_out = ", ".join(f"{g!r} ({n})" for g, n in sorted(self.unknown.items()))
+        found = ", ".join(repr(g) for g in sorted(self.found))
+        self.warnings.append(
+            f"{self.path}: annotations in group(s) {left_out} left out: neither a tumor nor an "
+            f"exclusion group (groups found: {found}; name them in tiling.tumor_groups or "
+            "tiling.exclusion_groups)"
+        )
+
+
+def degenerate(xy: np.ndarray) -> str | None:
+    """Why an outline encloses nothing (fewer than 3 distinct vertices, no area), or None."""
+    distinct = len(np.unique(xy, axis=0)) if len(xy) else 0
+    if distinct < 3:
+        return f"{distinct} distinct vertices (an outline needs at least 3)"
+    x, y = xy[:, 0], xy[:, 1]
+    area = 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+    if area == 0.0:
+        return "zero area (all vertices on one line)"
+    return None
+
+
+def read_geojson(
+    path: Path | str, groups: Groups = DEFAULT_GROUPS, warnings: list[str] | None = None
+) -> list[Polygon]:
     """Read the polygons of a QuPath GeoJSON export (FeatureCollection, feature list or feature).
 
     Polygons and MultiPolygons are kept (with holes); points and lines are
-    skipped. Groups are ``Tumor`` or ``Exclusion`` from the classification.
+    skipped. The group is the classification name (``Tumor`` when
+    unclassified); see the module for how it is read.
     """
     path = Path(path)
     if not path.is_file():
@@ -180,6 +286,8 @@ def read_geojson(path: Path | str) -> list[Polygon]:
             "Expected a GeoJSON FeatureCollection, Feature or list of features. "
             f"Got a {type(data).__name__} instead.",
         )
+    classes = Groups(groups.tumor, groups.exclusion | {c.casefold() for c in EXCLUSION_CLASSES})
+    notes = _Notes(path, classes, warnings)
     polygons = []
     for index, feature in enumerate(features):
         if not isinstance(feature, dict) or not isinstance(feature.get("geometry"), dict):
@@ -192,7 +300,7 @@ def read_geojson(path: Path | str) -> list[Polygon]:
         )
         if class_name in SKIPPED_CLASSES:
             continue
-        group = "Exclusion" if class_name in EXCLUSION_CLASSES else "Tumor"
+        group = str(class_name) if class_name else "Tumor"
         geometry = feature["geometry"]
         kind = geometry.get("type")
         if kind == "Polygon":
@@ -208,18 +316,23 @@ def read_geojson(path: Path | str) -> list[Polygon]:
             arrays = [_ring(path, label, ring) for ring in (rings or [])]
             if not arrays:
                 raise AnnotationError(path, f"feature {label!r}: polygon without rings")
-            polygons.append(Polygon(label, group, arrays[0], tuple(arrays[1:])))
+            polygon = notes.keep(label, group, arrays[0], tuple(arrays[1:]))
+            if polygon is not None:
+                polygons.append(polygon)
+    notes.finish()
     return polygons
 
 
-def read_annotations(path: Path | str) -> list[Polygon]:
+def read_annotations(
+    path: Path | str, groups: Groups = DEFAULT_GROUPS, warnings: list[str] | None = None
+) -> list[Polygon]:
     """Read ASAP XML (``.xml``) or GeoJSON (``.geojson``/``.json``) by suffix."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".xml":
-        return read_asap_xml(path)
+        return read_asap_xml(path, groups, warnings)
     if suffix in (".geojson", ".json"):
-        return read_geojson(path)
+        return read_geojson(path, groups, warnings)
     raise AnnotationError(
         path, f"Expected a .xml, .geojson or .json file. Got {suffix or 'no suffix'!r} instead."
     )
@@ -258,11 +371,7 @@ def _ring(path: Path, name: str, ring: object) -> np.ndarray:
         raise AnnotationError(path, f"feature {name!r}: Expected a ring of [x, y] number pairs.")
     if len(xy) > 1 and np.array_equal(xy[0], xy[-1]):
         xy = xy[:-1]  # GeoJSON rings repeat the first point at the end
-    if len(xy) < 3:
-        raise AnnotationError(
-            path, f"feature {name!r}: Expected a ring of at least 3 points. Got {len(xy)} instead."
-        )
-    return xy[:, :2]
+    return xy[:, :2]  # fewer than 3 points: left out as degenerate, with a warning
 
 
 def _xml_attr(text: str) -> str:

@@ -65,6 +65,14 @@ class TilingConfig(_Section):
     tissue_mpp: float = Field(8.0, gt=0, description="resolution of tissue detection")
     min_tissue_fraction: float = Field(0.5, ge=0, le=1)
     label_rule: Literal["fraction", "center"] = "fraction"
+    tumor_groups: tuple[str, ...] = Field(
+        ("_0", "_1", "Tumor", "metastases", "metastasis"),
+        description="annotation groups (any case) that outline tumor; also for evaluate",
+    )
+    exclusion_groups: tuple[str, ...] = Field(
+        ("_2", "Exclusion", "normal", "negative"),
+        description="annotation groups (any case) carved out of tumor; also for evaluate",
+    )
     tumor_threshold: float = Field(0.5, gt=0, le=1)
     codec: Literal["jpeg", "jpegxl", "avif", "zstd", "lz4", "none"] = "jpeg"
     codec_quality: int = Field(90, ge=1, le=100)
@@ -135,8 +143,16 @@ class InferenceConfig(_Section):
 
 
 class EvaluationConfig(_Section):
-    """CAMELYON16 evaluation constants (the official script's values)."""
+    """CAMELYON16 evaluation constants (the official script's values) and rules."""
 
+    rules: Literal["official", "corrected"] = Field(
+        "official",
+        description="official: the organisers' script bit for bit; corrected: per-slide mpp, "
+        "one threshold per printed confidence, no dropped detection",
+    )
+    exclude: tuple[str, ...] = Field(
+        (), description="slides left out (any case), e.g. Test_049 and Test_114"
+    )
     mask_level: int = Field(5, ge=0, description="evaluation mask level (downsample 2**level)")
     tumor_growth_um: float = Field(75.0, ge=0, description="distance the script grows tumor")
     itc_major_axis_um: float = Field(275.0, gt=0)
@@ -315,3 +331,10 @@ def _line_of(node: yaml.Node | None, loc: tuple[str, ...]) -> int | None:
         else:
             break
     return line
+
+
+def annotation_groups(tiling: TilingConfig):
+    """The :class:`~pipeline.annotations.Groups` of ``tiling``'s group names."""
+    from .annotations import Groups
+
+    return Groups.of(tiling.tumor_groups, tiling.exclusion_groups)

@@ -18,12 +18,23 @@ Follows ``Evaluation_FROC.py`` from the CAMELYON16 organisers step by step:
    1/4, 1/2, 1, 2, 4 and 8 false positives per slide, read from the curve by
    linear interpolation (``np.interp``, as the script does).
 
-One deliberate difference: the script skips the *lowest* distinct confidence
-(``all_probs[1:]``), meant to drop the 0 that every missed lesion or ITC
-contributes. When nothing is missed and there is no ITC that lowest value is a
-real detection and the script loses it (a perfect submission would score
-below 1). Here only a 0 is skipped, which gives the script's result whenever a
-0 is present, as it is on every real CAMELYON16 test set.
+Two sets of rules (``rules``):
+
+``"official"`` (the default) is the script to the last digit, quirks included:
+the mask constants use 0.243 µm/px for every slide (:data:`OFFICIAL_MPP`,
+whatever the slide's own resolution); a lesion's true-positive confidence is
+kept as float32 while false-positive ones stay float64, so a hit and a miss
+with the same printed confidence are two thresholds (and a threshold taken
+from a false positive is rounded to float32 to count true positives); the
+lowest distinct confidence is dropped (``all_probs[1:]``), which is the 0 of
+a missed lesion or ITC when there is one and a real detection when there is
+not; and a tumor slide whose mask holds no tumor still gets the distance
+transform, whose corner region (SciPy's distance to a virtual edge) becomes
+one ITC.
+
+``"corrected"``: each slide's own µm/px, confidences in float64 (one
+threshold per printed confidence), only a 0 dropped, an empty mask has no
+lesion.
 
 Pure functions: polygons, arrays and numbers in, arrays and numbers out.
 """
@@ -32,6 +43,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from scipy import ndimage
@@ -42,6 +54,12 @@ from .masks import rasterize_tumor
 
 #: The official score's operating points: average false positives per slide.
 FP_RATES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+#: The level-0 µm/px the official script assumes for every slide's mask constants.
+OFFICIAL_MPP = 0.243
+
+Rules = Literal["official", "corrected"]
+RULES: tuple[Rules, ...] = ("official", "corrected")
 
 
 def tumor_mask(
@@ -68,14 +86,21 @@ def tumor_mask(
 
 
 def evaluation_mask(
-    tumor: np.ndarray, mpp: float, downsample: int, *, tumor_growth_um: float = 75.0
+    tumor: np.ndarray,
+    mpp: float,
+    downsample: int,
+    *,
+    tumor_growth_um: float = 75.0,
+    rules: Rules = "official",
 ) -> np.ndarray:
     """Label the lesions of a ``tumor`` mask at ``downsample`` as the official script does.
 
     Returns an int32 array of the same shape: 0 outside lesions, 1..n lesions.
-    ``mpp`` is the slide's level-0 µm per pixel.
+    ``mpp`` is the level-0 µm per pixel the constants use. Under the official
+    rules a mask without tumor still goes through the distance transform, as
+    the script's does (one corner region); corrected, it has no lesion.
     """
-    if not tumor.any():
+    if rules == "corrected" and not tumor.any():
         return np.zeros(tumor.shape, dtype=np.int32)
     distance = ndimage.distance_transform_edt(~tumor)
     threshold = tumor_growth_um / (mpp * downsample * 2)
@@ -118,19 +143,24 @@ def score_detections(
     labels: np.ndarray | None,
     itcs: frozenset[int],
     downsample: int,
+    *,
+    rules: Rules = "official",
 ) -> SlideHits:
     """Score ``(N,)`` confidences at ``(N, 2)`` int level-0 x, y against a lesion label mask.
 
     ``labels`` None means a normal slide: every detection is a false positive.
-    Detections must lie inside the mask (``ValueError`` otherwise).
+    Detections must lie inside the mask (``ValueError`` otherwise). Under the
+    official rules the true-positive confidences are float32, as the script
+    keeps them.
     """
+    tp_dtype = np.float32 if rules == "official" else np.float64
     confidences = np.asarray(confidences, dtype=np.float64)
     level0_xy = np.asarray(level0_xy, dtype=np.int64).reshape(-1, 2)
     if labels is None or labels.max(initial=0) == 0:
         n_labels = 0 if labels is None else int(labels.max(initial=0))
         return SlideHits(
             confidences.copy(),
-            np.zeros(n_labels, dtype=np.float64),
+            np.zeros(n_labels, dtype=tp_dtype),
             0,
             0,
             np.zeros(len(confidences), dtype=np.int32),
@@ -146,14 +176,12 @@ def score_detections(
         )
     n_labels = int(labels.max())
     hit = labels[rows, cols].astype(np.int32)
-    tp = np.zeros(n_labels, dtype=np.float64)
-    fp = []
-    for confidence, label in zip(confidences, hit, strict=True):
-        if label == 0:
-            fp.append(confidence)
-        elif label not in itcs and confidence > tp[label - 1]:
-            tp[label - 1] = confidence
-    return SlideHits(np.asarray(fp, dtype=np.float64), tp, n_labels - len(itcs), len(itcs), hit)
+    tp = np.zeros(n_labels, dtype=tp_dtype)
+    on_lesion = (hit > 0) & ~np.isin(hit, list(itcs))
+    # The highest confidence per lesion (in the tp dtype: the script compares in float32).
+    np.maximum.at(tp, hit[on_lesion] - 1, confidences[on_lesion].astype(tp_dtype))
+    fp = confidences[hit == 0]
+    return SlideHits(fp, tp, n_labels - len(itcs), len(itcs), hit)
 
 
 @dataclass(frozen=True)
@@ -170,10 +198,13 @@ class Froc:
     lesions: int
 
 
-def compute_froc(hits: Sequence[SlideHits], fp_rates: Sequence[float] = FP_RATES) -> Froc:
+def compute_froc(
+    hits: Sequence[SlideHits], fp_rates: Sequence[float] = FP_RATES, *, rules: Rules = "official"
+) -> Froc:
     """The FROC over all ``hits`` (one per evaluated slide), as the official script computes it.
 
-    Raises ``ValueError`` when there are no slides or no lesions to find.
+    ``rules``: see the module. Raises ``ValueError`` when there are no slides
+    or no lesions to find.
     """
     if not hits:
         raise ValueError("Expected at least one evaluated slide. Got none")
@@ -183,14 +214,20 @@ def compute_froc(hits: Sequence[SlideHits], fp_rates: Sequence[float] = FP_RATES
             "Expected at least one tumor lesion (not an ITC) among the evaluated slides. "
             "Got none: the FROC is undefined"
         )
-    fps = np.concatenate([h.fp_confidences for h in hits])
-    tps = np.concatenate([h.tp_confidences for h in hits])
-    distinct = np.unique(np.concatenate([fps, tps]))
-    thresholds = distinct[distinct > 0]
-    total_fp = np.array([(fps >= t).sum() for t in thresholds] + [0], dtype=np.float64)
-    total_tp = np.array([(tps >= t).sum() for t in thresholds] + [0], dtype=np.float64)
-    fps_per_slide = total_fp / len(hits)
-    sensitivity = total_tp / lesions
+    official = rules == "official"
+    fps = np.sort(np.concatenate([np.asarray(h.fp_confidences, np.float64) for h in hits]))
+    tp_dtype = np.float32 if official else np.float64
+    tps = np.sort(np.concatenate([np.asarray(h.tp_confidences, tp_dtype) for h in hits]))
+    # Distinct values as float64: a float32 true positive and a float64 false positive of
+    # the same printed confidence are two thresholds under the official rules.
+    distinct = np.unique(np.concatenate([fps, tps.astype(np.float64)]))
+    thresholds = distinct[1:] if official else distinct[distinct > 0]
+    # At or above each threshold. True positives compare in their own dtype: the script's
+    # float32 array against a float64 threshold rounds the threshold to float32.
+    total_fp = len(fps) - np.searchsorted(fps, thresholds, side="left")
+    total_tp = len(tps) - np.searchsorted(tps, thresholds.astype(tp_dtype), side="left")
+    fps_per_slide = np.append(total_fp, 0) / float(len(hits))
+    sensitivity = np.append(total_tp, 0) / float(lesions)
     # Reversed: ascending false positives, as np.interp needs.
     at = np.interp(np.asarray(fp_rates, dtype=np.float64), fps_per_slide[::-1], sensitivity[::-1])
     return Froc(

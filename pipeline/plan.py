@@ -15,7 +15,7 @@ import numpy as np
 from . import __version__
 from .annotations import check_within, read_annotations
 from .codecs import PatchImageCodec
-from .config import TilingConfig
+from .config import TilingConfig, annotation_groups
 from .errors import AnnotationError, NoTissueError
 from .grid import PatchTable, Resolution, choose_resolution, select_patches
 from .masks import PlacedMask, rasterize_tumor
@@ -98,9 +98,9 @@ def plan_slide(job: SlideJob, config: TilingConfig) -> SlidePlan:
         )
         tissue, _ = tissue_mask(reader, config.tissue_mpp)
         passthrough = _can_pass_through(reader, resolution, stride_px, config)
-    polygons = []
+    polygons, warnings = [], []
     if job.annotation is not None:
-        polygons = read_annotations(job.annotation)
+        polygons = read_annotations(job.annotation, annotation_groups(config), warnings)
         check_within(job.annotation, polygons, info.level0_wh)
     level_w, level_h = info.level_wh[resolution.level]
     level_scale = (info.level0_wh[0] / level_w, info.level0_wh[1] / level_h)
@@ -126,6 +126,7 @@ def plan_slide(job: SlideJob, config: TilingConfig) -> SlidePlan:
     attrs = {
         "slide": file_identity(job.path),
         "annotation": None if job.annotation is None else file_identity(job.annotation),
+        "annotation_warnings": warnings,
         "vendor": info.vendor,
         "level0_wh": list(info.level0_wh),
         "mpp": None if info.mpp_xy is None else list(info.mpp_xy),

@@ -62,9 +62,13 @@ class SlideResult:
     seconds: float = 0.0
     level: int | None = None
     read_px: int | None = None
+    #: What was left out of the annotation (degenerate outlines, unknown groups), one line each.
+    warnings: tuple[str, ...] = ()
 
     def summary_row(self) -> dict[str, Any]:
-        return asdict(self)
+        row = asdict(self)
+        row["warnings"] = list(self.warnings)
+        return row
 
 
 def make_jobs(
@@ -306,6 +310,7 @@ class Tiled:
     tumor_patches: int
     level: int
     read_px: int
+    warnings: tuple[str, ...] = ()
 
     def result(self, job: SlideJob, seconds: float) -> SlideResult:
         return SlideResult(
@@ -317,6 +322,7 @@ class Tiled:
             seconds=round(seconds, 2),
             level=self.level,
             read_px=self.read_px,
+            warnings=self.warnings,
         )
 
 
@@ -336,7 +342,13 @@ def _group_token(digest: str) -> str:
 def _mark_complete(group: Any, plan: SlidePlan) -> Tiled:
     """Mark a slide's group complete (every chunk written) with its counts; return them."""
     table, resolution = plan.table, plan.resolution
-    tiled = Tiled(len(table), int(table.labels.sum()), resolution.level, resolution.read_px)
+    tiled = Tiled(
+        len(table),
+        int(table.labels.sum()),
+        resolution.level,
+        resolution.read_px,
+        tuple(plan.attrs.get("annotation_warnings", ())),
+    )
     mark_complete(group, {"patches": tiled.patches, "tumor_patches": tiled.tumor_patches})
     return tiled
 

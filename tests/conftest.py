@@ -20,6 +20,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 APERIO_SLIDE = SHARED_DATA / "slides" / "CMU-1-Small-Region.svs"
+#: The organisers' CAMELYON16 evaluation script (a Python 3 port), the FROC's reference.
+OFFICIAL_FROC = REPO_ROOT.parent / "shared" / "reference" / "camelyon16" / "Evaluation_FROC_py3.py"
 WSIFLOW = str(Path(sys.executable).parent / "wsiflow")
 #: The bucket of the ``s3_env`` fixture's server.
 S3_BUCKET = "wsiflow-test"
@@ -38,6 +40,27 @@ def run(
         check=False,
         env=None if env is None else {**os.environ, **env},
     )
+
+
+def write_official_mask(path: Path, tumor_level5, *, mpp: float | None = None) -> None:
+    """A CAMELYON16-style ``*_Mask.tif``: 255 on tumor, 6 pyramid levels (deflate tiles).
+
+    ``tumor_level5`` is the bool mask at level 5 (downsample 32); ``mpp`` the
+    level-0 µm/px recorded in the resolution tags (None: none).
+    """
+    import numpy as np
+    import tifffile
+
+    with tifffile.TiffWriter(path) as tif:
+        for level in range(6):
+            factor = 2 ** (5 - level)
+            plane = np.repeat(np.repeat(tumor_level5, factor, 0), factor, 1).astype(np.uint8) * 255
+            resolution = None if mpp is None else (1e4 / (mpp * 2**level),) * 2
+            tif.write(
+                np.stack([plane] * 3, axis=-1), tile=(16, 16), photometric="rgb",
+                compression="zlib", subfiletype=0 if level == 0 else 1, metadata=None,
+                resolution=resolution, resolutionunit="CENTIMETER" if resolution else "NONE",
+            )  # fmt: skip
 
 
 def last_json(result: subprocess.CompletedProcess) -> dict:

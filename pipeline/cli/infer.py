@@ -188,43 +188,87 @@ def run_infer(
 
 @app.command()
 def evaluate(
-    results: Annotated[Path, typer.Argument(help="An output folder of `wsiflow infer`.")],
+    results: Annotated[
+        Path,
+        typer.Argument(
+            help="An output folder of `wsiflow infer`, or a folder of <slide>.csv detections "
+            "(Confidence,X,Y) as the organisers' script reads."
+        ),
+    ],
     reference: Annotated[
         Path,
-        typer.Option("--reference", "-r", help="CAMELYON16 reference.csv (name,Tumor|Normal)."),
+        typer.Option(
+            "--reference", "-r", help="CAMELYON16 reference.csv (name,Tumor|Normal[,...])."
+        ),
     ],
     annotations: Annotated[
-        Path, typer.Option("--annotations", "-a", help="Folder of <slide>.xml lesion annotations.")
-    ],
+        Path | None,
+        typer.Option(
+            "--annotations", "-a", help="Folder of <slide>.xml/.geojson lesion annotations."
+        ),
+    ] = None,
     slides_dir: Annotated[
-        Path, typer.Option("--slides", "-s", help="Folder with the slides (for size and µm/px).")
-    ],
+        Path | None,
+        typer.Option("--slides", "-s", help="Folder with the slides (for size and µm/px)."),
+    ] = None,
     out: Annotated[
         Path | None,
         typer.Option("--out", "-o", help="Where to write the report (default: RESULTS)."),
     ] = None,
     masks: Annotated[
         Path | None,
-        typer.Option("--masks", help="Folder of CAMELYON16 <slide>_Mask.tif (instead of the XML)."),
+        typer.Option(
+            "--masks", help="Folder of CAMELYON16 <slide>_Mask.tif (instead of annotations)."
+        ),
+    ] = None,
+    rules: Annotated[
+        str | None,
+        typer.Option(
+            "--rules",
+            help="official (default: the organisers' script, bit for bit) or corrected.",
+        ),
+    ] = None,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--exclude", help="Leave a slide out (any case); repeat. E.g. Test_049, Test_114."
+        ),
     ] = None,
     config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Slide-level ROC AUC and lesion-level FROC, as the CAMELYON16 evaluation script."""
+    from ..evaluate import needs_slides
+
     reporter = Reporter(as_json)
     try:
-        cfg = _load(config, {})
-        folders = [("--annotations", annotations), ("--slides", slides_dir)]
-        for name, path in folders + ([("--masks", masks)] if masks is not None else []):
-            if not path.is_dir():
+        cfg = _load(config, {"evaluation.rules": rules})
+        folders = [("--annotations", annotations), ("--slides", slides_dir), ("--masks", masks)]
+        for name, path in folders:
+            if path is not None and not path.is_dir():
                 raise ConfigError(name, [(str(path), "no such folder", None)])
+        if masks is None and annotations is None:
+            raise ConfigError(
+                "--annotations", [("", "give --annotations or --masks for the tumor", None)]
+            )
+        why = needs_slides(cfg.evaluation, masks)
+        if why and slides_dir is None:
+            raise ConfigError("--slides", [("", f"needed: {why}", None)])
         if not reference.is_file():
             raise ConfigError("--reference", [(str(reference), "no such file", None)])
     except ConfigError as exc:
         _fail_usage(reporter, exc, "evaluate")
     try:
         summary = run_evaluate(
-            reporter, results, reference, annotations, slides_dir, cfg, out=out, masks=masks
+            reporter,
+            results,
+            reference,
+            annotations,
+            slides_dir,
+            cfg,
+            out=out,
+            masks=masks,
+            exclude=tuple(exclude or ()),
         )
     except (WsiflowError, ValueError) as exc:
         _fail_data(reporter, exc, "evaluate")
@@ -235,18 +279,28 @@ def run_evaluate(
     reporter: Reporter,
     results: Path,
     reference: Path,
-    annotations: Path,
-    slides_dir: Path,
+    annotations: Path | None,
+    slides_dir: Path | None,
     cfg,
     *,
     out: Path | None = None,
     masks: Path | None = None,
+    exclude: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Evaluate and print the metrics; return the summary (raises on bad inputs)."""
+    from ..config import annotation_groups
     from ..evaluate import evaluate as run
 
     evaluation = run(
-        results, reference, annotations, slides_dir, cfg.evaluation, out_dir=out, masks_dir=masks
+        results,
+        reference,
+        annotations,
+        slides_dir,
+        cfg.evaluation,
+        out_dir=out,
+        masks_dir=masks,
+        exclude=exclude,
+        groups=annotation_groups(cfg.tiling),
     )
     report = evaluation.report
     table = Table(title=f"CAMELYON16 evaluation of {results}")
@@ -256,7 +310,7 @@ def run_evaluate(
         table.add_row(
             row["slide"],
             "yes" if row["tumor"] else "no",
-            f"{row['score']:.3f}",
+            "-" if row["score"] is None else f"{row['score']:.3f}",
             str(row["lesions"]),
             str(row["lesions_found"]),
             str(row["itcs"]),
@@ -275,8 +329,18 @@ def run_evaluate(
         )
         reporter.console.print(
             f"FROC {report['froc']:.4f} (sensitivity@FPs/slide: {points}; "
-            f"{report['lesions']} lesions, {report['isolated_tumor_cells']} ITCs)"
+            f"{report['lesions']} lesions, {report['isolated_tumor_cells']} ITCs; "
+            f"{report['rules']} rules)"
         )
+    if report["excluded"]:
+        reporter.console.print("left out: " + escape(", ".join(report["excluded"])))
+    if report["excluded_not_in_reference"]:
+        reporter.errors.print(
+            "[yellow]warning:[/yellow] not in the reference, so not left out: "
+            + escape(", ".join(report["excluded_not_in_reference"]))
+        )
+    for warning in report["warnings"]:
+        reporter.errors.print(f"[yellow]warning:[/yellow] {escape(warning)}")
     for metric, reason in report["undefined"].items():
         reporter.errors.print(f"[yellow]{metric} undefined:[/yellow] {escape(reason)}")
     if report["not_evaluated"]:

@@ -134,8 +134,8 @@ def flow_parameters(
         return {
             "results_dir": text(need("RESULTS", inputs)[0]),
             "reference": text(need("--reference", reference)),
-            "annotations_dir": text(need("--annotations", annotations)),
-            "slides_dir": text(need("--slides", slides_dir)),
+            "annotations_dir": text(annotations if masks else need("--annotations", annotations)),
+            "slides_dir": text(slides_dir),
             "out_dir": text(out),
             "masks_dir": text(masks),
             **common,

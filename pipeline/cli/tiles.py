@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..errors import (
@@ -197,6 +198,9 @@ def run_tile(
             f"{r.seconds:.1f}",
         )
     reporter.console.print(table)
+    for r in results:
+        for warning in r.warnings:
+            reporter.errors.print(f"[yellow]warning:[/yellow] {escape(warning)}")
     failures = [
         {"slide": r.slide_id, "path": r.path, "reason": r.reason}
         for r in results

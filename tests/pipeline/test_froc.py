@@ -7,6 +7,8 @@ import pytest
 
 from pipeline.annotations import Polygon
 from pipeline.froc import (
+    OFFICIAL_MPP,
+    SlideHits,
     compute_froc,
     evaluation_mask,
     itc_labels,
@@ -14,6 +16,7 @@ from pipeline.froc import (
     score_detections,
     tumor_mask,
 )
+from tests.conftest import run, write_official_mask
 
 MPP = 0.243
 DS = 32  # level 5
@@ -23,23 +26,6 @@ DS = 32  # level 5
 def _square(x0, y0, x1, y1, group="_0"):
     xy = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], dtype=np.float64)
     return Polygon(name="a", group=group, level0_xy=xy)
-
-
-def _official_froc(fp_lists, tp_lists, lesion_counts):
-    """``computeFROC`` of the official Evaluation_FROC.py, transcribed line by line."""
-    unlisted_fps = [item for sublist in fp_lists for item in sublist]
-    unlisted_tps = [item for sublist in tp_lists for item in sublist]
-    total_fps, total_tps = [], []
-    all_probs = sorted(set(unlisted_fps + unlisted_tps))
-    for thresh in all_probs[1:]:
-        total_fps.append((np.asarray(unlisted_fps) >= thresh).sum())
-        total_tps.append((np.asarray(unlisted_tps) >= thresh).sum())
-    total_fps.append(0)
-    total_tps.append(0)
-    total_fps = np.asarray(total_fps) / float(len(fp_lists))
-    total_sensitivity = np.asarray(total_tps) / float(sum(lesion_counts))
-    eval_tps = np.interp([0.25, 0.5, 1, 2, 4, 8], total_fps[::-1], total_sensitivity[::-1])
-    return total_fps, total_sensitivity, float(np.mean(eval_tps))
 
 
 def test_tumor_mask_takes_pixel_centres_and_carves_exclusions():
@@ -97,7 +83,13 @@ def test_hits_count_once_per_lesion_at_their_highest_confidence_and_itcs_count_n
         (48 * DS, 2 * DS),  # background
     ]
     hits = score_detections(np.array(confidences), np.array(level0_xy), labels, itcs, DS)
-    np.testing.assert_array_equal(hits.tp_confidences, [0.9, 0.0, 0.0])
+    # Official: true-positive confidences are float32, as the script keeps them.
+    assert hits.tp_confidences.dtype == np.float32
+    np.testing.assert_array_equal(hits.tp_confidences, np.float32([0.9, 0.0, 0.0]))
+    corrected = score_detections(
+        np.array(confidences), np.array(level0_xy), labels, itcs, DS, rules="corrected"
+    )
+    np.testing.assert_array_equal(corrected.tp_confidences, [0.9, 0.0, 0.0])
     np.testing.assert_array_equal(hits.fp_confidences, [0.8])
     assert hits.lesions == 2 and hits.itcs == 1
     np.testing.assert_array_equal(hits.hit, [1, 1, 3, 0])
@@ -125,11 +117,20 @@ def test_perfect_detections_score_one_and_no_detections_score_zero():
     assert froc.sensitivities == (1.0,) * 6
     nothing = score_detections(np.zeros(0), np.zeros((0, 2)), labels, itcs, DS)
     assert compute_froc([nothing, normal]).score == 0.0
-    # A single perfect detection of a single lesion (no 0 anywhere) also scores 1.
-    single = np.zeros((10, 10), dtype=np.int32)
+
+
+def test_a_submission_that_misses_nothing_loses_its_lowest_detection_officially():
+    """No missed lesion and no ITC: no 0 to drop, so the script drops a real detection."""
+    single = np.zeros((10, 20), dtype=np.int32)
     single[2:5, 2:5] = 1
-    one = score_detections(np.array([0.7]), np.array([[3 * DS, 3 * DS]]), single, frozenset(), DS)
-    assert compute_froc([one]).score == 1.0
+    single[2:5, 12:15] = 2
+    xy = np.array([[3 * DS, 3 * DS], [13 * DS, 3 * DS]])
+    official = compute_froc([score_detections(np.array([0.7, 0.9]), xy, single, frozenset(), DS)])
+    # Only 0.9 is a threshold: (0 FP, 1/2), then (0, 0): 1/2 at every rate.
+    np.testing.assert_array_equal(official.sensitivity, [0, 0.5])
+    assert official.score == 0.5
+    hits = score_detections(np.array([0.7, 0.9]), xy, single, frozenset(), DS, rules="corrected")
+    assert compute_froc([hits], rules="corrected").score == 1.0
 
 
 def test_froc_curve_and_score_worked_out_by_hand():
@@ -153,24 +154,70 @@ def test_froc_curve_and_score_worked_out_by_hand():
     assert froc.lesions == 2 and froc.slides == 2
 
 
-def test_froc_equals_the_official_script_whenever_a_zero_is_present():
+def test_both_rules_agree_when_no_quirk_is_hit():
+    """A 0 present, confidences exact in float32, mpp 0.243: official == corrected."""
     rng = np.random.default_rng(3)
     for _ in range(20):
-        fp_lists = [list(np.round(rng.random(rng.integers(0, 6)), 2)) for _ in range(4)]
-        tp_lists = [list(np.round(rng.random(3), 2) * (rng.random(3) > 0.4)) for _ in range(4)]
-        tp_lists[0][0] = 0.0  # a missed lesion, as on every real test set
-        counts = [3, 3, 3, 3]
-        from pipeline.froc import SlideHits
-
-        hits = [
-            SlideHits(np.array(fp), np.array(tp), n, 0, np.zeros(0))
-            for fp, tp, n in zip(fp_lists, tp_lists, counts, strict=True)
+        official = []
+        for _ in range(4):
+            fps = np.round(rng.random(rng.integers(0, 6)) * 64) / 64
+            tps = np.round(rng.random(3) * 64) / 64 * (rng.random(3) > 0.4)
+            official.append(SlideHits(fps, tps.astype(np.float32), 3, 0, np.zeros(0)))
+        official[0].tp_confidences[0] = 0.0  # a missed lesion, as on every real test set
+        corrected = [
+            SlideHits(h.fp_confidences, h.tp_confidences.astype(np.float64), 3, 0, h.hit)
+            for h in official
         ]
-        ours = compute_froc(hits)
-        fps, sens, score = _official_froc(fp_lists, tp_lists, counts)
-        np.testing.assert_allclose(ours.fps_per_slide, fps[::-1])
-        np.testing.assert_allclose(ours.sensitivity, sens[::-1])
-        assert ours.score == pytest.approx(score)
+        a = compute_froc(official, rules="official")
+        b = compute_froc(corrected, rules="corrected")
+        np.testing.assert_array_equal(a.fps_per_slide, b.fps_per_slide)
+        np.testing.assert_array_equal(a.sensitivity, b.sensitivity)
+        assert a.score == b.score
+
+
+def test_a_hit_and_a_miss_of_the_same_printed_confidence_are_two_official_thresholds():
+    """One lesion hit at 0.3, one missed, a false positive at 0.3.
+
+    Official: the hit is float32(0.3) = 0.30000001, the miss 0.3: two thresholds,
+    (1 FP, 1/2) at 0.3 and (0 FP, 1/2) at 0.30000001; sensitivity 1/2 at every
+    rate. Corrected: one threshold, (1 FP, 1/2), read as 1/8, 1/4, 1/2 x 4.
+    """
+    labels, _ = _labels_two_lesions_and_an_itc()
+    xy = np.array([[10 * DS, 10 * DS], [48 * DS, 48 * DS]])
+    official = compute_froc(
+        [score_detections(np.array([0.3, 0.3]), xy, labels, frozenset({3}), DS)]
+    )
+    np.testing.assert_array_equal(official.fps_per_slide, [0, 0, 1])
+    np.testing.assert_array_equal(official.sensitivity, [0, 0.5, 0.5])
+    assert official.score == 0.5
+    hits = score_detections(np.array([0.3, 0.3]), xy, labels, frozenset({3}), DS, rules="corrected")
+    corrected = compute_froc([hits], rules="corrected")
+    np.testing.assert_array_equal(corrected.fps_per_slide, [0, 1])
+    assert corrected.sensitivities == (0.125, 0.25, 0.5, 0.5, 0.5, 0.5)
+    assert corrected.score == pytest.approx(2.375 / 6)
+
+
+def test_official_rules_grow_tumor_with_0243_um_per_px_whatever_the_slide():
+    """A 0.226 µm/px slide, two tumor squares 10 px apart at level 5.
+
+    The gap's middle pixels are 5 px from tumor: below 75 / (0.226 x 64) = 5.19
+    (one lesion, corrected) but not below 75 / (0.243 x 64) = 4.82 (two, as
+    the script counts them).
+    """
+    tumor = np.zeros((30, 40), dtype=bool)
+    tumor[10:20, 5:15] = True
+    tumor[10:20, 25:35] = True
+    assert evaluation_mask(tumor, OFFICIAL_MPP, DS).max() == 2
+    assert evaluation_mask(tumor, 0.226, DS, rules="corrected").max() == 1
+
+
+def test_an_empty_tumor_mask_is_one_corner_itc_officially_and_nothing_corrected():
+    """SciPy's distance transform of a mask without tumor measures to a virtual edge."""
+    empty = np.zeros((30, 40), dtype=bool)
+    labels = evaluation_mask(empty, OFFICIAL_MPP, DS)
+    assert labels.max() == 1 and labels[0, 0] == 1 and labels[29, 39] == 0
+    assert itc_labels(labels, OFFICIAL_MPP, DS) == {1}
+    assert evaluation_mask(empty, OFFICIAL_MPP, DS, rules="corrected").max() == 0
 
 
 def test_froc_needs_lesions():
@@ -188,3 +235,56 @@ def test_slide_auc_by_hand_with_ties_counted_half():
     np.testing.assert_allclose(curve.tpr, [0, 0.5, 0.5, 1, 1])
     with pytest.raises(ValueError, match="Expected tumor and normal slides"):
         roc([1, 1], [0.2, 0.3])
+
+
+def _evaluation_inputs(tmp_path, mpp):
+    """A 0.226 µm/px tumor slide whose two lesions merge only at its own mpp, and a normal one."""
+    tumor = np.zeros((50, 40), dtype=bool)
+    tumor[5:40, 5:15] = True  # 35 px tall: lesions, not ITCs, at either mpp
+    tumor[5:40, 25:35] = True
+    for folder in ("masks", "slides", "results"):
+        (tmp_path / folder).mkdir()
+    write_official_mask(tmp_path / "masks" / "Test_001_Mask.tif", tumor)
+    write_official_mask(tmp_path / "slides" / "test_001.tif", tumor, mpp=mpp)
+    write_official_mask(tmp_path / "slides" / "test_002.tif", tumor & False, mpp=mpp)
+    (tmp_path / "results" / "test_001.csv").write_text(f"0.9,{10 * DS},{15 * DS}\n")
+    (tmp_path / "results" / "test_002.csv").write_text(f"0.4,{10 * DS},{15 * DS}\n")
+    (tmp_path / "reference.csv").write_text("Test_001,Tumor,Macro\nTest_002,Normal\n")
+
+
+def test_evaluate_takes_0243_officially_and_the_slides_mpp_corrected(tmp_path):
+    from pipeline.config import EvaluationConfig
+    from pipeline.evaluate import evaluate
+
+    _evaluation_inputs(tmp_path, 0.226)
+    common = (tmp_path / "results", tmp_path / "reference.csv", None)
+    official = evaluate(
+        *common, None, EvaluationConfig(), masks_dir=tmp_path / "masks", out_dir=tmp_path / "o"
+    ).report
+    assert official["rules"] == "official" and official["mpp"] == OFFICIAL_MPP
+    assert official["lesions"] == 2 and official["per_slide"][0]["lesions_found"] == 1
+    corrected = evaluate(
+        *common,
+        tmp_path / "slides",
+        EvaluationConfig(rules="corrected"),
+        masks_dir=tmp_path / "masks",
+        out_dir=tmp_path / "c",
+    ).report
+    assert corrected["lesions"] == 1 and corrected["per_slide"][0]["mpp"] == 0.226
+    assert corrected["froc"] == 1.0  # the one lesion found, no false positive below 0.9
+    assert official["froc"] == 0.5  # one of two lesions found
+    with pytest.raises(ValueError, match="corrected rules use each tumor slide's µm/px"):
+        evaluate(*common, None, EvaluationConfig(rules="corrected"), masks_dir=tmp_path / "masks")
+
+
+def test_evaluate_options_are_checked_before_anything_is_read(tmp_path):
+    _evaluation_inputs(tmp_path, 0.226)
+    base = ("evaluate", str(tmp_path / "results"), "--reference", str(tmp_path / "reference.csv"))
+    bad_rules = run(*base, "--masks", str(tmp_path / "masks"), "--rules", "lenient")
+    assert bad_rules.returncode == 2 and "rules" in bad_rules.stderr
+    assert "Traceback" not in bad_rules.stderr
+    no_slides = run(*base, "--masks", str(tmp_path / "masks"), "--rules", "corrected")
+    assert no_slides.returncode == 2 and "--slides" in no_slides.stderr
+    no_tumor = run(*base)
+    assert no_tumor.returncode == 2 and "--annotations or --masks" in no_tumor.stderr
+    assert not (tmp_path / "results" / "evaluation.json").exists()

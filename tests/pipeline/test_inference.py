@@ -23,7 +23,7 @@ from pipeline.masks import rasterize_tumor  # noqa: E402
 from pipeline.results import read_detections, read_heatmap, read_scores  # noqa: E402
 from pipeline.slide import open_slide  # noqa: E402
 from pipeline.synth.pyramid import write_pyramid_tiff  # noqa: E402
-from tests.conftest import last_json, run  # noqa: E402
+from tests.conftest import last_json, run, write_official_mask  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -321,20 +321,6 @@ def test_killed_run_resumes_and_never_lists_an_unfinished_slide(trained_model, s
     assert not list(out.rglob("*.partial"))
 
 
-def _write_official_mask(path, tumor_level5):
-    """A CAMELYON16-style ``*_Mask.tif``: 255 on tumor, 6 pyramid levels (deflate tiles)."""
-    import tifffile
-
-    with tifffile.TiffWriter(path) as tif:
-        for level in range(6):
-            factor = 2 ** (5 - level)
-            plane = np.repeat(np.repeat(tumor_level5, factor, 0), factor, 1).astype(np.uint8) * 255
-            tif.write(
-                np.stack([plane] * 3, axis=-1), tile=(16, 16), photometric="rgb",
-                compression="zlib", subfiletype=0 if level == 0 else 1, metadata=None,
-            )  # fmt: skip
-
-
 def test_evaluate_with_the_challenges_mask_files_equals_the_xml(
     inferred, reference, cohort_annotations, small_cohort, tmp_path
 ):
@@ -347,7 +333,7 @@ def test_evaluate_with_the_challenges_mask_files_equals_the_xml(
     for record in small_cohort.slides:
         if record.label == "Tumor":
             polygons = read_asap_xml(small_cohort.root / record.annotation)
-            _write_official_mask(
+            write_official_mask(
                 masks / f"{record.slide_id}_Mask.tif", tumor_mask(polygons, (3072, 2560), 32)
             )
     config = tmp_path / "eval.yaml"

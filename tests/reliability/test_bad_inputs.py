@@ -88,3 +88,35 @@ def test_duplicate_yaml_keys_and_size_errors_are_one_clear_line(tmp_path):
     size = run("synth", str(tmp_path / "s"), "--size", "12")
     assert size.returncode == 2
     assert size.stderr.count("--size") == 1, size.stderr
+
+
+def test_a_degenerate_lesion_or_unknown_group_never_sinks_a_tumor_slide(small_cohort, tmp_path):
+    """A real CAMELYON16 annotation has a 2-vertex lesion; exports rename groups."""
+    import xml.etree.ElementTree as ET
+
+    record = next(r for r in small_cohort.slides if r.label == "Tumor")
+    slide = small_cohort.root / record.image
+    annotations = tmp_path / "annotations"
+    annotations.mkdir()
+    xml = annotations / f"{slide.stem}.xml"
+    tree = ET.parse(small_cohort.root / record.annotation)
+    parent = tree.getroot().find("Annotations")
+    for name, group, points in (("Two", "_0", 2), ("Other", "stroma", 4)):
+        element = ET.SubElement(parent, "Annotation", Name=name, Type="Polygon", PartOfGroup=group)
+        coordinates = ET.SubElement(element, "Coordinates")
+        for order in range(points):
+            ET.SubElement(
+                coordinates, "Coordinate", Order=str(order), X=str(100 + 9 * order),
+                Y=str(100 + 7 * order * order),
+            )  # fmt: skip
+    tree.write(xml)
+    result = run(
+        "tile", str(slide), "--out", str(tmp_path / "s.zarr"), "--annotations", str(annotations),
+        "--level", "0", "--patch-size", "128", "-w", "1", "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (row,) = last_json(result)["per_slide"]
+    assert row["status"] == "done" and row["tumor_patches"] > 0
+    assert f"warning: {xml}: annotation 'Two' left out: 2 distinct vertices" in result.stderr
+    assert "group(s) 'stroma' (1) left out" in result.stderr
+    assert len(row["warnings"]) == 2
