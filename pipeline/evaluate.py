@@ -35,6 +35,7 @@ from .froc import (
     score_detections,
     tumor_mask,
 )
+from .grid import slide_id_of
 from .outputs import claim_folder
 from .plan import ANNOTATION_SUFFIXES
 from .plots import plot_froc, plot_roc
@@ -131,7 +132,7 @@ def evaluate(
     )
     if not detections and not scores:
         raise ResultsError(results_dir, "no slide left to evaluate after the exclusions")
-    slide_paths = _by_key(find_slides([slides_dir]), lambda p: p.stem) if slides_dir else {}
+    slide_paths = _by_key(find_slides([slides_dir]), slide_id_of) if slides_dir else {}
     masks = _by_key(Path(masks_dir).glob("*"), lambda p: p.name, MASK_SUFFIX) if masks_dir else {}
     downsample = 2**config.mask_level
     warnings: list[str] = []

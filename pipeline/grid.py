@@ -13,6 +13,8 @@ from .slide import SlideInfo
 
 #: Levels within 1% of the target resolution are read as they are, without resampling.
 MPP_TOLERANCE = 0.01
+#: µm/px x objective power: a slide without mpp is assumed at 10 / power (20x: 0.5 µm/px).
+OBJECTIVE_MPP_UM = 10.0
 #: PatchCamelyon's rule looks at the central 32 x 32 px of a 96 px patch: the middle third.
 CENTER_FRACTION = 1 / 3
 
@@ -31,6 +33,8 @@ class Resolution:
     patch_px: int
     read_px: int
     read_stride_px: int
+    #: Set when the slide records no mpp and it was assumed from the objective power.
+    note: str | None = None
 
     @property
     def resampled(self) -> bool:
@@ -76,11 +80,20 @@ def choose_resolution(
         return _fitting(
             info, Resolution(level, downsample, level_mpp, level_mpp, patch_px, patch_px, stride_px)
         )
+    note = None
+    if mpp0 is None and info.objective_power:
+        mpp0 = OBJECTIVE_MPP_UM / info.objective_power
+        note = (
+            f"the slide records no pixel size (mpp): assumed {mpp0:g} µm/px from its "
+            f"{info.objective_power:g}x objective (20x ~ 0.5, 40x ~ 0.25 µm/px; scanners "
+            "differ by up to ~10%); use --level to read a pyramid level instead"
+        )
     if mpp0 is None:
         raise MissingMppError(
             info.path,
-            "the slide records no pixel size (mpp), so --mpp cannot be honoured; "
-            "use --level instead",
+            "the slide records neither a pixel size (mpp) nor an objective power, so --mpp "
+            "cannot be honoured; use --level to read a pyramid level at the scan's own "
+            "resolution",
         )
     assert target_mpp is not None  # narrowed above
     candidates = [
@@ -105,7 +118,8 @@ def choose_resolution(
         ratio = target_mpp / level_mpp
         read_px, read_stride = round(patch_px * ratio), max(1, round(stride_px * ratio))
     return _fitting(
-        info, Resolution(level, downsample, level_mpp, target_mpp, patch_px, read_px, read_stride)
+        info,
+        Resolution(level, downsample, level_mpp, target_mpp, patch_px, read_px, read_stride, note),
     )
 
 
@@ -212,5 +226,9 @@ def select_patches(
 
 
 def slide_id_of(path: Path) -> str:
-    """The slide identifier used for store groups and outputs: the file name without suffix."""
-    return path.stem
+    """The slide identifier used for store groups and outputs: the file name without suffix.
+
+    A folder is a DICOM series (one slide in several files): its whole name.
+    """
+    path = Path(path)
+    return path.name if path.is_dir() else path.stem

@@ -123,6 +123,7 @@ def plan_inference(slide_path: str, spec: ModelSpec, stride_px: int | None) -> I
         "vendor": info.vendor,
         "level0_wh": list(info.level0_wh),
         "mpp": None if info.mpp_xy is None else list(info.mpp_xy),
+        "mpp_assumed": resolution.note,
         "level": resolution.level,
         "downsample": resolution.downsample,
         "patch_px": resolution.patch_px,

@@ -17,7 +17,7 @@ from .annotations import check_within, read_annotations
 from .codecs import PatchImageCodec
 from .config import TilingConfig, annotation_groups
 from .errors import AnnotationError, NoTissueError
-from .grid import PatchTable, Resolution, choose_resolution, select_patches
+from .grid import PatchTable, Resolution, choose_resolution, select_patches, slide_id_of
 from .masks import PlacedMask, rasterize_tumor
 from .slide import SlideReader, open_slide
 from .store import file_identity, fingerprint
@@ -59,12 +59,13 @@ def find_annotation(slide_path: Path, annotations_dir: Path | None) -> Path | No
     """
     if annotations_dir is None:
         return None
-    candidates = (annotations_dir / f"{slide_path.stem}{suffix}" for suffix in ANNOTATION_SUFFIXES)
+    slide_id = slide_id_of(slide_path)
+    candidates = (annotations_dir / f"{slide_id}{suffix}" for suffix in ANNOTATION_SUFFIXES)
     found = [path for path in candidates if path.is_file()]
     if len(found) > 1:
         raise AnnotationError(
             annotations_dir,
-            f"{len(found)} annotation files for slide {slide_path.stem!r} "
+            f"{len(found)} annotation files for slide {slide_id!r} "
             f"({', '.join(p.name for p in found)}); keep one",
         )
     return found[0] if found else None
@@ -99,6 +100,8 @@ def plan_slide(job: SlideJob, config: TilingConfig) -> SlidePlan:
         tissue, _ = tissue_mask(reader, config.tissue_mpp)
         passthrough = _can_pass_through(reader, resolution, stride_px, config)
     polygons, warnings = [], []
+    if resolution.note:
+        warnings.append(f"{job.path}: {resolution.note}")
     if job.annotation is not None:
         polygons = read_annotations(job.annotation, annotation_groups(config), warnings)
         check_within(job.annotation, polygons, info.level0_wh)

@@ -79,24 +79,32 @@ class SlideReader:
 
     def __init__(self, path: Path | str, *, direct: bool = True):
         self.path = Path(path)
-        if not self.path.is_file():
+        file = self.path
+        if self.path.is_dir():  # a DICOM series: OpenSlide finds its other files from one
+            series = dicom_files(self.path)
+            if not series:
+                raise SlideNotFoundError(self.path, "is a folder, not a slide file")
+            file = series[0]
+        if not file.is_file():
             raise SlideNotFoundError(self.path, _why_missing(self.path))
-        if self.path.stat().st_size == 0:
-            raise SlideReadError(self.path, "empty file (0 bytes): a copy or download cut short?")
+        if file.stat().st_size == 0:
+            raise SlideReadError(file, "empty file (0 bytes): a copy or download cut short?")
         try:
-            with open(self.path, "rb") as handle:
+            with open(file, "rb") as handle:
                 handle.read(1)
         except OSError as exc:  # permission denied, an I/O error on the disk
-            raise SlideReadError(self.path, f"cannot read the file: {exc.strerror}") from exc
+            raise SlideReadError(file, f"cannot read the file: {exc.strerror}") from exc
         try:
-            self._osr = openslide.OpenSlide(str(self.path))
+            self._osr = openslide.OpenSlide(str(file))
         except openslide.OpenSlideUnsupportedFormatError as exc:
-            reason = _truncated(self.path) or (
-                "not a slide format OpenSlide can read (unsupported or not a slide)"
+            reason = (
+                _truncated(file)
+                or _plain_tiff(file)
+                or ("not a slide format OpenSlide can read (unsupported or not a slide)")
             )
             raise SlideReadError(self.path, reason) from exc
         except openslide.OpenSlideError as exc:
-            reason = _truncated(self.path) or f"OpenSlide cannot open it: {exc}"
+            reason = _truncated(file) or f"OpenSlide cannot open it: {exc}"
             raise SlideReadError(self.path, reason) from exc
         self.info = _slide_info(self.path, self._osr)
         self._direct: DirectTiff | None = None
@@ -255,6 +263,39 @@ def _why_missing(path: Path) -> str:
     return f"a broken link: its target {os.readlink(path)} does not exist"
 
 
+def dicom_files(folder: Path) -> list[Path]:
+    """The ``.dcm`` files directly in ``folder`` (a DICOM WSI series), sorted."""
+    try:
+        return sorted(
+            p
+            for p in Path(folder).iterdir()
+            if p.suffix.lower() == ".dcm" and not p.name.startswith(".")
+        )
+    except OSError:
+        return []
+
+
+def _plain_tiff(path: Path) -> str | None:
+    """A reason when ``path`` is a TIFF OpenSlide does not take because it is not tiled."""
+    tiff_log = logging.getLogger("tifffile")
+    level = tiff_log.level
+    tiff_log.setLevel(logging.CRITICAL)
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages.first
+            if page.is_tiled:
+                return None
+            return (
+                f"a TIFF that is not tiled (one plain {page.imagewidth} x {page.imagelength} "
+                "image, no pyramid), which OpenSlide does not read; convert it to a tiled "
+                "pyramid, e.g. `vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg`"
+            )
+    except Exception:  # not a TIFF tifffile can read
+        return None
+    finally:
+        tiff_log.setLevel(level)
+
+
 def _truncated(path: Path) -> str | None:
     """A reason when ``path`` is a TIFF whose structure points past its end (cut short)."""
     size = path.stat().st_size
@@ -376,6 +417,8 @@ def find_slides(paths: list[Path] | tuple[Path, ...]) -> list[Path]:
         path = Path(path)
         if path.is_dir():
             found.extend(_slides_in(path))
+        elif path.suffix.lower() == ".dcm" and path.is_file():
+            found.append(path.parent)  # one file of a DICOM series: the series' folder
         else:
             found.append(path)
     return sorted(dict.fromkeys(found))
@@ -394,11 +437,17 @@ def _slides_in(folder: Path) -> list[Path]:
         folders[:] = sorted(name for name in folders if not name.startswith("."))
         # Broken links and link loops are listed too: opening them says which they are,
         # rather than the slide silently missing from the cohort.
-        found.extend(
+        listed = [
             Path(top, name)
             for name in files
             if not name.startswith(".")
             and Path(name).suffix.lower() in SLIDE_SUFFIXES
             and (Path(top, name).is_file() or Path(top, name).is_symlink())
-        )
+        ]
+        # DICOM WSI stores a slide as a series of files (one per level, label, overview)
+        # in one folder: the folder is the slide.
+        dicom = [p for p in listed if p.suffix.lower() == ".dcm"]
+        found.extend(p for p in listed if p.suffix.lower() != ".dcm")
+        if dicom:
+            found.append(Path(top))
     return found

@@ -45,7 +45,21 @@ LOSSLESS = {
 
 
 def file_identity(path: Path) -> dict[str, Any]:
-    """Path, size and modification time: what decides whether a file changed."""
+    """Path, size and modification time: what decides whether a file changed.
+
+    A folder (a DICOM series, one slide) is the sum of its files' sizes and
+    the latest of their times, over the files in it (not below).
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file())
+        stats = [p.stat() for p in files]
+        return {
+            "path": str(path.resolve()),
+            "files": len(files),
+            "size": sum(st.st_size for st in stats),
+            "mtime_ns": max((st.st_mtime_ns for st in stats), default=0),
+        }
     stat = path.stat()
     return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 

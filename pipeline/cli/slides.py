@@ -188,11 +188,23 @@ def inspect_slides(reporter: Reporter, slides: list[Path]) -> tuple[list[dict], 
                 row["vendor"],
                 f"{row['width']} x {row['height']}",
                 str(row["levels"]),
-                "-" if row["mpp"] is None else f"{row['mpp']:.3f}",
+                _mpp_cell(row),
                 ", ".join(row["associated_images"]) or "-",
             )
         reporter.console.print(table)
     return rows, failures
+
+
+def _mpp_cell(row: dict) -> str:
+    """The µm/px, or what tiling will assume from the objective power (marked), or -."""
+    if row["mpp"] is not None:
+        return f"{row['mpp']:.3f}"
+    if row["objective_power"]:
+        from ..grid import OBJECTIVE_MPP_UM
+
+        power = row["objective_power"]
+        return f"none (~{OBJECTIVE_MPP_UM / power:g} from {power:g}x)"
+    return "none"
 
 
 @app.command("config")

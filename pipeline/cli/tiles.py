@@ -140,7 +140,7 @@ def run_tile(
 ) -> dict:
     """Tile ``paths`` into ``out`` with a progress bar and a per-slide table; return the summary."""
     from ..cluster import dask_client, silence_logging
-    from ..store import open_root, store_bytes
+    from ..store import file_identity, open_root, store_bytes
     from ..tiling import tile_slides
 
     started = time.perf_counter()
@@ -210,7 +210,7 @@ def run_tile(
     stored = [r for r in results if r.status != "failed"]
     size = store_bytes(out)
     raw = sum(r.patches for r in stored) * cfg.tiling.patch_px**2 * 3
-    slide_bytes = sum(Path(r.path).stat().st_size for r in stored if Path(r.path).exists())
+    slide_bytes = sum(file_identity(Path(r.path))["size"] for r in stored if Path(r.path).exists())
     line = f"{written:,} patches written in {seconds:.1f} s"
     if raw and slide_bytes:  # no ratios of an empty store
         line += (

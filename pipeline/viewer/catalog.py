@@ -28,6 +28,7 @@ from ..errors import WsiflowError
 from ..grid import slide_id_of
 from ..results import MANIFEST, read_heatmap, read_manifest, slide_files
 from ..slide import SlideReader, find_slides, open_slide
+from ..store import file_identity
 
 #: Open slides kept at once (each holds an OpenSlide handle and its tile cache).
 OPEN_SLIDES = 16
@@ -92,7 +93,7 @@ class Catalog:
         found: dict[str, SlideEntry] = {}
         for path in find_slides([self.slide_dir]):
             real = path.resolve()
-            if not real.is_relative_to(self.slide_dir) or not real.is_file():
+            if not real.is_relative_to(self.slide_dir) or not (real.is_file() or real.is_dir()):
                 continue  # a symlink pointing out of the folder: never served
             slide_id = slide_id_of(path)
             relative = str(path.relative_to(self.slide_dir))
@@ -251,8 +252,9 @@ class Catalog:
 
 
 def _stamp(path: Path) -> tuple[int, int]:
+    """Size and time of a slide file, or of a DICOM series' files (a folder)."""
     try:
-        stat = path.stat()
+        identity = file_identity(path)
     except OSError:
         return (-1, -1)
-    return (stat.st_size, stat.st_mtime_ns)
+    return (identity["size"], identity["mtime_ns"])
