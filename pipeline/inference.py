@@ -55,9 +55,13 @@ class SlideInference:
     detections: int = 0
     reason: str = ""
     seconds: float = 0.0
+    #: Assumptions made about the slide (an mpp from its objective power), one line each.
+    warnings: tuple[str, ...] = ()
 
     def summary_row(self) -> dict[str, Any]:
-        return asdict(self)
+        row = asdict(self)
+        row["warnings"] = list(self.warnings)
+        return row
 
 
 def slide_fingerprint(path: Path, spec: ModelSpec, config: InferenceConfig) -> str:
@@ -393,6 +397,7 @@ def _write_slide(
         score=score,
         detections=len(detections),
         seconds=round(time.perf_counter() - stitching.started, 2),
+        warnings=(f"{plan.path}: {note}",) if (note := plan.attrs.get("mpp_assumed")) else (),
     )
 
 

@@ -157,6 +157,9 @@ def run_infer(
             f"{r.seconds:.1f}",
         )
     reporter.console.print(table)
+    for r in results:
+        for warning in r.warnings:
+            reporter.errors.print(f"[yellow]warning:[/yellow] {escape(warning)}")
     predicted_patches = sum(r.patches for r in results if r.status == "done")
     reporter.console.print(
         f"{predicted_patches:,} patches predicted in {seconds:.1f} s; "

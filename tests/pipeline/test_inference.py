@@ -355,3 +355,22 @@ def test_evaluate_with_the_challenges_mask_files_equals_the_xml(
     missing = run(*args, "--masks", str(masks))
     assert missing.returncode == 1
     assert f"{first}: no such mask file" in missing.stderr
+
+
+def test_a_slide_with_only_an_objective_power_is_inferred_with_a_warning(trained_model, tmp_path):
+    """No mpp but a 20x objective: 0.5 µm/px is assumed, and the run says so."""
+    import tifffile
+
+    image = np.full((768, 768, 3), 230, np.uint8)
+    image[96:672, 96:672] = (150, 80, 160)
+    slide = tmp_path / "objective.svs"
+    with tifffile.TiffWriter(slide) as tif:
+        tif.write(
+            image, tile=(256, 256), photometric="rgb", compression="jpeg", metadata=None,
+            description="Aperio Image Library v10.0.51\n768x768 (256x256) JPEG/RGB|AppMag = 20",
+        )  # fmt: skip
+    result = run("infer", str(trained_model), str(slide), "--out", str(tmp_path / "o"), "--json")
+    assert result.returncode == 0, result.stderr
+    assert f"warning: {slide}: the slide records no pixel size (mpp): assumed 0.5" in result.stderr
+    (row,) = last_json(result)["per_slide"]
+    assert row["status"] == "done" and "20x objective" in row["warnings"][0]

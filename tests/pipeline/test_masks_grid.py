@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -74,8 +75,16 @@ def test_resolution_by_mpp_resamples_when_no_level_matches():
 def test_resolution_by_level_and_errors():
     r = choose_resolution(_info(None), patch_px=64, stride_px=64, level=2)
     assert (r.level, r.read_px, r.downsample, r.level_mpp) == (2, 64, 4.0, None)
-    with pytest.raises(MissingMppError, match="slide.tif: the slide records no pixel size"):
+    with pytest.raises(
+        MissingMppError, match="slide.tif: the slide records neither a pixel size .* use --level"
+    ):
         choose_resolution(_info(None), patch_px=64, stride_px=64, target_mpp=0.5)
+    # An objective power only: 10 / power µm/px, assumed and said (40x: 0.25 µm/px).
+    forty = dataclasses.replace(_info(None), objective_power=40.0)
+    r = choose_resolution(forty, patch_px=64, stride_px=64, target_mpp=0.5)
+    assert (r.level, r.read_px, r.level_mpp) == (1, 64, 0.5)
+    assert r.note.startswith("the slide records no pixel size (mpp): assumed 0.25 µm/px")
+    assert choose_resolution(_info(0.25), patch_px=64, stride_px=64, target_mpp=0.5).note is None
     with pytest.raises(SlideError, match="Expected a level in 0..2. Got level 5"):
         choose_resolution(_info(0.25), patch_px=64, stride_px=64, level=5)
 
