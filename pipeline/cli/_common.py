@@ -67,6 +67,10 @@ class Reporter:
         # Errors and warnings always go to stderr, one line each.
         self.errors = Console(stderr=True, highlight=False, soft_wrap=True)
 
+    def warn(self, text: str) -> None:
+        """One warning line on stderr (``text`` is plain: markup in it is escaped)."""
+        self.errors.print(f"[yellow]warning:[/yellow] {escape(text)}")
+
     def finish(self, summary: dict[str, Any], exit_code: int = 0) -> None:
         if self.as_json:
             sys.stdout.write(json.dumps(summary, default=str) + "\n")
@@ -241,9 +245,9 @@ def output_lock(reporter: Reporter, folder: Path | str, kind: str | None = None)
     command = " ".join(["wsiflow", *sys.argv[1:]])[:300]
     with OutputLock(Path(str(folder)), command) as lock:
         if lock.took_over is not None:
-            reporter.errors.print(
-                f"[yellow]warning:[/yellow] {escape(str(folder))}: took over the lock left by "
-                f"{escape(lock.took_over.describe())}, which is no longer running"
+            reporter.warn(
+                f"{folder}: took over the lock left by {lock.took_over.describe()}, "
+                "which is no longer running"
             )
         yield
 
@@ -256,7 +260,7 @@ def _check_workers(reporter: Reporter, workers: int | None, option: str = "--wor
 
     warning = check_local_workers(workers, option)
     if warning is not None:
-        reporter.errors.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+        reporter.warn(warning)
 
 
 def _fail_usage(reporter: Reporter, error: Exception, command: str) -> None:

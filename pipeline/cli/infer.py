@@ -159,7 +159,7 @@ def run_infer(
     reporter.console.print(table)
     for r in results:
         for warning in r.warnings:
-            reporter.errors.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+            reporter.warn(warning)
     predicted_patches = sum(r.patches for r in results if r.status == "done")
     reporter.console.print(
         f"{predicted_patches:,} patches predicted in {seconds:.1f} s; "
@@ -338,12 +338,12 @@ def run_evaluate(
     if report["excluded"]:
         reporter.console.print("left out: " + escape(", ".join(report["excluded"])))
     if report["excluded_not_in_reference"]:
-        reporter.errors.print(
-            "[yellow]warning:[/yellow] not in the reference, so not left out: "
-            + escape(", ".join(report["excluded_not_in_reference"]))
+        reporter.warn(
+            "not in the reference, so not left out: "
+            + ", ".join(report["excluded_not_in_reference"])
         )
     for warning in report["warnings"]:
-        reporter.errors.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+        reporter.warn(warning)
     for metric, reason in report["undefined"].items():
         reporter.errors.print(f"[yellow]{metric} undefined:[/yellow] {escape(reason)}")
     if report["not_evaluated"]:

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from ..errors import (
@@ -200,7 +199,7 @@ def run_tile(
     reporter.console.print(table)
     for r in results:
         for warning in r.warnings:
-            reporter.errors.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+            reporter.warn(warning)
     failures = [
         {"slide": r.slide_id, "path": r.path, "reason": r.reason}
         for r in results
