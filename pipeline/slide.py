@@ -8,9 +8,11 @@ paths between processes, never readers.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -277,11 +279,8 @@ def dicom_files(folder: Path) -> list[Path]:
 
 def _plain_tiff(path: Path) -> str | None:
     """A reason when ``path`` is a TIFF OpenSlide does not take because it is not tiled."""
-    tiff_log = logging.getLogger("tifffile")
-    level = tiff_log.level
-    tiff_log.setLevel(logging.CRITICAL)
     try:
-        with tifffile.TiffFile(path) as tif:
+        with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
             page = tif.pages.first
             if page.is_tiled:
                 return None
@@ -292,6 +291,16 @@ def _plain_tiff(path: Path) -> str | None:
             )
     except Exception:  # not a TIFF tifffile can read
         return None
+
+
+@contextlib.contextmanager
+def _quiet_tifffile() -> Iterator[None]:
+    """tifffile logs what it skips in a damaged file; the reason we give says it instead."""
+    tiff_log = logging.getLogger("tifffile")
+    level = tiff_log.level
+    tiff_log.setLevel(logging.CRITICAL)
+    try:
+        yield
     finally:
         tiff_log.setLevel(level)
 
@@ -315,11 +324,8 @@ def _truncated(path: Path) -> str | None:
     end = _directories_end(path, size, byteorder, version == 43, first)
     if end > size:
         return f"{cut} (its directories reach byte {end:,}); a copy or download cut short?"
-    tiff_log = logging.getLogger("tifffile")
-    level = tiff_log.level
-    tiff_log.setLevel(logging.CRITICAL)  # it logs what it skips; the reason below says it
     try:
-        with tifffile.TiffFile(path) as tif:
+        with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
             end = max(
                 (
                     int(offset) + int(count)
@@ -330,8 +336,6 @@ def _truncated(path: Path) -> str | None:
             )
     except Exception:  # tifffile cannot walk its directories: not a TIFF we can judge
         return None
-    finally:
-        tiff_log.setLevel(level)
     if end > size:
         return f"{cut} (its data runs to byte {end:,}); a copy or download cut short?"
     return None
