@@ -24,7 +24,7 @@ import numpy as np
 
 from .annotations import DEFAULT_GROUPS, Groups, read_annotations
 from .config import EvaluationConfig
-from .errors import AnnotationError, MissingMppError, ResultsError
+from .errors import MissingMppError, ResultsError
 from .froc import (
     OFFICIAL_MPP,
     SlideHits,
@@ -37,7 +37,7 @@ from .froc import (
 )
 from .grid import slide_id_of
 from .outputs import claim_folder
-from .plan import ANNOTATION_SUFFIXES
+from .plan import annotation_of
 from .plots import plot_froc, plot_roc
 from .results import (
     MANIFEST,
@@ -333,25 +333,13 @@ def _tumor(
 
 def _annotation(slide_id: str, annotations_dir: Path) -> Path:
     """``<slide>.xml`` (or ``.geojson``/``.json``) in ``annotations_dir``, in any case."""
-    found = [
-        path
-        for path in sorted(annotations_dir.iterdir())
-        if path.suffix.lower() in ANNOTATION_SUFFIXES
-        and path.stem.casefold() == slide_id.casefold()
-        and path.is_file()
-    ]
-    if len(found) > 1:
-        raise AnnotationError(
-            annotations_dir,
-            f"{len(found)} annotation files for slide {slide_id!r} "
-            f"({', '.join(p.name for p in found)}); keep one",
-        )
-    if not found:
+    found = annotation_of(slide_id, annotations_dir, any_case=True)
+    if found is None:
         raise ResultsError(
             annotations_dir,
             f"no annotation <{slide_id}>.xml/.geojson for tumor slide {slide_id!r}",
         )
-    return found[0]
+    return found
 
 
 def _existing(path: Path) -> Path:

@@ -59,9 +59,26 @@ def find_annotation(slide_path: Path, annotations_dir: Path | None) -> Path | No
     """
     if annotations_dir is None:
         return None
-    slide_id = slide_id_of(slide_path)
-    candidates = (annotations_dir / f"{slide_id}{suffix}" for suffix in ANNOTATION_SUFFIXES)
-    found = [path for path in candidates if path.is_file()]
+    return annotation_of(slide_id_of(slide_path), annotations_dir)
+
+
+def annotation_of(slide_id: str, annotations_dir: Path, *, any_case: bool = False) -> Path | None:
+    """The annotation file of ``slide_id`` in ``annotations_dir``, or None.
+
+    With ``any_case``, name and suffix match in any case (the CAMELYON16 test
+    set mixes them). Two files are an :class:`AnnotationError`.
+    """
+    if any_case:
+        found = [
+            path
+            for path in sorted(annotations_dir.iterdir())
+            if path.suffix.lower() in ANNOTATION_SUFFIXES
+            and path.stem.casefold() == slide_id.casefold()
+            and path.is_file()
+        ]
+    else:
+        candidates = (annotations_dir / f"{slide_id}{suffix}" for suffix in ANNOTATION_SUFFIXES)
+        found = [path for path in candidates if path.is_file()]
     if len(found) > 1:
         raise AnnotationError(
             annotations_dir,
