@@ -35,14 +35,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import TilingConfig
 from .errors import AnnotationError
 
-#: Groups that outline tumor (any case): CAMELYON16's ``_0``, ``_1`` and ``Tumor``,
-#: CAMELYON17's ``metastases``, renamed copies' ``metastasis``.
-TUMOR_GROUPS = ("_0", "_1", "Tumor", "metastases", "metastasis")
-#: Groups carved out of tumor outlines (any case): CAMELYON16's ``_2``, CAMELYON17's
-#: ``normal`` (its masks paint it over ``metastases``), renamed copies' ``negative``.
-EXCLUSION_GROUPS = ("_2", "Exclusion", "normal", "negative")
+#: Groups that outline tumor, and groups carved out of them (any case): the defaults of
+#: ``tiling.tumor_groups`` and ``tiling.exclusion_groups``, defined there.
+TUMOR_GROUPS: tuple[str, ...] = TilingConfig.model_fields["tumor_groups"].default
+EXCLUSION_GROUPS: tuple[str, ...] = TilingConfig.model_fields["exclusion_groups"].default
 #: ASAP's group of an annotation in no group: tumor, as an outline drawn on its own is.
 NO_GROUP = "None"
 

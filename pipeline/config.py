@@ -65,6 +65,8 @@ class TilingConfig(_Section):
     tissue_mpp: float = Field(8.0, gt=0, description="resolution of tissue detection")
     min_tissue_fraction: float = Field(0.5, ge=0, le=1)
     label_rule: Literal["fraction", "center"] = "fraction"
+    # CAMELYON16's _0/_1/Tumor and _2, CAMELYON17's metastases and normal (its masks paint
+    # normal over metastases), re-published copies' metastasis and negative.
     tumor_groups: tuple[str, ...] = Field(
         ("_0", "_1", "Tumor", "metastases", "metastasis"),
         description="annotation groups (any case) that outline tumor; also for evaluate",
