@@ -60,6 +60,9 @@ class TilingConfig(_Section):
     max_upsample: float = Field(
         2.0, ge=1, description="a slide whose level 0 is coarser than target_mpp by more fails"
     )
+    slide_mpp: float | None = Field(
+        None, gt=0, le=100, description="level-0 µm/px for slides that record none (warned)"
+    )
     patch_px: int = Field(96, ge=8, le=2048)
     stride_px: int | None = Field(None, ge=1, description="None: equal to patch_px")
     tissue_mpp: float = Field(8.0, gt=0, description="resolution of tissue detection")
@@ -130,6 +133,9 @@ class InferenceConfig(_Section):
     """Whole-slide prediction, heatmaps and lesion detection."""
 
     stride_px: int | None = Field(None, ge=1, description="None: the model's patch size")
+    slide_mpp: float | None = Field(
+        None, gt=0, le=100, description="level-0 µm/px for slides that record none (warned)"
+    )
     batch_size: int = Field(64, ge=1, le=8192)
     queue_batches: int = Field(4, ge=1, le=256)
     reader_threads: int = Field(

@@ -53,12 +53,15 @@ def choose_resolution(
     target_mpp: float | None = None,
     level: int | None = None,
     max_upsample: float | None = None,
+    slide_mpp: float | None = None,
 ) -> Resolution:
     """Pick the pyramid level for patches of ``patch_px`` at ``target_mpp`` (or at ``level``).
 
     With ``target_mpp`` the coarsest level no coarser than the target is read
     (within :data:`MPP_TOLERANCE`) and resampled to the target when it does
-    not match. Raises :class:`MissingMppError` when the slide records no mpp,
+    not match. A slide that records no mpp is read at ``slide_mpp`` when given
+    (``--slide-mpp``), else at :data:`OBJECTIVE_MPP_UM` / its objective power,
+    and ``note`` says so. Raises :class:`MissingMppError` when it records neither,
     and :class:`SlideError` for a level the slide lacks, a target finer than
     level 0 by more than ``max_upsample`` (when given; ``tiling.max_upsample``)
     and a patch larger than the slide.
@@ -68,7 +71,17 @@ def choose_resolution(
             "Expected exactly one of target_mpp and level. "
             f"Received: target_mpp={target_mpp}, level={level}"
         )
-    mpp0 = info.mpp
+    mpp0, note = info.mpp, None
+    if mpp0 is None and slide_mpp is not None:
+        mpp0 = slide_mpp
+        note = f"the slide records no pixel size (mpp): read at {mpp0:g} µm/px from --slide-mpp"
+    elif mpp0 is None and info.objective_power and level is None:  # --level needs no guess
+        mpp0 = OBJECTIVE_MPP_UM / info.objective_power
+        note = (
+            f"the slide records no pixel size (mpp): assumed {mpp0:g} µm/px from its "
+            f"{info.objective_power:g}x objective (20x ~ 0.5, 40x ~ 0.25 µm/px; scanners "
+            "differ by up to ~10%); give --slide-mpp to set it"
+        )
     if level is not None:
         if not 0 <= level < info.level_count:
             raise SlideError(
@@ -78,22 +91,17 @@ def choose_resolution(
         downsample = info.level_downsamples[level]
         level_mpp = None if mpp0 is None else mpp0 * downsample
         return _fitting(
-            info, Resolution(level, downsample, level_mpp, level_mpp, patch_px, patch_px, stride_px)
-        )
-    note = None
-    if mpp0 is None and info.objective_power:
-        mpp0 = OBJECTIVE_MPP_UM / info.objective_power
-        note = (
-            f"the slide records no pixel size (mpp): assumed {mpp0:g} µm/px from its "
-            f"{info.objective_power:g}x objective (20x ~ 0.5, 40x ~ 0.25 µm/px; scanners "
-            "differ by up to ~10%); use --level to read a pyramid level instead"
+            info,
+            Resolution(
+                level, downsample, level_mpp, level_mpp, patch_px, patch_px, stride_px, note
+            ),
         )
     if mpp0 is None:
         raise MissingMppError(
             info.path,
             "the slide records neither a pixel size (mpp) nor an objective power, so --mpp "
-            "cannot be honoured; use --level to read a pyramid level at the scan's own "
-            "resolution",
+            "cannot be honoured; give --slide-mpp M (the scan's µm/px) or use --level to "
+            "read a pyramid level at the scan's own resolution",
         )
     assert target_mpp is not None  # narrowed above
     candidates = [

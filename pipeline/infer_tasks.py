@@ -92,8 +92,13 @@ class InferencePlan:
     attrs: dict[str, Any] = field(repr=False, default_factory=dict)
 
 
-def plan_inference(slide_path: str, spec: ModelSpec, stride_px: int | None) -> InferencePlan:
-    """Open the slide, find tissue and lay the model's patch grid over it."""
+def plan_inference(
+    slide_path: str, spec: ModelSpec, stride_px: int | None, slide_mpp: float | None = None
+) -> InferencePlan:
+    """Open the slide, find tissue and lay the model's patch grid over it.
+
+    ``slide_mpp`` is the level-0 µm/px of a slide that records none (``--slide-mpp``).
+    """
     path = Path(slide_path)
     stride = stride_px or spec.patch_px
     with open_slide(path) as reader:
@@ -104,6 +109,7 @@ def plan_inference(slide_path: str, spec: ModelSpec, stride_px: int | None) -> I
             stride_px=stride,
             target_mpp=spec.patch_mpp,
             level=spec.level,
+            slide_mpp=slide_mpp,
         )
         tissue, _ = tissue_mask(reader, spec.tissue_mpp)
         # Streamed in blocks like the tissue overview: bounded memory whatever the slide.

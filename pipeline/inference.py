@@ -66,7 +66,7 @@ class SlideInference:
 
 def slide_fingerprint(path: Path, spec: ModelSpec, config: InferenceConfig) -> str:
     """Identity of the slide, the model and the settings that shape one slide's outputs."""
-    payload = {
+    payload: dict[str, Any] = {
         "slide": file_identity(path) if path.exists() else str(path),
         "model": spec.identity,
         "min_tissue_fraction": spec.min_tissue_fraction,
@@ -74,6 +74,8 @@ def slide_fingerprint(path: Path, spec: ModelSpec, config: InferenceConfig) -> s
         "detection_threshold": config.detection_threshold,
         "version": __version__,
     }
+    if config.slide_mpp is not None:  # unset: earlier outputs keep their fingerprint
+        payload["slide_mpp"] = config.slide_mpp
     return fingerprint(payload)
 
 
@@ -139,7 +141,9 @@ def infer_slides(
         while work.count() < in_flight_cap:
             if pending and len(active) + len(plans) < max_active:
                 path, digest = pending.popleft()
-                future = submit_reporting(client, plan_inference, str(path), spec, config.stride_px)
+                future = submit_reporting(
+                    client, plan_inference, str(path), spec, config.stride_px, config.slide_mpp
+                )
                 plans[future] = (path, digest, time.perf_counter())
             elif block_queue:
                 slide_id, start = block_queue.popleft()
@@ -243,7 +247,7 @@ def infer_slide(
     if not overwrite and is_complete(out_dir, slide_id, digest, manifest):
         return _skipped(path, manifest["slides"][slide_id]), digest
     started = time.perf_counter()
-    plan = plan_inference(str(path), spec, config.stride_px)
+    plan = plan_inference(str(path), spec, config.stride_px, config.slide_mpp)
     accumulator = HeatmapAccumulator(plan.grid)
     block = config.batch_size * BATCHES_PER_TASK
     for start in range(0, len(plan.level_xy), block):

@@ -92,9 +92,13 @@ def job_fingerprint(job: SlideJob, config: TilingConfig) -> str:
     """Identity of the inputs (slide, annotation) and the tiling config.
 
     Settings that only refuse slides (``max_upsample``, ``verify_copied_tiles``)
-    leave stored patches alone, so changing them redoes nothing.
+    leave stored patches alone, so changing them redoes nothing; an unset
+    ``slide_mpp`` leaves earlier stores' fingerprints as they were.
     """
-    settings = config.model_dump(mode="json", exclude={"max_upsample", "verify_copied_tiles"})
+    unfingerprinted = {"max_upsample", "verify_copied_tiles"}
+    if config.slide_mpp is None:
+        unfingerprinted.add("slide_mpp")
+    settings = config.model_dump(mode="json", exclude=unfingerprinted)
     payload: dict[str, Any] = {"config": settings, "version": __version__}
     payload["slide"] = file_identity(job.path) if job.path.exists() else str(job.path)
     payload["annotation"] = None if job.annotation is None else file_identity(job.annotation)
@@ -113,6 +117,7 @@ def plan_slide(job: SlideJob, config: TilingConfig) -> SlidePlan:
             target_mpp=config.target_mpp,
             level=config.level,
             max_upsample=config.max_upsample,
+            slide_mpp=config.slide_mpp,
         )
         tissue, _ = tissue_mask(reader, config.tissue_mpp)
         passthrough = _can_pass_through(reader, resolution, stride_px, config)
@@ -150,6 +155,7 @@ def plan_slide(job: SlideJob, config: TilingConfig) -> SlidePlan:
         "vendor": info.vendor,
         "level0_wh": list(info.level0_wh),
         "mpp": None if info.mpp_xy is None else list(info.mpp_xy),
+        "mpp_assumed": resolution.note,
         "level": resolution.level,
         "downsample": resolution.downsample,
         "level_mpp": resolution.level_mpp,

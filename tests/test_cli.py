@@ -373,9 +373,29 @@ def test_flow_tile_lists_the_bad_slide_then_serves_from_cache(cli_cohort, tmp_pa
     assert (last_json(again)["cached"], last_json(again)["ok"]) == (2, True)
 
 
+def test_flow_evaluate_takes_rules_and_exclusions_from_the_command_line(tmp_path):
+    """`--rules` and `--exclude` reach the flow as they reach `wsiflow evaluate`."""
+    from tests.pipeline.test_froc import _evaluation_inputs
+
+    _evaluation_inputs(tmp_path, 0.226)
+    env = {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": ""}
+    result = run(
+        "flow", "evaluate", str(tmp_path / "results"), "--reference",
+        str(tmp_path / "reference.csv"), "--masks", str(tmp_path / "masks"), "--slides",
+        str(tmp_path / "slides"), "--rules", "corrected", "--exclude", "test_002", "--out",
+        str(tmp_path / "report"), "--json",
+        env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = last_json(result)
+    assert report["rules"] == "corrected" and report["excluded"] == ["Test_002"]
+    assert report["lesions"] == 1 and report["froc"] == 1.0  # one lesion at 0.226 µm/px
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
+        (["flow", "evaluate", "o", "--rules", "lenient"], "rules"),
         (["flow", "tile", "slides/"], "needs --out"),
         (["flow", "infer", "slides/", "--out", "o"], "needs --model"),
         (["flow", "nope"], "unknown flow"),

@@ -42,6 +42,13 @@ def infer(
         int | None,
         typer.Option("--stride", help="Grid step in patch pixels (< patch size: overlap)."),
     ] = None,
+    slide_mpp: Annotated[
+        float | None,
+        typer.Option(
+            "--slide-mpp",
+            help="Level-0 µm/px for slides that record none (TCGA, DICOM without spacing).",
+        ),
+    ] = None,
     threshold: Annotated[
         float | None, typer.Option("--threshold", help="Heatmap probability for detections.")
     ] = None,
@@ -70,6 +77,7 @@ def infer(
             config,
             {
                 "inference.stride_px": stride,
+                "inference.slide_mpp": slide_mpp,
                 "inference.detection_threshold": threshold,
                 "inference.batch_size": batch_size,
                 "inference.workers": workers,

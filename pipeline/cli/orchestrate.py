@@ -69,6 +69,14 @@ DataOption = Annotated[
     Path | None, typer.Option("--data", help="mnist: folder of mnist.npz or IDX files.")
 ]
 EpochsOption = Annotated[int, typer.Option("--epochs", min=1, help="mnist: epochs.")]
+RulesOption = Annotated[
+    str | None,
+    typer.Option("--rules", help="evaluate: official (the organisers' script) or corrected."),
+]
+ExcludeOption = Annotated[
+    list[str] | None,
+    typer.Option("--exclude", help="evaluate: leave a slide out (any case); repeat."),
+]
 WorkersOption = Annotated[
     int | None, typer.Option("--workers", "-w", min=1, help="Local Dask worker processes.")
 ]
@@ -170,6 +178,8 @@ def flow_command(
     store: StoreOption = None,
     data: DataOption = None,
     epochs: EpochsOption = 6,
+    rules: RulesOption = None,
+    exclude: ExcludeOption = None,
     scheduler: SchedulerOption = None,
     workers: WorkersOption = None,
     overwrite: RedoOption = False,
@@ -187,15 +197,15 @@ def flow_command(
     wsiflow flow train STORE.zarr... --out MODEL_DIR
     wsiflow flow infer SLIDES... --model MODEL_DIR --out OUT_DIR
     wsiflow flow evaluate OUT_DIR --reference CSV --annotations DIR --slides DIR
+        [--rules official|corrected] [--exclude SLIDE]...
     wsiflow flow camelyon [ROOT] --out OUT_DIR [--extra SLIDE...] [--store URL]
     wsiflow flow mnist [--data DIR] [--epochs N] [--out model.keras]
     """
     from flows.runtime import run_flow
 
     reporter = Reporter(as_json)
-    settings = _settings(scheduler, workers)
     try:
-        _load(config, settings)
+        settings = _settings(scheduler, workers, rules, exclude, config)
         parameters = flow_parameters(
             name,
             list(inputs or []),
@@ -247,6 +257,8 @@ def deploy(
     store: StoreOption = None,
     data: DataOption = None,
     epochs: EpochsOption = 6,
+    rules: RulesOption = None,
+    exclude: ExcludeOption = None,
     scheduler: SchedulerOption = None,
     workers: WorkersOption = None,
     config: ConfigOption = None,
@@ -268,8 +280,8 @@ def deploy(
     from flows import get_flow
 
     reporter = Reporter(False)
-    settings = _settings(scheduler, workers)
     try:
+        settings = _settings(scheduler, workers, rules, exclude, config)
         if not get_current_settings().api.url:
             raise ConfigError(
                 "PREFECT_API_URL",
@@ -315,12 +327,28 @@ def deploy(
     serve(target, print_starting_message=False)
 
 
-def _settings(scheduler: str | None, workers: int | None) -> dict[str, Any]:
+def _settings(
+    scheduler: str | None,
+    workers: int | None,
+    rules: str | None,
+    exclude: list[str] | None,
+    config: Path | None,
+) -> dict[str, Any]:
+    """The config overrides the options give; ``ConfigError`` for bad values.
+
+    ``--exclude`` adds to ``evaluation.exclude``, as `wsiflow evaluate` does.
+    """
     settings: dict[str, Any] = {}
     if scheduler is not None:
         settings["orchestration.scheduler"] = scheduler
     if workers is not None:
         settings["orchestration.workers"] = workers
+    if rules is not None:
+        settings["evaluation.rules"] = rules
+    if exclude:
+        configured = _load(config, settings).evaluation.exclude
+        settings["evaluation.exclude"] = [*configured, *exclude]
+    _load(config, settings)
     return settings
 
 

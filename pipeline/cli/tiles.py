@@ -64,6 +64,13 @@ def tile(
     patch_size: Annotated[
         int | None, typer.Option("--patch-size", help="Patch side in pixels.")
     ] = None,
+    slide_mpp: Annotated[
+        float | None,
+        typer.Option(
+            "--slide-mpp",
+            help="Level-0 µm/px for slides that record none (TCGA, DICOM without spacing).",
+        ),
+    ] = None,
     stride: Annotated[int | None, typer.Option("--stride", help="Grid step in pixels.")] = None,
     scheduler: SchedulerOption = None,
     workers: Annotated[
@@ -88,6 +95,7 @@ def tile(
         overrides: dict[str, Any] = {
             "tiling.patch_px": patch_size,
             "tiling.stride_px": stride,
+            "tiling.slide_mpp": slide_mpp,
             "orchestration.scheduler": scheduler,
             "orchestration.workers": workers,
         }

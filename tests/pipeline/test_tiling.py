@@ -460,8 +460,8 @@ def test_slide_without_mpp_needs_a_level(client, tmp_path):
     assert by_mpp.status == "failed"
     assert by_mpp.reason == (
         f"{path}: the slide records neither a pixel size (mpp) nor an objective power, so "
-        "--mpp cannot be honoured; use --level to read a pyramid level at the scan's own "
-        "resolution"
+        "--mpp cannot be honoured; give --slide-mpp M (the scan's µm/px) or use --level to "
+        "read a pyramid level at the scan's own resolution"
     )
     (by_level,) = tile_slides(
         client, [path], store, TilingConfig(target_mpp=None, level=1, patch_px=64)

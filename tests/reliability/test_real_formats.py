@@ -11,6 +11,7 @@ import shutil
 
 import numpy as np
 import pytest
+import zarr
 
 from tests.conftest import SHARED_DATA, last_json, run
 
@@ -51,6 +52,57 @@ def test_a_dicom_series_is_one_slide_named_by_its_folder(tmp_path):
         catalog.close()
 
 
+def test_a_dicom_series_is_inferred_and_served_as_one_slide(tmp_path):
+    """`infer` writes one set of outputs for the series and `serve` shows them over HTTP."""
+    import io
+    import json
+    import threading
+    import urllib.request
+
+    from PIL import Image
+    from werkzeug.serving import make_server
+
+    from models.classifier import build_classifier
+    from models.saved import METADATA_FILE, MODEL_FILE
+    from pipeline.viewer import create_app
+
+    cohort = tmp_path / "cohort"
+    shutil.copytree(FORMATS / "dicom-series", cohort / "case_7")
+    # A real (untrained) Keras model for the series' 16 x 16 px at 0.5 µm/px: one patch.
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    model, _ = build_classifier("small_cnn", 16)
+    model.save(model_dir / MODEL_FILE)
+    metadata = {
+        "complete": True, "backbone": "small_cnn", "patch_px": 16, "patch_mpp": 0.5,
+        "preprocessing": "unit_scale", "config": {"tiling": {"min_tissue_fraction": 0.0}},
+    }  # fmt: skip
+    (model_dir / METADATA_FILE).write_text(json.dumps(metadata))
+    out = tmp_path / "inference"
+    inferred = run("infer", str(model_dir), str(cohort), "--out", str(out), "--json")
+    assert inferred.returncode == 0, inferred.stderr
+    (row,) = last_json(inferred)["per_slide"]
+    assert row["slide_id"] == "case_7" and row["status"] == "done"
+    assert row["patches"] == 1 and 0 <= row["score"] <= 1
+
+    server = make_server("127.0.0.1", 0, create_app(cohort, out), threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{server.server_port}"
+    try:
+        with urllib.request.urlopen(f"{base}/api/slides", timeout=30) as response:
+            (listed,) = json.load(response)
+        assert listed["id"] == "case_7" and listed["heatmap"], listed
+        for url in ("/slides/case_7.dzi", "/heatmaps/case_7.dzi"):
+            with urllib.request.urlopen(base + url, timeout=30) as response:
+                assert b'Width="16" Height="16"' in response.read()
+        with urllib.request.urlopen(f"{base}/slides/case_7_files/4/0_0.jpeg", timeout=30) as r:
+            assert Image.open(io.BytesIO(r.read())).size == (16, 16)
+    finally:
+        server.shutdown()
+        thread.join()
+
+
 def test_a_slide_without_mpp_or_objective_power_is_refused_in_one_line_or_read_by_level(
     tmp_path,
 ):
@@ -60,13 +112,25 @@ def test_a_slide_without_mpp_or_objective_power_is_refused_in_one_line_or_read_b
     errors = [line for line in by_mpp.stderr.splitlines() if line.startswith("failed:")]
     assert len(errors) == 1 and "Traceback" not in by_mpp.stderr
     assert "neither a pixel size (mpp) nor an objective power" in errors[0]
-    assert "use --level" in errors[0]
+    assert "give --slide-mpp M" in errors[0] and "use --level" in errors[0]
     by_level = run(
         "tile", str(slide), "--out", str(tmp_path / "b.zarr"), "--level", "1",
         "--patch-size", "256", "-w", "1", "--json",
     )  # fmt: skip
     assert by_level.returncode == 0, by_level.stderr
     assert last_json(by_level)["patches"] > 0
+
+    # --slide-mpp supplies the missing pixel size, warned about and kept in the store.
+    by_slide_mpp = run(
+        "tile", str(slide), "--out", str(tmp_path / "c.zarr"), "--slide-mpp", "0.25",
+        "--patch-size", "128", "-w", "1", "--json",
+    )  # fmt: skip
+    assert by_slide_mpp.returncode == 0, by_slide_mpp.stderr
+    (row,) = last_json(by_slide_mpp)["per_slide"]
+    assert row["status"] == "done" and "0.25 µm/px from --slide-mpp" in row["warnings"][0]
+    group = zarr.open_group(str(tmp_path / "c.zarr"), mode="r")[slide.stem]
+    assert group.attrs["level"] == 1 and group.attrs["patch_mpp"] == 0.5
+    assert "--slide-mpp" in group.attrs["mpp_assumed"]
 
 
 def test_a_slide_with_only_an_objective_power_is_read_with_a_warning(tmp_path):
