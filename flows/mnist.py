@@ -66,7 +66,7 @@ def mnist_flow(
 ) -> dict[str, Any]:
     """Train the MNIST CNN on ``data_dir`` (mnist.npz or IDX files; none: Keras download).
 
-    With only the 10,000 test digits (as in ../shared/data/mnist) it trains
+    With only the 10,000 test digits (the t10k files) it trains
     on 8,000 and holds out 2,000. Served from cache for the same data and
     settings while the saved model (if any) is still there.
     """

@@ -1,6 +1,6 @@
 """Patch stores to ``tf.data``: slide-level splits, class balance, augmentation, prefetching.
 
-Random single-patch reads from Zarr cost ~1-3 ms each (PERF_NOTES), so the
+A random single-patch read from Zarr decodes a whole chunk, so the
 training stream reads whole chunks (64 patches) in a random order across
 slides, keeps every tumor patch and a matching random share of normal ones,
 and mixes them in a shuffle buffer. Validation reads every patch, in order,

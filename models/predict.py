@@ -24,7 +24,7 @@ _cache: dict[tuple[str, int, int, int], Predictor] = {}
 def configure_threads(threads: int | None) -> None:
     """Set TensorFlow's CPU thread pools before its runtime starts (no-op afterwards).
 
-    Dask's ``OMP_NUM_THREADS=1`` does not reach TF's pools (PERF_NOTES); when
+    Dask's ``OMP_NUM_THREADS=1`` does not reach TF's thread pools; when
     several processes share the cores each gets its share explicitly.
     """
     import tensorflow as tf

@@ -179,7 +179,7 @@ def distribution_strategy(replicas: int = 1):
         return tf.distribute.MirroredStrategy()  # every visible GPU (CUDA_VISIBLE_DEVICES)
     cpu = tf.config.list_physical_devices("CPU")[0]
     try:
-        # Dask and OpenMP settings do not reach TF's pools (PERF_NOTES): set them.
+        # Dask and OpenMP settings do not reach TF's thread pools: set them.
         threads = os.cpu_count() or 1
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(threads)

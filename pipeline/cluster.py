@@ -116,8 +116,8 @@ def local_cluster(
 
     ``silence_logs``: the level below which Dask's own log lines are dropped.
 
-    Dask's nanny exports ``MALLOC_TRIM_THRESHOLD_=65536`` to workers, which made
-    OpenSlide reads 15-40% slower on our machines (PERF_NOTES), so it is not set.
+    Dask's nanny exports ``MALLOC_TRIM_THRESHOLD_=65536`` to workers, which makes
+    OpenSlide reads slower (BENCHMARKS.md, tiling), so it is not set.
     The workers ignore Ctrl-C (see :func:`dask_setup`).
     """
     n_workers = workers or max(1, os.cpu_count() or 1)

@@ -67,3 +67,47 @@ def test_wheel_ships_the_viewer_templates_and_openseadragon(tmp_path):
         "pipeline/viewer/static/openseadragon/images/zoomin_rest.png",
     ):
         assert name in names, name
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lstrip("#").strip().lower())
+    return text.replace(" ", "-")
+
+
+def test_readme_is_short_and_every_doc_link_resolves():
+    """README <= 300 lines; every relative link in it and docs/ names a file and heading."""
+    readme = ROOT / "README.md"
+    assert len(readme.read_text().splitlines()) <= 300
+    pages = [readme, *sorted((ROOT / "docs").glob("*.md"))]
+    assert len(pages) > 10
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:", target):
+                continue  # http(s): and mailto: are not checked offline
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            if not linked.exists():
+                broken.append(f"{page.name}: {target} (no such file)")
+            elif anchor and linked.suffix == ".md":
+                headings = re.findall(r"^#+ .*$", linked.read_text(), flags=re.M)
+                if anchor not in {_slug(h) for h in headings}:
+                    broken.append(f"{page.name}: {target} (no such heading)")
+    assert not broken, broken
+
+
+def test_nothing_outside_tests_and_the_demo_points_outside_the_repository():
+    """`../shared` is for tests, benchmarks, CI and the demo's config; docs say so only there."""
+    allowed = {"configs/demo.yaml", "docs/development.md", "pyproject.toml", "BENCHMARKS.md"}
+    files = [p for p in ROOT.iterdir() if p.is_file()]
+    for folder in ("pipeline", "models", "flows", "configs", "docs"):
+        files += [p for p in (ROOT / folder).rglob("*") if p.is_file()]
+    offenders = [
+        p.relative_to(ROOT).as_posix()
+        for p in files
+        if p.suffix in {".py", ".md", ".yaml", ".toml", ".html", ".js", ""}
+        and p.relative_to(ROOT).as_posix() not in allowed
+        and re.search(r"\.\./shared|PERF_NOTES|STYLE\.md", p.read_text(errors="ignore"))
+    ]
+    assert len(files) > 50 and not offenders, offenders

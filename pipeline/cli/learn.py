@@ -43,8 +43,8 @@ def mnist(
     """Train the CNN on MNIST and report its held-out accuracy.
 
     With the full dataset it trains on the 60,000 training digits and holds
-    out the 10,000 test digits; with only the test split (as in
-    ../shared/data/mnist) it trains on 8,000 of them and holds out 2,000,
+    out the 10,000 test digits; with only the test split (the 10,000
+    t10k digits) it trains on 8,000 of them and holds out 2,000,
     split with a fixed seed.
     """
     from models.mnist import holdout_split, load_mnist, train_mnist
