@@ -408,21 +408,45 @@ def test_flow_and_deploy_usage_errors_exit_2(args, expected, tmp_path):
     assert expected in result.stderr
 
 
+FLOWS = ("tile", "train", "infer", "evaluate", "camelyon", "mnist")
+
+
 def test_flow_parameters_keep_store_urls_and_resolve_paths(tmp_path, monkeypatch):
     """A store URL reaches the flow as given (a Path would make s3://b/x into s3:/b/x)."""
-    from pipeline.cli.orchestrate import flow_parameters
+    from pipeline.cli.orchestrate import BUILDERS, Common
 
     monkeypatch.chdir(tmp_path)
-    common = {"model": None, "annotations": None, "reference": None, "slides_dir": None,
-              "masks": None, "extra": None, "data": None, "epochs": 1, "overwrite": False,
-              "config": None, "settings": {}}  # fmt: skip
-    tile = flow_parameters("tile", ["slides"], out="s3://bucket/c.zarr", **common)
+    common = Common(None, {})
+    tile = BUILDERS["tile"](common, ["slides"], out="s3://bucket/c.zarr")
     assert tile["store"] == "s3://bucket/c.zarr"
     assert tile["slides"] == [str(tmp_path / "slides")]
-    train = flow_parameters("train", ["s3://bucket/c.zarr/", "local.zarr"], out="m", **common)
+    train = BUILDERS["train"](common, ["s3://bucket/c.zarr/", "local.zarr"], out="m")
     assert train["stores"] == ["s3://bucket/c.zarr", str(tmp_path / "local.zarr")]
     assert train["model_dir"] == str(tmp_path / "m")
-    camelyon = flow_parameters("camelyon", ["root"], out="o", store="gs://b/c.zarr", **common)
+    camelyon = BUILDERS["camelyon"](common, "root", out="o", store="gs://b/c.zarr")
     assert camelyon["store"] == "gs://b/c.zarr" and camelyon["out_dir"] == str(tmp_path / "o")
-    default = flow_parameters("camelyon", ["root"], out="o", **common)
+    default = BUILDERS["camelyon"](common, "root", out="o")
     assert default["store"] is None
+
+
+def test_flow_and_deploy_take_each_stages_own_options_written_once():
+    """`flow STAGE` and `deploy STAGE` share the stage's options; each adds only its own."""
+    import typer.main
+
+    from pipeline.cli import app
+
+    group = typer.main.get_command(app)
+    flow, deploy = group.commands["flow"], group.commands["deploy"]
+    assert sorted(flow.commands) == sorted(deploy.commands) == sorted(FLOWS)
+
+    def options(command):
+        return {opt for param in command.params for opt in param.opts}
+
+    for name in FLOWS:
+        in_flow, in_deploy = options(flow.commands[name]), options(deploy.commands[name])
+        assert in_flow - in_deploy <= {"--json", "--overwrite"}, name
+        assert in_deploy - in_flow == {"--cron", "--interval", "--name"}, name
+    assert "--rules" in options(flow.commands["evaluate"])
+    assert "--rules" not in options(flow.commands["tile"])
+    assert "--model" in options(flow.commands["infer"])
+    assert "--model" not in options(flow.commands["tile"])

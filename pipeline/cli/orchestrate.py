@@ -1,7 +1,15 @@
-"""Commands that run the Prefect flows: flow, deploy."""
+"""Commands that run the Prefect flows: ``flow STAGE`` and ``deploy STAGE``.
+
+Each stage's options are written once, in its parameter builder below (a
+function of the options that returns the flow's parameters); both command
+groups are made from the same builders, with their own common options.
+"""
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -9,6 +17,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
 from ..errors import ConfigError, WsiflowError
 from ._common import (
@@ -24,315 +33,211 @@ from ._common import (
 )
 
 FLOWS_HELP = "tile, train, infer, evaluate, camelyon (end to end) or mnist."
+
 # Text, not Path: a patch store may be a URL (s3://bucket/x.zarr), which Path would mangle.
-Inputs = Annotated[
+SlideInputs = Annotated[
+    list[str] | None, typer.Argument(metavar="SLIDES", help="Slides or folders.")
+]
+StoreInputs = Annotated[
     list[str] | None,
-    typer.Argument(
-        help="tile/infer: slides or folders; train: patch stores; evaluate: the inference "
-        "folder; camelyon: the CAMELYON16-layout root (default: slides.root)."
-    ),
+    typer.Argument(metavar="STORES", help="Patch stores (paths or fsspec URLs)."),
 ]
-OutOption = Annotated[
+ResultsInput = Annotated[
     str | None,
-    typer.Option(
-        "--out",
-        "-o",
-        help="tile: store (a path or an fsspec URL); train: model directory; "
-        "infer/camelyon: output folder; evaluate: report folder; mnist: .keras file.",
-    ),
+    typer.Argument(metavar="RESULTS", help="An inference output folder (`wsiflow infer --out`)."),
 ]
-ModelOption = Annotated[Path | None, typer.Option("--model", help="infer: a model directory.")]
+RootInput = Annotated[
+    str | None,
+    typer.Argument(metavar="ROOT", help="The CAMELYON16-layout root (default: slides.root)."),
+]
+StoreOut = Annotated[
+    str | None,
+    typer.Option("--out", "-o", help="The patch store: a path or an fsspec URL."),
+]
+ModelOut = Annotated[str | None, typer.Option("--out", "-o", help="The model directory.")]
+FolderOut = Annotated[str | None, typer.Option("--out", "-o", help="The output folder.")]
+ReportOut = Annotated[
+    str | None, typer.Option("--out", "-o", help="The report folder (default: RESULTS).")
+]
+KerasOut = Annotated[str | None, typer.Option("--out", "-o", help="Where to save the .keras file.")]
+ModelOption = Annotated[Path | None, typer.Option("--model", help="A model directory.")]
 AnnotationsOption = Annotated[
-    Path | None, typer.Option("--annotations", "-a", help="tile/evaluate: annotation folder.")
+    Path | None, typer.Option("--annotations", "-a", help="Folder of lesion annotations.")
 ]
-ReferenceOption = Annotated[
-    Path | None, typer.Option("--reference", "-r", help="evaluate: reference.csv.")
-]
+ReferenceOption = Annotated[Path | None, typer.Option("--reference", "-r", help="reference.csv.")]
 SlidesDirOption = Annotated[
-    Path | None, typer.Option("--slides", "-s", help="evaluate: folder of the slides.")
+    Path | None, typer.Option("--slides", "-s", help="Folder of the slides (size and µm/px).")
 ]
 MasksOption = Annotated[
-    Path | None, typer.Option("--masks", help="evaluate: folder of <slide>_Mask.tif.")
+    Path | None,
+    typer.Option("--masks", help="Folder of <slide>_Mask.tif (instead of annotations)."),
+]
+RulesOption = Annotated[
+    str | None,
+    typer.Option("--rules", help="official (the organisers' script, bit for bit) or corrected."),
+]
+ExcludeOption = Annotated[
+    list[str] | None,
+    typer.Option("--exclude", help="Leave a slide out (any case); repeat."),
 ]
 ExtraOption = Annotated[
     list[Path] | None,
-    typer.Option("--extra", help="camelyon: more slides to infer (default: slides.extra)."),
+    typer.Option("--extra", help="More slides to infer (default: slides.extra)."),
 ]
 StoreOption = Annotated[
     str | None,
     typer.Option(
-        "--store",
-        help="camelyon: the patch store, a path or an fsspec URL (default: OUT/patches.zarr).",
+        "--store", help="The patch store, a path or an fsspec URL (default: OUT/patches.zarr)."
     ),
 ]
 DataOption = Annotated[
-    Path | None, typer.Option("--data", help="mnist: folder of mnist.npz or IDX files.")
+    Path | None, typer.Option("--data", help="Folder of mnist.npz or IDX files.")
 ]
-EpochsOption = Annotated[int, typer.Option("--epochs", min=1, help="mnist: epochs.")]
-RulesOption = Annotated[
-    str | None,
-    typer.Option("--rules", help="evaluate: official (the organisers' script) or corrected."),
-]
-ExcludeOption = Annotated[
-    list[str] | None,
-    typer.Option("--exclude", help="evaluate: leave a slide out (any case); repeat."),
-]
+EpochsOption = Annotated[int, typer.Option("--epochs", min=1, help="Epochs.")]
 WorkersOption = Annotated[
     int | None, typer.Option("--workers", "-w", min=1, help="Local Dask worker processes.")
 ]
 
 
-def flow_parameters(
-    name: str,
-    inputs: list[str],
-    *,
-    out: str | None,
-    model: Path | None,
-    annotations: Path | None,
-    reference: Path | None,
-    slides_dir: Path | None,
-    masks: Path | None,
-    extra: list[Path] | None,
-    store: str | None = None,
-    data: Path | None,
-    epochs: int,
-    overwrite: bool,
-    config: Path | None,
-    settings: dict[str, Any],
-) -> dict[str, Any]:
-    """The flow's parameters from the command line (absolute paths: deployments run elsewhere).
+@dataclass(frozen=True)
+class Common:
+    """The options every flow takes: the config file and the settings that override it."""
 
-    Raises ``ConfigError`` naming the missing option.
-    """
+    config: Path | None
+    settings: dict[str, Any]
 
-    def need(option: str, value: Any) -> Any:
-        if value is None or value == []:
-            raise ConfigError(option, [(f"flow {name}", f"needs {option}", None)])
-        return value
+    def parameters(self) -> dict[str, Any]:
+        return {"config": _text(self.config), "settings": self.settings or None}
 
+
+def _text(path: Path | str | None) -> str | None:
+    """An absolute path, or a URL as given: deployments run elsewhere."""
     from ..store import canonical
 
-    def text(path: Path | str | None) -> str | None:
-        return None if path is None else canonical(path)
-
-    common = {"config": text(config), "settings": settings or None}
-    if name == "tile":
-        return {
-            "slides": [text(p) for p in need("SLIDES", inputs)],
-            "store": text(need("--out", out)),
-            "annotations": text(annotations),
-            "overwrite": overwrite,
-            **common,
-        }
-    if name == "train":
-        return {
-            "stores": [text(p) for p in need("STORES", inputs)],
-            "model_dir": text(need("--out", out)),
-            **common,
-        }
-    if name == "infer":
-        return {
-            "model_dir": text(need("--model", model)),
-            "slides": [text(p) for p in need("SLIDES", inputs)],
-            "out_dir": text(need("--out", out)),
-            "overwrite": overwrite,
-            **common,
-        }
-    if name == "evaluate":
-        return {
-            "results_dir": text(need("RESULTS", inputs)[0]),
-            "reference": text(need("--reference", reference)),
-            "annotations_dir": text(annotations if masks else need("--annotations", annotations)),
-            "slides_dir": text(slides_dir),
-            "out_dir": text(out),
-            "masks_dir": text(masks),
-            **common,
-        }
-    if name == "camelyon":
-        cfg = _load(config, settings)
-        root = inputs[0] if inputs else cfg.slides.root
-        extras = list(extra) if extra else list(cfg.slides.extra)
-        return {
-            "root": text(need("ROOT (or slides.root)", root)),
-            "out_dir": text(need("--out", out)),
-            "extra_slides": [text(p) for p in extras if p.exists()] or None,
-            "store": text(store),
-            **common,
-        }
-    if name == "mnist":
-        return {"data_dir": text(data), "epochs": epochs, "model_path": text(out)}
-    raise ConfigError("NAME", [(name, f"unknown flow; expected {FLOWS_HELP}", None)])
+    return None if path is None else canonical(path)
 
 
-@app.command(name="flow")
-def flow_command(
-    name: Annotated[str, typer.Argument(help=f"The flow: {FLOWS_HELP}")],
-    inputs: Inputs = None,
-    out: OutOption = None,
-    model: ModelOption = None,
+def _need(stage: str, option: str, value: Any) -> Any:
+    if value is None or value == []:
+        raise ConfigError(option, [(f"flow {stage}", f"needs {option}", None)])
+    return value
+
+
+# One builder per flow: its options, once, for both `flow STAGE` and `deploy STAGE`.
+# The first argument is the Common options; ConfigError names a missing one.
+
+
+def tile_parameters(
+    common: Common,
+    slides: SlideInputs = None,
+    out: StoreOut = None,
     annotations: AnnotationsOption = None,
-    reference: ReferenceOption = None,
-    slides_dir: SlidesDirOption = None,
-    masks: MasksOption = None,
-    extra: ExtraOption = None,
-    store: StoreOption = None,
-    data: DataOption = None,
-    epochs: EpochsOption = 6,
-    rules: RulesOption = None,
-    exclude: ExcludeOption = None,
-    scheduler: SchedulerOption = None,
-    workers: WorkersOption = None,
     overwrite: RedoOption = False,
-    config: ConfigOption = None,
-    as_json: JsonOption = False,
-) -> None:
-    """Run a Prefect flow (Dask task runner, retries, caching, artifacts).
-
-    Uses the Prefect server in PREFECT_API_URL, or a temporary local one.
-    One failing slide does not fail the flow: it is listed, and the exit
-    code is 1. A second run is served from Prefect's cache.
-
-    \b
-    wsiflow flow tile SLIDES... --out STORE.zarr [--annotations DIR]
-    wsiflow flow train STORE.zarr... --out MODEL_DIR
-    wsiflow flow infer SLIDES... --model MODEL_DIR --out OUT_DIR
-    wsiflow flow evaluate OUT_DIR --reference CSV --annotations DIR --slides DIR
-        [--rules official|corrected] [--exclude SLIDE]...
-    wsiflow flow camelyon [ROOT] --out OUT_DIR [--extra SLIDE...] [--store URL]
-    wsiflow flow mnist [--data DIR] [--epochs N] [--out model.keras]
-    """
-    from flows.runtime import run_flow
-
-    reporter = Reporter(as_json)
-    try:
-        settings = _settings(scheduler, workers, rules, exclude, config)
-        parameters = flow_parameters(
-            name,
-            list(inputs or []),
-            out=out,
-            model=model,
-            annotations=annotations,
-            reference=reference,
-            slides_dir=slides_dir,
-            masks=masks,
-            extra=extra,
-            store=store,
-            data=data,
-            epochs=epochs,
-            overwrite=overwrite,
-            config=config,
-            settings=settings,
-        )
-    except ConfigError as exc:
-        _fail_usage(reporter, exc, "flow")
-    try:
-        summary = run_flow(name, parameters)
-    except (WsiflowError, ValueError, FileNotFoundError) as exc:
-        _fail_data(reporter, exc, f"flow {name}")
-    _print_summary(reporter, summary)
-    failures = summary.get("failures", [])
-    reporter.finish({"command": "flow", "ok": not failures, **summary}, 1 if failures else 0)
+) -> dict[str, Any]:
+    """Tile slides into a patch store: one task per slide."""
+    return {
+        "slides": [_text(p) for p in _need("tile", "SLIDES", slides)],
+        "store": _text(_need("tile", "--out", out)),
+        "annotations": _text(annotations),
+        "overwrite": overwrite,
+        **common.parameters(),
+    }
 
 
-@app.command()
-def deploy(
-    name: Annotated[str, typer.Argument(help=f"The flow: {FLOWS_HELP}")],
-    inputs: Inputs = None,
-    cron: Annotated[
-        str | None, typer.Option("--cron", help='A cron schedule, e.g. "0 2 * * *" (nightly).')
-    ] = None,
-    interval: Annotated[
-        float | None, typer.Option("--interval", min=1, help="Or run every this many seconds.")
-    ] = None,
-    deployment: Annotated[
-        str | None, typer.Option("--name", help="Deployment name (default: wsiflow-NAME).")
-    ] = None,
-    out: OutOption = None,
+def train_parameters(
+    common: Common, stores: StoreInputs = None, out: ModelOut = None
+) -> dict[str, Any]:
+    """Train a patch classifier on patch stores."""
+    return {
+        "stores": [_text(p) for p in _need("train", "STORES", stores)],
+        "model_dir": _text(_need("train", "--out", out)),
+        **common.parameters(),
+    }
+
+
+def infer_parameters(
+    common: Common,
+    slides: SlideInputs = None,
     model: ModelOption = None,
-    annotations: AnnotationsOption = None,
+    out: FolderOut = None,
+    overwrite: RedoOption = False,
+) -> dict[str, Any]:
+    """Predict heatmaps, detections and slide scores: one task per slide."""
+    return {
+        "model_dir": _text(_need("infer", "--model", model)),
+        "slides": [_text(p) for p in _need("infer", "SLIDES", slides)],
+        "out_dir": _text(_need("infer", "--out", out)),
+        "overwrite": overwrite,
+        **common.parameters(),
+    }
+
+
+def evaluate_parameters(
+    common: Common,
+    results: ResultsInput = None,
     reference: ReferenceOption = None,
+    annotations: AnnotationsOption = None,
     slides_dir: SlidesDirOption = None,
     masks: MasksOption = None,
+    out: ReportOut = None,
+) -> dict[str, Any]:
+    """CAMELYON16 slide AUC and lesion FROC of an inference output folder."""
+    return {
+        "results_dir": _text(_need("evaluate", "RESULTS", results)),
+        "reference": _text(_need("evaluate", "--reference", reference)),
+        "annotations_dir": _text(
+            annotations if masks else _need("evaluate", "--annotations", annotations)
+        ),
+        "slides_dir": _text(slides_dir),
+        "out_dir": _text(out),
+        "masks_dir": _text(masks),
+        **common.parameters(),
+    }
+
+
+def camelyon_parameters(
+    common: Common,
+    root: RootInput = None,
+    out: FolderOut = None,
     extra: ExtraOption = None,
     store: StoreOption = None,
-    data: DataOption = None,
-    epochs: EpochsOption = 6,
-    rules: RulesOption = None,
-    exclude: ExcludeOption = None,
-    scheduler: SchedulerOption = None,
-    workers: WorkersOption = None,
-    config: ConfigOption = None,
-) -> None:
-    """Serve a flow as a Prefect deployment with a schedule, until interrupted.
+) -> dict[str, Any]:
+    """End to end on a CAMELYON16-layout folder: tile, train, infer, evaluate."""
+    cfg = _load(common.config, common.settings)
+    root = root if root is not None else cfg.slides.root
+    extras = list(extra) if extra else list(cfg.slides.extra)
+    return {
+        "root": _text(_need("camelyon", "ROOT (or slides.root)", root)),
+        "out_dir": _text(_need("camelyon", "--out", out)),
+        "extra_slides": [_text(p) for p in extras if p.exists()] or None,
+        "store": _text(store),
+        **common.parameters(),
+    }
 
-    Needs a Prefect server (PREFECT_API_URL, e.g. `prefect server start`).
-    Every scheduled or manual run (`prefect deployment run NAME/DEPLOYMENT`)
-    uses these parameters; e.g. nightly inference over a watched folder,
-    which predicts only the slides not done yet:
 
-    \b
-    wsiflow deploy infer /data/incoming --model models/best --out results --cron "0 2 * * *"
-    """
-    from prefect import serve
-    from prefect.deployments.runner import EntrypointType
-    from prefect.settings import get_current_settings
+def mnist_parameters(
+    common: Common, data: DataOption = None, epochs: EpochsOption = 6, out: KerasOut = None
+) -> dict[str, Any]:
+    """Train and evaluate the MNIST CNN."""
+    return {"data_dir": _text(data), "epochs": epochs, "model_path": _text(out)}
 
-    from flows import get_flow
 
-    reporter = Reporter(False)
-    try:
-        settings = _settings(scheduler, workers, rules, exclude, config)
-        if not get_current_settings().api.url:
-            raise ConfigError(
-                "PREFECT_API_URL",
-                [("unset", "start a server (`prefect server start`) and export "
-                  "PREFECT_API_URL=http://127.0.0.1:4200/api", None)],
-            )  # fmt: skip
-        if cron is not None and interval is not None:
-            raise ConfigError("--cron/--interval", [("both", "give one schedule", None)])
-        parameters = flow_parameters(
-            name,
-            list(inputs or []),
-            out=out,
-            model=model,
-            annotations=annotations,
-            reference=reference,
-            slides_dir=slides_dir,
-            masks=masks,
-            extra=extra,
-            store=store,
-            data=data,
-            epochs=epochs,
-            overwrite=False,
-            config=config,
-            settings=settings,
-        )
-        flow = get_flow(name)
-    except ConfigError as exc:
-        _fail_usage(reporter, exc, "deploy")
-    # By module path: the runner imports flows.NAME (a file path would load it as a script).
-    target = flow.to_deployment(
-        name=deployment or f"wsiflow-{name}",
-        parameters=parameters,
-        cron=cron,
-        interval=None if interval is None else timedelta(seconds=interval),
-        tags=["wsiflow"],
-        entrypoint_type=EntrypointType.MODULE_PATH,
-    )
-    reporter.console.print(
-        f"serving {flow.name}/{target.name}"
-        + (f" on schedule {cron or f'every {interval:g} s'}" if cron or interval else "")
-        + "; Ctrl+C stops"
-    )
-    serve(target, print_starting_message=False)
+BUILDERS: dict[str, Callable[..., dict[str, Any]]] = {
+    "tile": tile_parameters,
+    "train": train_parameters,
+    "infer": infer_parameters,
+    "evaluate": evaluate_parameters,
+    "camelyon": camelyon_parameters,
+    "mnist": mnist_parameters,
+}
 
 
 def _settings(
+    config: Path | None,
     scheduler: str | None,
     workers: int | None,
-    rules: str | None,
-    exclude: list[str] | None,
-    config: Path | None,
+    rules: str | None = None,
+    exclude: list[str] | None = None,
 ) -> dict[str, Any]:
     """The config overrides the options give; ``ConfigError`` for bad values.
 
@@ -350,6 +255,182 @@ def _settings(
         settings["evaluation.exclude"] = [*configured, *exclude]
     _load(config, settings)
     return settings
+
+
+class _StageGroup(TyperGroup):
+    """A command group that names the stages when given one it does not have."""
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            ctx.fail(f"{args[0]}: unknown flow; expected {FLOWS_HELP}")
+        return super().resolve_command(ctx, args)
+
+
+flow_app = typer.Typer(
+    cls=_StageGroup,
+    no_args_is_help=True,
+    help="Run a Prefect flow (Dask task runner, retries, caching, artifacts).\n\n"
+    "Uses the Prefect server in PREFECT_API_URL, or a temporary local one. One failing "
+    "slide does not fail the flow: it is listed, and the exit code is 1. A second run is "
+    "served from Prefect's cache.",
+)
+deploy_app = typer.Typer(
+    cls=_StageGroup,
+    no_args_is_help=True,
+    help="Serve a flow as a Prefect deployment with a schedule, until interrupted.\n\n"
+    "Needs a Prefect server (PREFECT_API_URL, e.g. `prefect server start`). Every "
+    "scheduled or manual run (`prefect deployment run NAME/DEPLOYMENT`) uses these "
+    "parameters; e.g. nightly inference over a watched folder, which predicts only the "
+    "slides not done yet:\n\n\b\nwsiflow deploy infer /data/incoming --model models/best "
+    '--out results --cron "0 2 * * *"',
+)
+app.add_typer(flow_app, name="flow")
+app.add_typer(deploy_app, name="deploy")
+
+
+def _flow_options(
+    rules: RulesOption = None,
+    exclude: ExcludeOption = None,
+    scheduler: SchedulerOption = None,
+    workers: WorkersOption = None,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """The options `flow STAGE` adds to the stage's own (rules/exclude: evaluate only)."""
+
+
+def _deploy_options(
+    cron: Annotated[
+        str | None, typer.Option("--cron", help='A cron schedule, e.g. "0 2 * * *" (nightly).')
+    ] = None,
+    interval: Annotated[
+        float | None, typer.Option("--interval", min=1, help="Or run every this many seconds.")
+    ] = None,
+    deployment: Annotated[
+        str | None, typer.Option("--name", help="Deployment name (default: wsiflow-NAME).")
+    ] = None,
+    rules: RulesOption = None,
+    exclude: ExcludeOption = None,
+    scheduler: SchedulerOption = None,
+    workers: WorkersOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """The options `deploy STAGE` adds to the stage's own (rules/exclude: evaluate only)."""
+
+
+def _command(
+    builder: Callable[..., dict[str, Any]],
+    options: Callable[..., None],
+    body: Callable[[dict[str, Any], dict[str, Any]], None],
+    *,
+    drop: tuple[str, ...] = (),
+) -> Callable[..., None]:
+    """A command whose options are ``builder``'s (less ``drop``) followed by ``options``'.
+
+    ``body(stage_kwargs, option_kwargs)`` runs it. Typer reads the signature.
+    """
+    stage = [
+        p
+        for p in list(inspect.signature(builder, eval_str=True).parameters.values())[1:]
+        if p.name not in drop
+    ]
+    shared = list(inspect.signature(options, eval_str=True).parameters.values())
+    if builder is not evaluate_parameters:
+        shared = [p for p in shared if p.name not in ("rules", "exclude")]
+    names = {p.name for p in stage}
+
+    def command(**kwargs: Any) -> None:
+        body(
+            {k: v for k, v in kwargs.items() if k in names},
+            {k: v for k, v in kwargs.items() if k not in names},
+        )
+
+    command.__signature__ = inspect.Signature([*stage, *shared])  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in (*stage, *shared)}
+    command.__doc__ = builder.__doc__
+    return command
+
+
+def _run_flow(name: str, builder: Callable[..., dict[str, Any]]) -> Callable[..., None]:
+    def body(stage: dict[str, Any], options: dict[str, Any]) -> None:
+        from flows.runtime import run_flow
+
+        reporter = Reporter(options["as_json"])
+        try:
+            settings = _settings(
+                options["config"],
+                options["scheduler"],
+                options["workers"],
+                options.get("rules"),
+                options.get("exclude"),
+            )
+            parameters = builder(Common(options["config"], settings), **stage)
+        except ConfigError as exc:
+            _fail_usage(reporter, exc, "flow")
+        try:
+            summary = run_flow(name, parameters)
+        except (WsiflowError, ValueError, FileNotFoundError) as exc:
+            _fail_data(reporter, exc, f"flow {name}")
+        _print_summary(reporter, summary)
+        failures = summary.get("failures", [])
+        reporter.finish({"command": "flow", "ok": not failures, **summary}, 1 if failures else 0)
+
+    return _command(builder, _flow_options, body)
+
+
+def _serve_deployment(name: str, builder: Callable[..., dict[str, Any]]) -> Callable[..., None]:
+    def body(stage: dict[str, Any], options: dict[str, Any]) -> None:
+        from prefect import serve
+        from prefect.deployments.runner import EntrypointType
+        from prefect.settings import get_current_settings
+
+        from flows import get_flow
+
+        reporter = Reporter(False)
+        cron, interval = options["cron"], options["interval"]
+        try:
+            if not get_current_settings().api.url:
+                raise ConfigError(
+                    "PREFECT_API_URL",
+                    [("unset", "start a server (`prefect server start`) and export "
+                      "PREFECT_API_URL=http://127.0.0.1:4200/api", None)],
+                )  # fmt: skip
+            if cron is not None and interval is not None:
+                raise ConfigError("--cron/--interval", [("both", "give one schedule", None)])
+            settings = _settings(
+                options["config"],
+                options["scheduler"],
+                options["workers"],
+                options.get("rules"),
+                options.get("exclude"),
+            )
+            parameters = builder(Common(options["config"], settings), **stage)
+            flow = get_flow(name)
+        except ConfigError as exc:
+            _fail_usage(reporter, exc, "deploy")
+        # By module path: the runner imports flows.NAME (a file path would load it as a script).
+        target = flow.to_deployment(
+            name=options["deployment"] or f"wsiflow-{name}",
+            parameters=parameters,
+            cron=cron,
+            interval=None if interval is None else timedelta(seconds=interval),
+            tags=["wsiflow"],
+            entrypoint_type=EntrypointType.MODULE_PATH,
+        )
+        reporter.console.print(
+            f"serving {flow.name}/{target.name}"
+            + (f" on schedule {cron or f'every {interval:g} s'}" if cron or interval else "")
+            + "; Ctrl+C stops"
+        )
+        serve(target, print_starting_message=False)
+
+    # A schedule never redoes finished slides: deployments take no --overwrite.
+    return _command(builder, _deploy_options, body, drop=("overwrite",))
+
+
+for _name, _builder in BUILDERS.items():
+    flow_app.command(name=_name)(_run_flow(_name, _builder))
+    deploy_app.command(name=_name)(_serve_deployment(_name, _builder))
 
 
 def _print_summary(reporter: Reporter, summary: dict[str, Any]) -> None:
