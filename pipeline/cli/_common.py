@@ -43,6 +43,13 @@ SlidesArgument = Annotated[
 SchedulerOption = Annotated[
     str | None, typer.Option("--scheduler", help="Existing Dask scheduler address (tcp://...).")
 ]
+SlideMppOption = Annotated[
+    float | None,
+    typer.Option(
+        "--slide-mpp",
+        help="Level-0 µm/px for slides that record none (TCGA, DICOM without spacing).",
+    ),
+]
 RedoOption = Annotated[bool, typer.Option("--overwrite", help="Redo slides already complete.")]
 
 

@@ -18,6 +18,7 @@ from ._common import (
     RedoOption,
     Reporter,
     SchedulerOption,
+    SlideMppOption,
     SlidesArgument,
     _check_workers,
     _fail_data,
@@ -42,13 +43,7 @@ def infer(
         int | None,
         typer.Option("--stride", help="Grid step in patch pixels (< patch size: overlap)."),
     ] = None,
-    slide_mpp: Annotated[
-        float | None,
-        typer.Option(
-            "--slide-mpp",
-            help="Level-0 µm/px for slides that record none (TCGA, DICOM without spacing).",
-        ),
-    ] = None,
+    slide_mpp: SlideMppOption = None,
     threshold: Annotated[
         float | None, typer.Option("--threshold", help="Heatmap probability for detections.")
     ] = None,

@@ -257,6 +257,20 @@ def _settings(
     return settings
 
 
+def _parameters(
+    builder: Callable[..., dict[str, Any]], stage: dict[str, Any], options: dict[str, Any]
+) -> dict[str, Any]:
+    """The flow's parameters from a command's stage options and common options."""
+    settings = _settings(
+        options["config"],
+        options["scheduler"],
+        options["workers"],
+        options.get("rules"),
+        options.get("exclude"),
+    )
+    return builder(Common(options["config"], settings), **stage)
+
+
 class _StageGroup(TyperGroup):
     """A command group that names the stages when given one it does not have."""
 
@@ -357,14 +371,7 @@ def _run_flow(name: str, builder: Callable[..., dict[str, Any]]) -> Callable[...
 
         reporter = Reporter(options["as_json"])
         try:
-            settings = _settings(
-                options["config"],
-                options["scheduler"],
-                options["workers"],
-                options.get("rules"),
-                options.get("exclude"),
-            )
-            parameters = builder(Common(options["config"], settings), **stage)
+            parameters = _parameters(builder, stage, options)
         except ConfigError as exc:
             _fail_usage(reporter, exc, "flow")
         try:
@@ -397,14 +404,7 @@ def _serve_deployment(name: str, builder: Callable[..., dict[str, Any]]) -> Call
                 )  # fmt: skip
             if cron is not None and interval is not None:
                 raise ConfigError("--cron/--interval", [("both", "give one schedule", None)])
-            settings = _settings(
-                options["config"],
-                options["scheduler"],
-                options["workers"],
-                options.get("rules"),
-                options.get("exclude"),
-            )
-            parameters = builder(Common(options["config"], settings), **stage)
+            parameters = _parameters(builder, stage, options)
             flow = get_flow(name)
         except ConfigError as exc:
             _fail_usage(reporter, exc, "deploy")

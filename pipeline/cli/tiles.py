@@ -24,6 +24,7 @@ from ._common import (
     RedoOption,
     Reporter,
     SchedulerOption,
+    SlideMppOption,
     SlidesArgument,
     _check_workers,
     _fail_data,
@@ -64,13 +65,7 @@ def tile(
     patch_size: Annotated[
         int | None, typer.Option("--patch-size", help="Patch side in pixels.")
     ] = None,
-    slide_mpp: Annotated[
-        float | None,
-        typer.Option(
-            "--slide-mpp",
-            help="Level-0 µm/px for slides that record none (TCGA, DICOM without spacing).",
-        ),
-    ] = None,
+    slide_mpp: SlideMppOption = None,
     stride: Annotated[int | None, typer.Option("--stride", help="Grid step in pixels.")] = None,
     scheduler: SchedulerOption = None,
     workers: Annotated[
