@@ -33,7 +33,7 @@ class Resolution:
     patch_px: int
     read_px: int
     read_stride_px: int
-    #: Set when the slide records no mpp and it was assumed from the objective power.
+    #: Set when the slide records no mpp and it was taken from --slide-mpp or its objective.
     note: str | None = None
 
     @property

@@ -55,7 +55,7 @@ class SlideInference:
     detections: int = 0
     reason: str = ""
     seconds: float = 0.0
-    #: Assumptions made about the slide (an mpp from its objective power), one line each.
+    #: Assumptions made about the slide (an mpp from --slide-mpp or its objective), one each.
     warnings: tuple[str, ...] = ()
 
     def summary_row(self) -> dict[str, Any]:

@@ -109,6 +109,12 @@ class Common:
     def parameters(self) -> dict[str, Any]:
         return {"config": _text(self.config), "settings": self.settings or None}
 
+    def with_settings(self, extra: dict[str, Any]) -> Common:
+        """These options with ``extra`` settings too; ``ConfigError`` for bad values."""
+        settings = {**self.settings, **extra}
+        _load(self.config, settings)
+        return Common(self.config, settings)
+
 
 def _text(path: Path | str | None) -> str | None:
     """An absolute path, or a URL as given: deployments run elsewhere."""
@@ -180,8 +186,15 @@ def evaluate_parameters(
     slides_dir: SlidesDirOption = None,
     masks: MasksOption = None,
     out: ReportOut = None,
+    rules: RulesOption = None,
+    exclude: ExcludeOption = None,
 ) -> dict[str, Any]:
     """CAMELYON16 slide AUC and lesion FROC of an inference output folder."""
+    extra: dict[str, Any] = {} if rules is None else {"evaluation.rules": rules}
+    if exclude:  # added to evaluation.exclude, as `wsiflow evaluate` does
+        configured = _load(common.config, common.settings).evaluation.exclude
+        extra["evaluation.exclude"] = [*configured, *exclude]
+    common = common.with_settings(extra)
     return {
         "results_dir": _text(_need("evaluate", "RESULTS", results)),
         "reference": _text(_need("evaluate", "--reference", reference)),
@@ -232,43 +245,17 @@ BUILDERS: dict[str, Callable[..., dict[str, Any]]] = {
 }
 
 
-def _settings(
-    config: Path | None,
-    scheduler: str | None,
-    workers: int | None,
-    rules: str | None = None,
-    exclude: list[str] | None = None,
-) -> dict[str, Any]:
-    """The config overrides the options give; ``ConfigError`` for bad values.
-
-    ``--exclude`` adds to ``evaluation.exclude``, as `wsiflow evaluate` does.
-    """
-    settings: dict[str, Any] = {}
-    if scheduler is not None:
-        settings["orchestration.scheduler"] = scheduler
-    if workers is not None:
-        settings["orchestration.workers"] = workers
-    if rules is not None:
-        settings["evaluation.rules"] = rules
-    if exclude:
-        configured = _load(config, settings).evaluation.exclude
-        settings["evaluation.exclude"] = [*configured, *exclude]
-    _load(config, settings)
-    return settings
-
-
 def _parameters(
     builder: Callable[..., dict[str, Any]], stage: dict[str, Any], options: dict[str, Any]
 ) -> dict[str, Any]:
     """The flow's parameters from a command's stage options and common options."""
-    settings = _settings(
-        options["config"],
-        options["scheduler"],
-        options["workers"],
-        options.get("rules"),
-        options.get("exclude"),
-    )
-    return builder(Common(options["config"], settings), **stage)
+    settings: dict[str, Any] = {}
+    if options["scheduler"] is not None:
+        settings["orchestration.scheduler"] = options["scheduler"]
+    if options["workers"] is not None:
+        settings["orchestration.workers"] = options["workers"]
+    common = Common(options["config"], {}).with_settings(settings)
+    return builder(common, **stage)
 
 
 class _StageGroup(TyperGroup):
@@ -303,14 +290,12 @@ app.add_typer(deploy_app, name="deploy")
 
 
 def _flow_options(
-    rules: RulesOption = None,
-    exclude: ExcludeOption = None,
     scheduler: SchedulerOption = None,
     workers: WorkersOption = None,
     config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """The options `flow STAGE` adds to the stage's own (rules/exclude: evaluate only)."""
+    """The options `flow STAGE` adds to the stage's own."""
 
 
 def _deploy_options(
@@ -323,13 +308,11 @@ def _deploy_options(
     deployment: Annotated[
         str | None, typer.Option("--name", help="Deployment name (default: wsiflow-NAME).")
     ] = None,
-    rules: RulesOption = None,
-    exclude: ExcludeOption = None,
     scheduler: SchedulerOption = None,
     workers: WorkersOption = None,
     config: ConfigOption = None,
 ) -> None:
-    """The options `deploy STAGE` adds to the stage's own (rules/exclude: evaluate only)."""
+    """The options `deploy STAGE` adds to the stage's own."""
 
 
 def _command(
@@ -349,8 +332,6 @@ def _command(
         if p.name not in drop
     ]
     shared = list(inspect.signature(options, eval_str=True).parameters.values())
-    if builder is not evaluate_parameters:
-        shared = [p for p in shared if p.name not in ("rules", "exclude")]
     names = {p.name for p in stage}
 
     def command(**kwargs: Any) -> None:
