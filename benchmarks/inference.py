@@ -128,7 +128,7 @@ def _measure(slide: Path, model_dir: Path, args) -> dict[str, float]:
     from pipeline.config import InferenceConfig
     from pipeline.extract import read_patch
     from pipeline.heatmap import HeatmapAccumulator
-    from pipeline.infer_tasks import model_spec, plan_inference, predict_streamed
+    from pipeline.infer_tasks import Block, model_spec, plan_inference, predict_streamed
     from pipeline.inference import _Stitching, _write_slide
     from pipeline.slide import open_slide
 
@@ -164,14 +164,14 @@ def _measure(slide: Path, model_dir: Path, args) -> dict[str, float]:
     plan = plan_inference(str(slide), spec, None)
     planned = time.perf_counter()
     accumulator = HeatmapAccumulator(plan.grid)
-    probabilities = predict_streamed(
-        predictor, plan.path, res.level, plan.level_xy, res.read_px, res.patch_px,
+    block = Block(
+        plan.path, str(model_dir), res.level, plan.level_xy, res.read_px, res.patch_px,
         args.batch, config.queue_batches,
     )  # fmt: skip
+    probabilities = predict_streamed(predictor, block)
     streamed = time.perf_counter()
     accumulator.add(plan.grid_ij, probabilities)
-    stitching = _Stitching(plan, "bench", accumulator, 0, started)
-    _write_slide(out, plan, stitching, spec, config)
+    _write_slide(out, _Stitching(plan, accumulator), spec, config, streamed - started)
     done = time.perf_counter()
     e2e = n / (done - started)
     cores = os.cpu_count() or 1

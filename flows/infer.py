@@ -8,15 +8,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from flows import artifacts
-from flows.runtime import (
-    CACHE_EXPIRATION,
-    cache_key,
-    cpu_count,
-    load,
-    settle,
-    task_options,
-    task_runner,
-)
+from flows.runtime import cpu_count, load, settle, task_options, task_runner
 from pipeline.config import InferenceConfig, OrchestrationConfig, WsiflowConfig
 from pipeline.errors import ModelError, failure_reason
 from pipeline.grid import slide_id_of
@@ -25,18 +17,10 @@ from pipeline.inference import (
     SlideInference,
     infer_slide,
     record_inference,
-    slide_fingerprint,
+    summarize,
     unique_slides,
 )
 from pipeline.outputs import claim_folder
-from pipeline.results import is_complete, read_manifest, slide_files
-
-
-def _infer_key(context: Any, parameters: dict[str, Any]) -> str:
-    path = Path(parameters["slide"])
-    out = str(Path(parameters["out_dir"]).resolve())
-    digest = slide_fingerprint(path, parameters["spec"], parameters["config"])
-    return cache_key("infer", out, slide_id_of(path), digest)
 
 
 def _infer_name() -> str:
@@ -45,12 +29,7 @@ def _infer_name() -> str:
     return f"infer-{slide_id_of(Path(task_run.parameters['slide']))}"
 
 
-@task(
-    task_run_name=_infer_name,
-    cache_key_fn=_infer_key,
-    cache_expiration=CACHE_EXPIRATION,
-    persist_result=True,
-)
+@task(task_run_name=_infer_name)
 def infer_slide_task(
     slide: str,
     spec: ModelSpec,
@@ -59,7 +38,11 @@ def infer_slide_task(
     overwrite: bool = False,
     tf_threads: int | None = None,
 ) -> tuple[SlideInference, str]:
-    """Predict one slide into ``out_dir``; its result and fingerprint (raises its error)."""
+    """Predict one slide into ``out_dir``; its result and fingerprint (raises its error).
+
+    ``skipped`` when ``inference.json`` records its outputs complete for the same
+    slide, model and settings: the one record of what is done.
+    """
     return infer_slide(
         Path(slide), spec, Path(out_dir), config, overwrite=overwrite, tf_threads=tf_threads
     )
@@ -109,24 +92,15 @@ def infer_slides_flow(
     inference = cfg.inference
     spec = model_spec(model_dir, inference.min_tissue_fraction)  # ModelError: the flow fails
     out = claim_folder(out_dir, "inference")  # never a folder of the user's
-    manifest = read_manifest(out)
     threads = tf_threads(inference, cfg.orchestration)
     submitted, duplicates = unique_slides(find_slides([Path(s) for s in slides]))
     outcomes: list[tuple[SlideInference, str | None]] = [(d, None) for d in duplicates]
-    futures = []
-    for path in submitted:
-        slide_id = slide_id_of(path)
-        digest = slide_fingerprint(path, spec, inference)
-        complete = is_complete(out, slide_id, digest, manifest)
-        options = task_options(cfg.orchestration, io=True, refresh=overwrite or not complete)
-        futures.append(
-            infer_slide_task.with_options(**options).submit(
-                str(path), spec, str(out), inference, overwrite, threads
-            )
-        )
-    cached = 0
+    infer = infer_slide_task.with_options(**task_options(cfg.orchestration, io=True, cache=False))
+    futures = [
+        infer.submit(str(p), spec, str(out), inference, overwrite, threads) for p in submitted
+    ]
     model_errors = []
-    for path, (outcome, error, state) in zip(submitted, settle(futures), strict=True):
+    for path, (outcome, error, _) in zip(submitted, settle(futures), strict=True):
         if error is not None:
             if isinstance(error, ModelError):
                 model_errors.append(error)
@@ -136,31 +110,12 @@ def infer_slides_flow(
             logger.error("failed: %s", failed.reason)
             outcomes.append((failed, None))
             continue
-        cached += state == "Cached"
         outcomes.append(outcome)
     record_inference(out, spec, inference, outcomes)
     if model_errors:  # not the slides' fault: no slide can be done with this model
         raise model_errors[0]
-    results = [result for result, _ in outcomes]
-    rows = [r.summary_row() for r in results]
-    summary = {
-        "flow": "infer",
-        "model_dir": model_dir,
-        "out": str(out),
-        "slides": len(results),
-        "done": sum(r.status == "done" for r in results),
-        "skipped": sum(r.status == "skipped" for r in results),
-        "cached": cached,
-        "patches": sum(r.patches for r in results if r.status != "failed"),
-        "scores": {r.slide_id: r.score for r in results if r.score is not None},
-        "failures": artifacts.failures(rows),
-        "per_slide": rows,
-        "heatmaps": {
-            r.slide_id: str(slide_files(out, r.slide_id)["overlay_png"])
-            for r in results
-            if r.status != "failed"
-        },
-    }
+    summary = {"flow": "infer", **summarize([result for result, _ in outcomes], out, model_dir)}
+    rows = summary["per_slide"]
     artifacts.slides_table("infer-slides", rows, f"Inference into {out}: one row per slide")
     artifacts.summary_markdown(
         "infer-summary",

@@ -103,9 +103,13 @@ def transient(task: Task, task_run: Any, state: Any) -> bool:
 
 
 def task_options(
-    orchestration: OrchestrationConfig, *, io: bool, refresh: bool = False
+    orchestration: OrchestrationConfig, *, io: bool, refresh: bool = False, cache: bool = True
 ) -> dict[str, Any]:
-    """``Task.with_options`` arguments: retries with back-off for I/O tasks, caching if on."""
+    """``Task.with_options`` arguments: retries with back-off for I/O tasks, caching if on.
+
+    ``cache=False`` for tasks that decide for themselves whether their output
+    is complete (tiling and inference check the store's or outputs' fingerprint).
+    """
     options: dict[str, Any] = {}
     if io and orchestration.retries:
         options.update(
@@ -115,7 +119,7 @@ def task_options(
             else 0,
             retry_condition_fn=transient,
         )
-    if orchestration.cache:
+    if cache and orchestration.cache:
         options["refresh_cache"] = refresh
     else:
         options.update(cache_policy=NO_CACHE, cache_key_fn=None)

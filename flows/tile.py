@@ -8,37 +8,23 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from flows import artifacts
-from flows.runtime import (
-    CACHE_EXPIRATION,
-    cache_key,
-    load,
-    settle,
-    task_options,
-    task_runner,
-)
+from flows.runtime import load, settle, task_options, task_runner
 from pipeline.config import TilingConfig, WsiflowConfig
 from pipeline.errors import failure_reason
-from pipeline.plan import SlideJob, job_fingerprint
-from pipeline.store import canonical, completed_fingerprint, location, open_root, store_bytes
-from pipeline.tiling import SlideResult, make_jobs, record_results, tile_slide
+from pipeline.plan import SlideJob
+from pipeline.store import location, open_root
+from pipeline.tiling import SlideResult, make_jobs, record_results, summarize, tile_slide
 
 
-def _tile_key(context: Any, parameters: dict[str, Any]) -> str:
-    job: SlideJob = parameters["job"]
-    store = canonical(parameters["store"])
-    return cache_key("tile", store, job.slide_id, job_fingerprint(job, parameters["config"]))
-
-
-@task(
-    task_run_name="tile-{job.slide_id}",
-    cache_key_fn=_tile_key,
-    cache_expiration=CACHE_EXPIRATION,
-    persist_result=True,
-)
+@task(task_run_name="tile-{job.slide_id}")
 def tile_slide_task(
     job: SlideJob, store: str, config: TilingConfig, overwrite: bool = False
 ) -> SlideResult:
-    """Tile one slide into its group of ``store`` (raises the slide's error)."""
+    """Tile one slide into its group of ``store`` (raises the slide's error).
+
+    ``skipped`` when its group is complete with the same inputs and config:
+    the store's fingerprint is the one record of what is done.
+    """
     return tile_slide(job, store, config, overwrite=overwrite)
 
 
@@ -54,9 +40,8 @@ def tile_flow(
     """Tile slides (files or folders) into the patch store ``store``, one task per slide.
 
     A failing slide is listed in the result and the ``tile-slides`` artifact;
-    the others go on and the flow completes. A slide whose task already ran
-    on the same slide, annotation and config is served from Prefect's cache,
-    unless its group in the store is gone or incomplete. The tasks run on
+    the others go on and the flow completes. A slide whose group is complete
+    for the same slide, annotation and config is skipped. The tasks run on
     the configured Dask cluster (``orchestration``), in a subflow.
     """
     cfg = load(config, settings)
@@ -79,40 +64,22 @@ def tile_slides_flow(
     paths = find_slides([Path(s) for s in slides])
     jobs, results = make_jobs(paths, Path(annotations) if annotations else None)
     store_path = location(store)
-    root = open_root(store_path)  # once, here: the per-slide tasks only add their own groups
-    futures = []
-    for job in jobs:
-        complete = completed_fingerprint(root, job.slide_id) == job_fingerprint(job, cfg.tiling)
-        options = task_options(cfg.orchestration, io=True, refresh=overwrite or not complete)
-        tile = tile_slide_task.with_options(**options)
-        futures.append(tile.submit(job, store_path, cfg.tiling, overwrite))
-    cached = 0
-    for job, (result, error, state) in zip(jobs, settle(futures), strict=True):
+    open_root(store_path)  # created once, here: the per-slide tasks only add their own groups
+    tile = tile_slide_task.with_options(**task_options(cfg.orchestration, io=True, cache=False))
+    futures = [tile.submit(job, store_path, cfg.tiling, overwrite) for job in jobs]
+    for job, (result, error, _) in zip(jobs, settle(futures), strict=True):
         if error is not None:
             reason = failure_reason(job.path, error)
             result = SlideResult(job.slide_id, str(job.path), "failed", reason=reason)
             logger.error("failed: %s", result.reason)
-        cached += state == "Cached"
         for warning in result.warnings:
             logger.warning(warning)
         results.append(result)
     order = {str(p): i for i, p in enumerate(paths)}
     results.sort(key=lambda r: order.get(r.path, len(order)))
     record_results(store_path, results)
-    rows = [r.summary_row() for r in results]
-    summary = {
-        "flow": "tile",
-        "store": store_path,
-        "slides": len(results),
-        "done": sum(r.status == "done" for r in results),
-        "skipped": sum(r.status == "skipped" for r in results),
-        "cached": cached,
-        "patches": sum(r.patches for r in results if r.status != "failed"),
-        "tumor_patches": sum(r.tumor_patches for r in results if r.status != "failed"),
-        "store_bytes": store_bytes(store_path),
-        "failures": artifacts.failures(rows),
-        "per_slide": rows,
-    }
+    summary = {"flow": "tile", **summarize(results, store_path, cfg.tiling.patch_px)}
+    rows = summary["per_slide"]
     artifacts.slides_table("tile-slides", rows, f"Patch store {store_path}: one row per slide")
     artifacts.summary_markdown(
         "tile-summary",

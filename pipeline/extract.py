@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import cv2
@@ -88,19 +89,30 @@ def _cached_patches(store_path: str, slide_id: str, token: str) -> Any:
     )
 
 
-def extract_chunk(
-    slide_path: str,
-    store_path: str,
-    slide_id: str,
-    token: str,
-    start: int,
-    level: int,
-    level_xy: np.ndarray,
-    read_px: int,
-    patch_px: int,
-    passthrough: bool = False,
-    verify: bool = True,
-) -> int:
+@dataclass(frozen=True, eq=False)
+class Chunks:
+    """Whole store chunks of one slide's patches to extract: what a tiling task is given.
+
+    ``level_xy`` is ``(n, 2)`` int64 top-left corners in ``level`` pixels of the
+    patches from index ``start`` on; ``read_px`` level pixels are read per patch
+    and resampled to ``patch_px``. ``token`` names the (re)created group, so a
+    worker never writes through an array it opened for an earlier one.
+    """
+
+    slide_path: str
+    store_path: str
+    slide_id: str
+    token: str
+    start: int
+    level: int
+    level_xy: np.ndarray
+    read_px: int
+    patch_px: int
+    passthrough: bool = False  # copy the stored JPEG tiles as they are
+    verify: bool = True  # decode each copied tile once as a check
+
+
+def extract_chunk(task: Chunks) -> int:
     """Read a block of whole chunks' patches and write them into the store; return how many.
 
     One chunk's patches are in memory at a time. Image-codec stores get each
@@ -109,7 +121,10 @@ def extract_chunk(
     source tiles' bytes, each decoded once as a check when ``verify``);
     lossless stores go through Zarr chunk by chunk.
     """
-    array = _cached_patches(store_path, slide_id, token)
+    slide_path, start, level, level_xy = task.slide_path, task.start, task.level, task.level_xy
+    read_px, patch_px = task.read_px, task.patch_px
+    passthrough, verify = task.passthrough, task.verify
+    array = _cached_patches(task.store_path, task.slide_id, task.token)
     codec = image_codec_of(array)
     chunk = array.chunks[0]
     if codec is None:

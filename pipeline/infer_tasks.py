@@ -153,19 +153,30 @@ def plan_inference(
     )
 
 
-def predict_block(
-    slide_path: str,
-    model_dir: str,
-    level: int,
-    level_xy: np.ndarray,
-    read_px: int,
-    patch_px: int,
-    batch_size: int,
-    queue_batches: int,
-    reader_threads: int = 1,
-    tf_threads: int | None = None,
-) -> np.ndarray:
-    """Return ``(N,)`` float32 tumor probabilities of the patches at ``level_xy``.
+@dataclass(frozen=True, eq=False)
+class Block:
+    """A block of one slide's patches to predict: what an inference task is given.
+
+    ``level_xy`` is ``(n, 2)`` int64 top-left corners in ``level`` pixels;
+    ``read_px`` level pixels are read per patch and resampled to ``patch_px``.
+    At most ``queue_batches`` batches of ``batch_size`` wait between the
+    ``reader_threads`` readers and the model.
+    """
+
+    slide_path: str
+    model_dir: str
+    level: int
+    level_xy: np.ndarray
+    read_px: int
+    patch_px: int
+    batch_size: int
+    queue_batches: int
+    reader_threads: int = 1
+    tf_threads: int | None = None  # None: TensorFlow's own default
+
+
+def predict_block(block: Block) -> np.ndarray:
+    """Return ``(N,)`` float32 tumor probabilities of the patches at ``block.level_xy``.
 
     Reader threads fill a queue of at most ``queue_batches`` batches while
     this thread predicts, so decoding overlaps the model and at most
@@ -173,33 +184,25 @@ def predict_block(
     """
     from models.predict import cached_predictor
 
-    predictor = cached_predictor(model_dir, batch_size=batch_size, threads=tf_threads)
-    return predict_streamed(
-        predictor, slide_path, level, level_xy, read_px, patch_px, batch_size, queue_batches,
-        reader_threads,
-    )  # fmt: skip
+    predictor = cached_predictor(
+        block.model_dir, batch_size=block.batch_size, threads=block.tf_threads
+    )
+    return predict_streamed(predictor, block)
 
 
-def predict_streamed(
-    predictor: Callable[[np.ndarray], np.ndarray],
-    slide_path: str,
-    level: int,
-    level_xy: np.ndarray,
-    read_px: int,
-    patch_px: int,
-    batch_size: int,
-    queue_batches: int,
-    reader_threads: int = 1,
-) -> np.ndarray:
+def predict_streamed(predictor: Callable[[np.ndarray], np.ndarray], block: Block) -> np.ndarray:
     """:func:`predict_block` with a given predictor (a callable on uint8 batches).
 
     ``reader_threads`` threads read every n-th batch each (a fast GPU needs
     more than one); batches are placed by their offset, so their order of
     arrival does not matter.
     """
+    slide_path, level, level_xy = block.slide_path, block.level, block.level_xy
+    read_px, patch_px, batch_size = block.read_px, block.patch_px, block.batch_size
+    reader_threads = block.reader_threads
+    batches: queue.Queue = queue.Queue(maxsize=block.queue_batches)
     n = len(level_xy)
     out = np.empty(n, dtype=np.float32)
-    batches: queue.Queue = queue.Queue(maxsize=queue_batches)
     stop = threading.Event()
 
     def put(item: tuple) -> bool:

@@ -13,25 +13,33 @@ complete for the same slide, model and settings is skipped.
 
 from __future__ import annotations
 
-import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from . import __version__
-from .cluster import submit_reporting, task_error
 from .config import InferenceConfig
+from .engine import Task, drive, failures, worker_count
 from .errors import ModelError, failure_reason
 from .grid import slide_id_of
 from .heatmap import HeatmapAccumulator, detect_lesions, heatmap_image, overlay, slide_score
-from .infer_tasks import InferencePlan, ModelSpec, model_spec, plan_inference, predict_block
+from .infer_tasks import (
+    Block,
+    InferencePlan,
+    ModelSpec,
+    model_spec,
+    plan_inference,
+    predict_block,
+)
 from .outputs import claim_folder
 from .results import (
     is_complete,
     outputs_exist,
     read_manifest,
+    slide_files,
     write_manifest,
     write_scores,
     write_slide_outputs,
@@ -100,125 +108,30 @@ def infer_slides(
     the file). ``on_planned(n)`` is called with each slide's patch count,
     ``on_patches(n)`` per predicted block and ``on_slide(result)`` per slide.
     """
-    from distributed import as_completed
-
     spec = model_spec(model_dir, config.min_tissue_fraction)
     out_dir = claim_folder(out_dir, "inference")
-    manifest = _manifest(out_dir, spec, config)
-    results: list[SlideInference] = []
-
-    def finish(result: SlideInference, digest: str | None = None) -> None:
-        _record(manifest, result, digest)
-        write_manifest(out_dir, manifest)
-        write_scores(out_dir, _complete_scores(out_dir, manifest))
-        results.append(result)
-        if on_slide is not None:
-            on_slide(result)
-
+    stage = _Inferring(out_dir, spec, config, tf_threads, manifest=_manifest(out_dir, spec, config))
+    stage.on_planned, stage.on_patches, stage.on_slide = on_planned, on_patches, on_slide
     unique, duplicates = unique_slides(slides)
     for duplicate in duplicates:
-        finish(duplicate)
-    pending: deque[tuple[Path, str]] = deque()
+        stage.report(duplicate)
+    pending = []
     for path in unique:
-        slide_id = slide_id_of(path)
-        digest = slide_fingerprint(path, spec, config)
-        if not overwrite and is_complete(out_dir, slide_id, digest, manifest):
-            finish(_skipped(path, manifest["slides"][slide_id]), digest)
+        triaged = triage(out_dir, path, spec, config, stage.manifest, overwrite=overwrite)
+        if isinstance(triaged, SlideInference):
+            stage.report(triaged, slide_fingerprint(path, spec, config))
         else:
-            pending.append((path, digest))
-
-    n_workers = max(1, len(client.scheduler_info().get("workers", {})))
-    in_flight_cap = 2 * n_workers + 1  # one block computing and one queued per worker
-    max_active = n_workers + 1  # slides planned but unfinished: bounds the driver's memory
-    block = config.batch_size * BATCHES_PER_TASK
-    plans: dict[Any, tuple[Path, str, float]] = {}
-    blocks: dict[Any, tuple[str, int]] = {}
-    block_queue: deque[tuple[str, int]] = deque()
-    active: dict[str, _Stitching] = {}
-    work = as_completed(loop=client.loop, with_results=True, raise_errors=False)
-
-    def submit_some() -> None:
-        while work.count() < in_flight_cap:
-            if pending and len(active) + len(plans) < max_active:
-                path, digest = pending.popleft()
-                future = submit_reporting(
-                    client, plan_inference, str(path), spec, config.stride_px, config.slide_mpp
-                )
-                plans[future] = (path, digest, time.perf_counter())
-            elif block_queue:
-                slide_id, start = block_queue.popleft()
-                if slide_id not in active:
-                    continue  # the slide failed meanwhile
-                plan = active[slide_id].plan
-                args = _block_args(plan, spec, config, start, block, tf_threads)
-                future = submit_reporting(client, predict_block, *args)
-                blocks[future] = (slide_id, start)
-            else:
-                return
-            work.add(future)
-
-    def fail(slide_id: str, path: Path | str, exc: BaseException) -> None:
-        active.pop(slide_id, None)
-        finish(SlideInference(slide_id, str(path), "failed", reason=failure_reason(path, exc)))
-
-    def complete(stitching: _Stitching) -> None:
-        plan = stitching.plan
-        del active[plan.slide_id]
-        try:
-            result = _write_slide(out_dir, plan, stitching, spec, config)
-        except Exception as exc:  # disk full, permissions...: this slide fails, others go on
-            fail(plan.slide_id, plan.path, exc)
-            return
-        finish(result, stitching.digest)
-
-    submit_some()
-    for future, outcome in work:
-        error = task_error(future, outcome)
-        if future in plans:
-            path, digest, started = plans.pop(future)
-            if error is not None:
-                fail(slide_id_of(path), path, error)
-            else:
-                plan: InferencePlan = outcome
-                stitching = _Stitching(
-                    plan,
-                    digest,
-                    HeatmapAccumulator(plan.grid),
-                    -(-len(plan.level_xy) // block),
-                    started,
-                )
-                active[plan.slide_id] = stitching
-                if on_planned is not None:
-                    on_planned(len(plan.level_xy))
-                if stitching.remaining == 0:
-                    complete(stitching)  # no tissue: an empty heatmap
-                else:
-                    block_queue.extend(
-                        (plan.slide_id, start) for start in range(0, len(plan.level_xy), block)
-                    )
-            submit_some()
-            continue
-        slide_id, start = blocks.pop(future)
-        stitching = active.get(slide_id)
-        if stitching is None:  # an earlier block of this slide failed
-            submit_some()
-            continue
-        if isinstance(error, ModelError):  # not this slide's fault: no slide can be done
-            raise error
-        if error is not None:
-            fail(slide_id, stitching.plan.path, error)
-            submit_some()
-            continue
-        plan = stitching.plan
-        stitching.accumulator.add(plan.grid_ij[start : start + len(outcome)], outcome)
-        stitching.remaining -= 1
-        if on_patches is not None:
-            on_patches(len(outcome))
-        if stitching.remaining == 0:
-            complete(stitching)
-        submit_some()
+            pending.append(triaged)
+    n_workers = worker_count(client)
+    drive(
+        client,
+        stage,
+        pending,
+        max_active=n_workers + 1,  # slides planned but unfinished: bounds the driver's memory
+        max_in_flight=2 * n_workers + 1,  # one block computing and one queued per worker
+    )
     order = {str(path): i for i, path in enumerate(slides)}
-    return sorted(results, key=lambda r: order.get(r.path, len(order)))
+    return sorted(stage.results, key=lambda r: order.get(r.path, len(order)))
 
 
 def infer_slide(
@@ -233,29 +146,137 @@ def infer_slide(
     """Predict one slide in this process; its result and fingerprint.
 
     For per-slide tasks (the Prefect flows run one per Dask worker thread):
-    the same plan, streamed prediction, stitching and outputs as
-    :func:`infer_slides`, one block after another. Raises the slide's typed
-    error (or :class:`ModelError`) instead of returning a failed result;
-    returns ``skipped`` when ``inference.json`` records it complete with the
-    same fingerprint. ``inference.json`` and ``scores.csv`` are left to one
-    writer (:func:`record_inference`), since concurrent tasks would race on them.
+    the same stage as :func:`infer_slides`, run inline. Raises the slide's
+    typed error (or :class:`ModelError`) instead of returning a failed
+    result; returns ``skipped`` when ``inference.json`` records it complete
+    with the same fingerprint. ``inference.json`` and ``scores.csv`` are left
+    to one writer (:func:`record_inference`), since concurrent tasks would race on them.
     """
     path, out_dir = Path(path), Path(out_dir)
+    manifest = read_manifest(out_dir)
+    triaged = triage(out_dir, path, spec, config, manifest, overwrite=overwrite)
+    if isinstance(triaged, SlideInference):
+        return triaged, slide_fingerprint(path, spec, config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = _Inferring(out_dir, spec, config, tf_threads, manifest=None)
+    drive(None, stage, [triaged])
+    result = stage.results[0]
+    if result.status == "failed":  # its outputs could not be written
+        raise stage.errors[0]
+    return result, triaged.digest
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A slide to predict: its path and the fingerprint its outputs will carry."""
+
+    path: Path
+    digest: str
+
+
+def triage(
+    out_dir: Path,
+    path: Path,
+    spec: ModelSpec,
+    config: InferenceConfig,
+    manifest: dict[str, Any],
+    *,
+    overwrite: bool,
+) -> SlideInference | Pending:
+    """The one idempotency check: skipped (outputs complete for this fingerprint) or to do."""
     slide_id = slide_id_of(path)
     digest = slide_fingerprint(path, spec, config)
-    manifest = read_manifest(out_dir)
     if not overwrite and is_complete(out_dir, slide_id, digest, manifest):
-        return _skipped(path, manifest["slides"][slide_id]), digest
-    started = time.perf_counter()
-    plan = plan_inference(str(path), spec, config.stride_px, config.slide_mpp)
-    accumulator = HeatmapAccumulator(plan.grid)
-    block = config.batch_size * BATCHES_PER_TASK
-    for start in range(0, len(plan.level_xy), block):
-        probabilities = predict_block(*_block_args(plan, spec, config, start, block, tf_threads))
-        accumulator.add(plan.grid_ij[start : start + len(probabilities)], probabilities)
-    stitching = _Stitching(plan, digest, accumulator, 0, started)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return _write_slide(out_dir, plan, stitching, spec, config), digest
+        return _skipped(path, manifest["slides"][slide_id])
+    return Pending(Path(path), digest)
+
+
+class _Inferring:
+    """Inference as an :class:`~pipeline.engine.Stage`: plan, predict blocks, stitch, write.
+
+    With a ``manifest`` each slide's outcome is recorded in ``inference.json``
+    and ``scores.csv`` as it finishes; without one that is left to the caller.
+    """
+
+    def __init__(
+        self,
+        out_dir: Path,
+        spec: ModelSpec,
+        config: InferenceConfig,
+        tf_threads: int | None,
+        *,
+        manifest: dict[str, Any] | None,
+    ) -> None:
+        self.out_dir, self.spec, self.config, self.tf_threads = out_dir, spec, config, tf_threads
+        self.manifest = manifest
+        self.block_patches = config.batch_size * BATCHES_PER_TASK
+        self.results: list[SlideInference] = []
+        self.errors: list[BaseException] = []
+        self.on_planned: Callable[[int], None] | None = None
+        self.on_patches: Callable[[int], None] | None = None
+        self.on_slide: Callable[[SlideInference], None] | None = None
+
+    def plan(self, item: Pending, waiting: int) -> Task:
+        config = self.config
+        return Task(plan_inference, (str(item.path), self.spec, config.stride_px, config.slide_mpp))
+
+    def start(self, item: Pending, plan: InferencePlan) -> tuple[_Stitching, list[Task]]:
+        if self.on_planned is not None:
+            self.on_planned(len(plan.level_xy))
+        config, n, step = self.config, len(plan.level_xy), self.block_patches
+        blocks = [
+            Block(
+                slide_path=plan.path,
+                model_dir=self.spec.model_dir,
+                level=plan.resolution.level,
+                level_xy=plan.level_xy[start : start + step],
+                read_px=plan.resolution.read_px,
+                patch_px=plan.resolution.patch_px,
+                batch_size=config.batch_size,
+                queue_batches=config.queue_batches,
+                reader_threads=config.reader_threads,
+                tf_threads=self.tf_threads,
+            )
+            for start in range(0, n, step)
+        ]
+        # No blocks (no tissue): an empty heatmap.
+        return _Stitching(plan, HeatmapAccumulator(plan.grid)), [
+            Task(predict_block, (b,)) for b in blocks
+        ]
+
+    def block_done(
+        self, item: Pending, stitching: _Stitching, index: int, probabilities: np.ndarray
+    ) -> None:
+        start = index * self.block_patches
+        grid_ij = stitching.plan.grid_ij[start : start + len(probabilities)]
+        stitching.accumulator.add(grid_ij, probabilities)
+        if self.on_patches is not None:
+            self.on_patches(len(probabilities))
+
+    def finish(self, item: Pending, stitching: _Stitching, seconds: float) -> None:
+        try:
+            result = _write_slide(self.out_dir, stitching, self.spec, self.config, seconds)
+        except Exception as exc:  # disk full, permissions...: this slide fails, others go on
+            self.fail(item, exc)
+            return
+        self.report(result, item.digest)
+
+    def fail(self, item: Pending, error: BaseException) -> None:
+        if isinstance(error, ModelError):  # not this slide's fault: no slide can be done
+            raise error
+        self.errors.append(error)
+        path = item.path
+        reason = failure_reason(path, error)
+        self.report(SlideInference(slide_id_of(path), str(path), "failed", reason=reason))
+
+    def report(self, result: SlideInference, digest: str | None = None) -> None:
+        if self.manifest is not None:
+            _record(self.manifest, result, digest)
+            write_manifest(self.out_dir, self.manifest)
+            write_scores(self.out_dir, _complete_scores(self.out_dir, self.manifest))
+        self.results.append(result)
+        if self.on_slide is not None:
+            self.on_slide(result)
 
 
 def unique_slides(slides: list[Path]) -> tuple[list[Path], list[SlideInference]]:
@@ -285,27 +306,28 @@ def _skipped(path: Path, previous: dict[str, Any]) -> SlideInference:
     )
 
 
-def _block_args(
-    plan: InferencePlan,
-    spec: ModelSpec,
-    config: InferenceConfig,
-    start: int,
-    block: int,
-    tf_threads: int | None,
-) -> tuple[Any, ...]:
-    """:func:`predict_block`'s arguments for the ``block`` patches from ``start`` on."""
-    return (
-        plan.path,
-        spec.model_dir,
-        plan.resolution.level,
-        plan.level_xy[start : start + block],
-        plan.resolution.read_px,
-        plan.resolution.patch_px,
-        config.batch_size,
-        config.queue_batches,
-        config.reader_threads,
-        tf_threads,
-    )
+def summarize(
+    results: list[SlideInference], out_dir: Path, model_dir: Path | str
+) -> dict[str, Any]:
+    """An inference run's summary, the same for every front end (CLI, flows)."""
+    out_dir = Path(out_dir)
+    kept = [r for r in results if r.status != "failed"]
+    return {
+        "model_dir": str(model_dir),
+        "out": str(out_dir),
+        "slides": len(results),
+        "done": sum(r.status == "done" for r in results),
+        "skipped": sum(r.status == "skipped" for r in results),
+        "failed": len(results) - len(kept),
+        "patches": sum(r.patches for r in kept),
+        "patches_predicted": sum(r.patches for r in results if r.status == "done"),
+        "scores": {r.slide_id: r.score for r in results if r.score is not None},
+        "heatmaps": {
+            r.slide_id: str(slide_files(out_dir, r.slide_id)["overlay_png"]) for r in kept
+        },
+        "failures": failures(results),
+        "per_slide": [r.summary_row() for r in results],
+    }
 
 
 def record_inference(
@@ -357,19 +379,14 @@ class _Stitching:
     """A planned slide whose blocks are being predicted (driver-side state)."""
 
     plan: InferencePlan
-    digest: str
     accumulator: HeatmapAccumulator
-    remaining: int
-    started: float
 
 
 def _write_slide(
-    out_dir: Path,
-    plan: InferencePlan,
-    stitching: _Stitching,
-    spec: ModelSpec,
-    config: InferenceConfig,
+    out_dir: Path, stitching: _Stitching, spec: ModelSpec, config: InferenceConfig, seconds: float
 ) -> SlideInference:
+    """Write a stitched slide's heatmap, detections, images and score; its result."""
+    plan = stitching.plan
     heatmap = stitching.accumulator.heatmap()
     detections = detect_lesions(heatmap, plan.grid, config.detection_threshold)
     score = slide_score(heatmap)
@@ -400,7 +417,7 @@ def _write_slide(
         patches=len(plan.level_xy),
         score=score,
         detections=len(detections),
-        seconds=round(time.perf_counter() - stitching.started, 2),
+        seconds=round(seconds, 2),
         warnings=(f"{plan.path}: {note}",) if (note := plan.attrs.get("mpp_assumed")) else (),
     )
 

@@ -15,27 +15,26 @@ only after every chunk of it was written.
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from .cluster import submit_reporting, task_error
 from .config import TilingConfig
+from .engine import Task, drive, failures, worker_count
 from .errors import AnnotationError, OutputWriteError, SlideError, failure_reason
-from .extract import extract_chunk
+from .extract import Chunks, extract_chunk
 from .grid import slide_id_of
 from .plan import SlideJob, SlidePlan, find_annotation, job_fingerprint, plan_slide
 from .store import (
     completed_attrs,
     create_slide_group,
+    file_identity,
     location,
     mark_complete,
     open_root,
     other_source,
+    store_bytes,
     update_summary,
     zarr_root,
 )
@@ -116,138 +115,138 @@ def tile_slides(
     is called as extraction totals become known, ``on_patches(n)`` per chunk
     written and ``on_slide(result)`` once per slide.
     """
-    from distributed import as_completed
-
     store_path = location(store_path)
     root = open_root(store_path)
-    jobs, results = make_jobs(slides, annotations_dir)
-    for result in results:
-        _finish(root, result, on_slide)
-    pending: list[tuple[SlideJob, str]] = []
+    n_workers = worker_count(client)
+    stage = _Tiling(root, store_path, config, n_workers, record=True)
+    stage.on_planned, stage.on_patches, stage.on_slide = on_planned, on_patches, on_slide
+    jobs, failures = make_jobs(slides, annotations_dir)
+    for result in failures:
+        stage.report(result)
+    pending = []
     for job in jobs:
-        digest = job_fingerprint(job, config)
-        done = completed_attrs(root, job.slide_id)
-        other = None if overwrite else other_source(done, job.path)
-        if other is not None:
-            result = SlideResult(
-                job.slide_id,
-                str(job.path),
-                "failed",
-                reason=f"{job.path}: {_other_source(job, store_path, other)}",
-            )
-            results.append(result)
-            _finish(root, result, on_slide)
-        elif not overwrite and done is not None and done.get("fingerprint") == digest:
-            result = _skipped(job, root.attrs.get("slides", {}).get(job.slide_id, {}))
-            results.append(result)
-            _finish(root, result, on_slide)
+        triaged = triage(root, store_path, job, config, overwrite=overwrite)
+        if isinstance(triaged, SlideResult):
+            stage.report(triaged)
         else:
-            pending.append((job, digest))
-
-    n_workers = max(1, len(client.scheduler_info().get("workers", {})))
-    in_flight_cap = max_in_flight or 4 * n_workers
-    max_active = 2 * n_workers  # slides planned but not finished: bounds the driver's memory
-    plan_queue = deque(pending)
-    chunk_queue: deque[tuple[str, int, np.ndarray]] = deque()
-    plans: dict[Any, tuple[SlideJob, str, float]] = {}  # future -> job, digest, start time
-    chunks: dict[Any, str] = {}
-    active: dict[str, _Writing] = {}  # planned slides still being written
-    # Results come with the completion events: future.result() would cost a
-    # synchronous round trip (~8 ms) per task in the driver.
-    work = as_completed(loop=client.loop, with_results=True, raise_errors=False)
-
-    def submit_some() -> None:
-        while work.count() < in_flight_cap:
-            # Plans first (at most max_active): the next slides are planned while this
-            # one is extracted, so workers never wait for a plan between slides.
-            if plan_queue and len(active) + len(plans) < max_active:
-                job, digest = plan_queue.popleft()
-                # A slide of copied tiles is one task, except the last few, whose
-                # extraction tasks spread over the workers as the cohort runs out.
-                copy_all = len(plan_queue) >= n_workers
-                future = submit_reporting(
-                    client, plan_and_start, job, config, store_path, digest, copy_all=copy_all
-                )
-                plans[future] = (job, digest, time.perf_counter())
-            elif chunk_queue:
-                slide_id, start, xy = chunk_queue.popleft()
-                if slide_id not in active:
-                    continue  # the slide failed meanwhile
-                writing = active[slide_id]
-                args = _chunk_args(writing.plan, store_path, writing.token, start, xy)
-                future = submit_reporting(client, extract_chunk, *args)
-                chunks[future] = slide_id
-            else:
-                return
-            work.add(future)
-
-    def fail(job: SlideJob, exc: BaseException) -> None:
-        if isinstance(exc, OutputWriteError):  # the store's disk: every slide would fail
-            raise exc
-        active.pop(job.slide_id, None)
-        result = SlideResult(
-            job.slide_id, str(job.path), "failed", reason=failure_reason(job.path, exc)
-        )
-        results.append(result)
-        _finish(root, result, on_slide)
-
-    submit_some()
-    for future, outcome in work:
-        error = task_error(future, outcome)
-        if future in plans:
-            job, digest, started = plans.pop(future)
-            if error is not None:
-                fail(job, error)
-                submit_some()
-                continue
-            if isinstance(outcome, Tiled):  # written and marked complete by the task
-                for report in (on_planned, on_patches):
-                    if report is not None:
-                        report(outcome.patches)
-                result = outcome.result(job, time.perf_counter() - started)
-                results.append(result)
-                _finish(root, result, on_slide)
-                submit_some()
-                continue
-            plan: SlidePlan = outcome
-            n = len(plan.table)
-            block = _block_patches(config, plan.passthrough, n, n_workers)
-            active[job.slide_id] = _Writing(
-                plan=plan,
-                token=_group_token(digest),
-                remaining=-(-n // block),
-                started=started,
-            )
-            chunk_queue.extend(
-                (job.slide_id, start, plan.table.level_xy[start : start + block])
-                for start in range(0, n, block)
-            )
-            if on_planned is not None:
-                on_planned(n)
-            submit_some()
-            continue
-        slide_id = chunks.pop(future)
-        writing = active.get(slide_id)
-        if writing is None:  # an earlier chunk of this slide failed
-            submit_some()
-            continue
-        plan = writing.plan
-        if error is not None:
-            fail(plan.job, error)
-            submit_some()
-            continue
-        if on_patches is not None:
-            on_patches(outcome)
-        writing.remaining -= 1
-        if writing.remaining == 0:
-            del active[slide_id]
-            tiled = _mark_complete(root[slide_id], plan)
-            result = tiled.result(plan.job, time.perf_counter() - writing.started)
-            results.append(result)
-            _finish(root, result, on_slide)
-        submit_some()
+            pending.append(triaged)
+    drive(
+        client,
+        stage,
+        pending,
+        # Slides planned but not finished: bounds the driver's memory.
+        max_active=2 * n_workers,
+        max_in_flight=max_in_flight or 4 * n_workers,
+    )
     order = {path: i for i, path in enumerate(map(str, slides))}
-    return sorted(results, key=lambda r: order.get(r.path, len(order)))
+    return sorted(stage.results, key=lambda r: order.get(r.path, len(order)))
+
+
+def tile_slide(
+    job: SlideJob, store_path: Path | str, config: TilingConfig, *, overwrite: bool = False
+) -> SlideResult:
+    """Tile one slide in this process: the same stage as :func:`tile_slides`, inline.
+
+    For per-slide tasks (the Prefect flows run one per Dask worker thread).
+    Raises the slide's typed error instead of returning a failed result;
+    returns ``skipped`` when its group is complete with the same inputs and
+    config. Writes only the slide's own group: the cohort summary in the root
+    attributes is left to one writer (:func:`record_results`), since
+    concurrent tasks would race on it.
+    """
+    store_path = location(store_path)
+    root = zarr_root(store_path)
+    triaged = triage(root, store_path, job, config, overwrite=overwrite)
+    if isinstance(triaged, SlideResult):
+        if triaged.status == "failed":
+            raise SlideError(job.path, triaged.reason.removeprefix(f"{job.path}: "))
+        return triaged
+    stage = _Tiling(root, store_path, config, workers=1, record=False)
+    drive(None, stage, [triaged])
+    return stage.results[0]
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A slide to tile: its job and the fingerprint its group will carry."""
+
+    job: SlideJob
+    digest: str
+
+
+def triage(
+    root: Any, store_path: str, job: SlideJob, config: TilingConfig, *, overwrite: bool
+) -> SlideResult | Pending:
+    """The one idempotency check: skipped (its group complete with this fingerprint),
+    failed (complete from another file), or still to tile."""
+    digest = job_fingerprint(job, config)
+    done = completed_attrs(root, job.slide_id)
+    other = None if overwrite else other_source(done, job.path)
+    if other is not None:
+        reason = f"{job.path}: {_other_source(job, store_path, other)}"
+        return SlideResult(job.slide_id, str(job.path), "failed", reason=reason)
+    if not overwrite and done is not None and done.get("fingerprint") == digest:
+        return _skipped(job, {**done, **root.attrs.get("slides", {}).get(job.slide_id, {})})
+    return Pending(job, digest)
+
+
+class _Tiling:
+    """Tiling as an :class:`~pipeline.engine.Stage`: plan and start a group, write chunks."""
+
+    def __init__(
+        self, root: Any, store_path: str, config: TilingConfig, workers: int, *, record: bool
+    ) -> None:
+        self.root, self.store_path, self.config = root, store_path, config
+        self.workers = workers
+        self.record = record  # keep the store's cohort summary up to date per slide
+        self.results: list[SlideResult] = []
+        self.on_planned: Callable[[int], None] | None = None
+        self.on_patches: Callable[[int], None] | None = None
+        self.on_slide: Callable[[SlideResult], None] | None = None
+
+    def plan(self, item: Pending, waiting: int) -> Task:
+        # A slide of copied tiles is one task, except the last few, whose
+        # extraction tasks spread over the workers as the cohort runs out.
+        copy_all = waiting >= self.workers
+        args = (item.job, self.config, self.store_path, item.digest)
+        return Task(plan_and_start, args, {"copy_all": copy_all})
+
+    def start(self, item: Pending, planned: SlidePlan | Tiled) -> tuple[Any, list[Task]]:
+        if isinstance(planned, Tiled):  # written and marked complete by the task
+            for report in (self.on_planned, self.on_patches):
+                if report is not None:
+                    report(planned.patches)
+            return planned, []
+        if self.on_planned is not None:
+            self.on_planned(len(planned.table))
+        chunks = _chunk_tasks(planned, self.store_path, item.digest, self.config, self.workers)
+        return planned, [Task(extract_chunk, (c,)) for c in chunks]
+
+    def block_done(self, item: Pending, plan: SlidePlan, index: int, written: int) -> None:
+        if self.on_patches is not None:
+            self.on_patches(written)
+
+    def finish(self, item: Pending, planned: SlidePlan | Tiled, seconds: float) -> None:
+        if not isinstance(planned, Tiled):
+            planned = _mark_complete(self.root[item.job.slide_id], planned)
+        self.report(planned.result(item.job, seconds))
+
+    def fail(self, item: Pending, error: BaseException) -> None:
+        if isinstance(error, OutputWriteError):  # the store's disk: every slide would fail
+            raise error
+        job = item.job
+        self.report(
+            SlideResult(
+                job.slide_id, str(job.path), "failed", reason=failure_reason(job.path, error)
+            )
+        )
+
+    def report(self, result: SlideResult) -> None:
+        self.results.append(result)
+        if self.record:
+            update_summary(self.root, result.slide_id, result.summary_row())
+        if self.on_slide is not None:
+            self.on_slide(result)
 
 
 def plan_and_start(
@@ -273,33 +272,6 @@ def _plan_and_start(
 ) -> tuple[SlidePlan, Any]:
     plan = plan_slide(job, config)
     return plan, _start_group(zarr_root(store_path), plan, digest, config)
-
-
-def tile_slide(
-    job: SlideJob, store_path: Path | str, config: TilingConfig, *, overwrite: bool = False
-) -> SlideResult:
-    """Tile one slide in this process: its plan, then its chunks in order.
-
-    For per-slide tasks (the Prefect flows run one per Dask worker thread).
-    Raises the slide's typed error instead of returning a failed result;
-    returns ``skipped`` when its group is complete with the same inputs and
-    config. Writes only the slide's own group: the cohort summary in the root
-    attributes is left to one writer (:func:`record_results`), since
-    concurrent tasks would race on it.
-    """
-    store_path = location(store_path)
-    root = zarr_root(store_path)
-    digest = job_fingerprint(job, config)
-    done = completed_attrs(root, job.slide_id)
-    other = None if overwrite else other_source(done, job.path)
-    if other is not None:
-        raise SlideError(job.path, _other_source(job, store_path, other))
-    if not overwrite and done is not None and done.get("fingerprint") == digest:
-        return _skipped(job, done)
-    started = time.perf_counter()
-    plan, group = _plan_and_start(job, config, store_path, digest)
-    tiled = _write_all(plan, group, store_path, digest, config)
-    return tiled.result(job, time.perf_counter() - started)
 
 
 @dataclass(frozen=True)
@@ -357,14 +329,35 @@ def _write_all(
     plan: SlidePlan, group: Any, store_path: str, digest: str, config: TilingConfig
 ) -> Tiled:
     """Write every chunk of a planned slide in order, then mark its group complete."""
-    table = plan.table
-    token = _group_token(digest)
-    block = _block_patches(config, plan.passthrough, len(table), workers=1)
-    for start in range(0, len(table), block):
-        extract_chunk(
-            *_chunk_args(plan, store_path, token, start, table.level_xy[start : start + block])
-        )
+    for chunks in _chunk_tasks(plan, store_path, digest, config, workers=1):
+        extract_chunk(chunks)
     return _mark_complete(group, plan)
+
+
+def summarize(results: list[SlideResult], store_path: str, patch_px: int) -> dict[str, Any]:
+    """A tiling run's summary, the same for every front end (CLI, flows): counts, sizes, rows.
+
+    ``store_bytes`` is the whole store on disk; ``raw_pixel_bytes`` what its
+    stored patches are as uint8 pixels; ``slide_file_bytes`` the size of the
+    slide files they came from.
+    """
+    stored = [r for r in results if r.status != "failed"]
+    slide_bytes = sum(file_identity(Path(r.path))["size"] for r in stored if Path(r.path).exists())
+    return {
+        "store": store_path,
+        "slides": len(results),
+        "done": sum(r.status == "done" for r in results),
+        "skipped": sum(r.status == "skipped" for r in results),
+        "failed": len(results) - len(stored),
+        "patches": sum(r.patches for r in stored),
+        "tumor_patches": sum(r.tumor_patches for r in stored),
+        "patches_written": sum(r.patches for r in results if r.status == "done"),
+        "store_bytes": store_bytes(store_path),
+        "raw_pixel_bytes": sum(r.patches for r in stored) * patch_px**2 * 3,
+        "slide_file_bytes": slide_bytes,
+        "failures": failures(results),
+        "per_slide": [r.summary_row() for r in results],
+    }
 
 
 def record_results(store_path: Path | str, results: list[SlideResult]) -> None:
@@ -389,24 +382,29 @@ def _skipped(job: SlideJob, record: Any) -> SlideResult:
     )
 
 
-def _chunk_args(
-    plan: SlidePlan, store_path: str, token: str, start: int, level_xy: np.ndarray
-) -> tuple[Any, ...]:
-    """:func:`extract_chunk`'s arguments for the patches at ``level_xy`` from ``start`` on."""
-    resolution = plan.resolution
-    return (
-        str(plan.job.path),
-        store_path,
-        plan.job.slide_id,
-        token,
-        start,
-        resolution.level,
-        level_xy,
-        resolution.read_px,
-        resolution.patch_px,
-        plan.passthrough,
-        plan.verify_copied_tiles,
-    )
+def _chunk_tasks(
+    plan: SlidePlan, store_path: str, digest: str, config: TilingConfig, workers: int
+) -> list[Chunks]:
+    """A planned slide's extraction tasks, in order, for a cluster of ``workers``."""
+    level_xy, resolution = plan.table.level_xy, plan.resolution
+    token = _group_token(digest)
+    block = _block_patches(config, plan.passthrough, len(level_xy), workers)
+    return [
+        Chunks(
+            slide_path=str(plan.job.path),
+            store_path=store_path,
+            slide_id=plan.job.slide_id,
+            token=token,
+            start=start,
+            level=resolution.level,
+            level_xy=level_xy[start : start + block],
+            read_px=resolution.read_px,
+            patch_px=resolution.patch_px,
+            passthrough=plan.passthrough,
+            verify=plan.verify_copied_tiles,
+        )
+        for start in range(0, len(level_xy), block)
+    ]
 
 
 def _block_patches(config: TilingConfig, passthrough: bool, n_patches: int, workers: int) -> int:
@@ -445,19 +443,3 @@ def _start_group(root: Any, plan: SlidePlan, digest: str, config: TilingConfig) 
     group["tissue_fraction"][:] = table.tissue_fraction
     group["coords"][:] = table.level0_xy
     return group
-
-
-@dataclass
-class _Writing:
-    """A planned slide whose chunks are being written (driver-side state)."""
-
-    plan: SlidePlan
-    token: str  # unique per (re)created group: workers cache open arrays by it
-    remaining: int  # extraction tasks not yet finished
-    started: float  # perf_counter() when its plan was submitted
-
-
-def _finish(root: Any, result: SlideResult, on_slide: Callable[[SlideResult], None] | None) -> None:
-    update_summary(root, result.slide_id, result.summary_row())
-    if on_slide is not None:
-        on_slide(result)

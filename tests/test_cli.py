@@ -149,11 +149,11 @@ def test_demo_runs_every_stage_and_says_what_does_not_exist(tmp_path):
     assert summary["real_slides"] == expected_real
     assert summary["slides"] == 6 + len(expected_real)
 
-    # A second run reuses every stage: the slides' tasks and training come from the cache.
+    # A second run redoes nothing: every slide is skipped, training comes from the cache.
     again = last_json(run(*args, env=env))
     assert again["ok"] is True
-    assert again["tile"]["cached"] == again["tile"]["slides"]
-    assert again["infer"]["cached"] == again["infer"]["slides"] == 2
+    assert again["tile"]["skipped"] == again["tile"]["slides"]
+    assert again["infer"]["skipped"] == again["infer"]["slides"] == 2
     assert again["train"]["val_auc"] == summary["train"]["val_auc"]
     assert again["evaluate"]["slide_auc"] == summary["evaluate"]["slide_auc"]
 
@@ -365,12 +365,12 @@ def test_flow_tile_lists_the_bad_slide_then_serves_from_cache(cli_cohort, tmp_pa
     result = run(*args, str(corrupt), env=env)
     assert result.returncode == 1, result.stderr  # the flow completed; one slide failed
     summary = last_json(result)
-    assert summary["flow"] == "tile" and (summary["done"], summary["cached"]) == (2, 0)
+    assert summary["flow"] == "tile" and (summary["done"], summary["skipped"]) == (2, 0)
     assert [f["path"] for f in summary["failures"]] == [str(corrupt)]
     assert f"{corrupt}: not a slide format OpenSlide can read" in result.stderr
     again = run(*args, env=env)
     assert again.returncode == 0, again.stderr
-    assert (last_json(again)["cached"], last_json(again)["ok"]) == (2, True)
+    assert (last_json(again)["skipped"], last_json(again)["ok"]) == (2, True)
 
 
 def test_flow_evaluate_takes_rules_and_exclusions_from_the_command_line(tmp_path):

@@ -106,7 +106,7 @@ def run_infer(
     """
     from ..cluster import dask_client, silence_logging
     from ..infer_tasks import model_spec
-    from ..inference import infer_slides
+    from ..inference import infer_slides, summarize
 
     model_spec(model)  # a missing or unfinished model fails here, before a cluster starts
     started = time.perf_counter()
@@ -163,32 +163,17 @@ def run_infer(
     for r in results:
         for warning in r.warnings:
             reporter.warn(warning)
-    predicted_patches = sum(r.patches for r in results if r.status == "done")
+    summary = summarize(results, out, model)
     reporter.console.print(
-        f"{predicted_patches:,} patches predicted in {seconds:.1f} s; "
+        f"{summary['patches_predicted']:,} patches predicted in {seconds:.1f} s; "
         f"heatmaps in {out / 'heatmaps'}, detections in {out / 'detections'}, "
         f"slide scores in {out / 'scores.csv'}"
     )
-    failures = [
-        {"slide": r.slide_id, "path": r.path, "reason": r.reason}
-        for r in results
-        if r.status == "failed"
-    ]
     return {
         "command": "infer",
-        "ok": not failures and bool(results),
-        "model_dir": str(model),
-        "out": str(out),
-        "slides": len(results),
-        "done": sum(r.status == "done" for r in results),
-        "skipped": sum(r.status == "skipped" for r in results),
-        "failed": len(failures),
-        "patches": sum(r.patches for r in results if r.status != "failed"),
-        "patches_predicted": predicted_patches,
+        "ok": not summary["failures"] and bool(results),
+        **summary,
         "seconds": round(seconds, 2),
-        "scores": {r.slide_id: r.score for r in results if r.score is not None},
-        "failures": failures,
-        "per_slide": [r.summary_row() for r in results],
     }
 
 

@@ -142,8 +142,8 @@ def run_tile(
 ) -> dict:
     """Tile ``paths`` into ``out`` with a progress bar and a per-slide table; return the summary."""
     from ..cluster import dask_client, silence_logging
-    from ..store import file_identity, open_root, store_bytes
-    from ..tiling import tile_slides
+    from ..store import open_root
+    from ..tiling import summarize, tile_slides
 
     started = time.perf_counter()
     orchestration = cfg.orchestration
@@ -203,17 +203,11 @@ def run_tile(
     for r in results:
         for warning in r.warnings:
             reporter.warn(warning)
-    failures = [
-        {"slide": r.slide_id, "path": r.path, "reason": r.reason}
-        for r in results
-        if r.status == "failed"
-    ]
-    written = sum(r.patches for r in results if r.status == "done")
-    stored = [r for r in results if r.status != "failed"]
-    size = store_bytes(out)
-    raw = sum(r.patches for r in stored) * cfg.tiling.patch_px**2 * 3
-    slide_bytes = sum(file_identity(Path(r.path))["size"] for r in stored if Path(r.path).exists())
-    line = f"{written:,} patches written in {seconds:.1f} s"
+    summary = summarize(results, str(out), cfg.tiling.patch_px)
+    size, raw, slide_bytes = (
+        summary[k] for k in ("store_bytes", "raw_pixel_bytes", "slide_file_bytes")
+    )
+    line = f"{summary['patches_written']:,} patches written in {seconds:.1f} s"
     if raw and slide_bytes:  # no ratios of an empty store
         line += (
             f"; store {size / 1e6:,.1f} MB ({cfg.tiling.codec}, quality "
@@ -223,21 +217,9 @@ def run_tile(
     reporter.console.print(line)
     return {
         "command": "tile",
-        "ok": not failures and bool(results),
-        "store": str(out),
-        "slides": len(results),
-        "done": sum(r.status == "done" for r in results),
-        "skipped": sum(r.status == "skipped" for r in results),
-        "failed": len(failures),
-        "patches": sum(r.patches for r in results if r.status != "failed"),
-        "tumor_patches": sum(r.tumor_patches for r in results if r.status != "failed"),
-        "patches_written": written,
-        "store_bytes": size,
-        "raw_pixel_bytes": raw,
-        "slide_file_bytes": slide_bytes,
+        "ok": not summary["failures"] and bool(results),
+        **summary,
         "seconds": round(seconds, 2),
-        "failures": failures,
-        "per_slide": [r.summary_row() for r in results],
     }
 
 

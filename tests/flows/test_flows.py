@@ -110,7 +110,7 @@ def test_io_tasks_retry_transient_errors_but_not_bad_input(prefect_api, tmp_path
     assert (attempts / "slide").read_text() == "x"  # a bad slide is not retried
 
 
-def test_tile_flow_lists_a_corrupt_slide_and_serves_the_rest_from_cache(
+def test_tile_flow_lists_a_corrupt_slide_and_skips_the_rest_when_run_again(
     prefect_api, small_cohort, cohort_annotations, patch_store, tmp_path
 ):
     from flows.runtime import run_flow
@@ -136,7 +136,7 @@ def test_tile_flow_lists_a_corrupt_slide_and_serves_the_rest_from_cache(
     good = sorted(Path(r.image).stem for r in small_cohort.slides)
     assert [f["slide"] for f in summary["failures"]] == ["broken"]
     assert "broken.tif" in summary["failures"][0]["reason"]
-    assert summary["done"] == len(good) and summary["cached"] == 0
+    assert (summary["done"], summary["skipped"], summary["failed"]) == (len(good), 0, 1)
     states = task_states(state.state_details.flow_run_id)
     assert states == {"tile-broken": "Failed", **{f"tile-{s}": "Completed" for s in good}}
 
@@ -155,15 +155,18 @@ def test_tile_flow_lists_a_corrupt_slide_and_serves_the_rest_from_cache(
     table = artifact("tile-slides")
     assert "broken" in table.data and "tumor_001" in table.data
 
+    # Done once: the store's fingerprints, not Prefect's cache, say what is complete.
     again = run_flow("tile", parameters, return_state=True)
-    assert again.is_completed() and again.result()["cached"] == len(good)
+    assert again.is_completed()
+    assert (again.result()["done"], again.result()["skipped"]) == (0, len(good))
+    assert again.result()["patches"] == summary["patches"]
     states = task_states(again.state_details.flow_run_id)
-    assert states == {"tile-broken": "Failed", **{f"tile-{s}": "Cached" for s in good}}
+    assert states == {"tile-broken": "Failed", **{f"tile-{s}": "Completed" for s in good}}
 
-    # A group gone from the store is redone, not served from the cache.
+    # A group gone from the store is redone.
     shutil.rmtree(store / good[0])
     third = run_flow("tile", parameters, return_state=True).result()
-    assert third["cached"] == len(good) - 1
+    assert (third["done"], third["skipped"]) == (1, len(good) - 1)
     assert zarr.open_group(str(store))[good[0]].attrs["complete"] is True
 
 
@@ -210,8 +213,8 @@ def test_tile_and_train_flows_on_an_object_store(
     root = zarr.open_group(url, mode="r")
     assert all(root[Path(s).stem].attrs["complete"] is True for s in slides)
     assert summary["store_bytes"] > 0
-    again = run_flow("tile", tile, return_state=True)
-    assert set(task_states(again.state_details.flow_run_id).values()) == {"Cached"}
+    again = run_flow("tile", tile)
+    assert (again["done"], again["skipped"]) == (0, len(slides))
 
     train = {"stores": [url], "model_dir": str(tmp_path / "m"), "config": config}
     trained = run_flow("train", train)
@@ -259,7 +262,8 @@ def test_infer_and_evaluate_flows_match_the_drivers(
     assert read_scores(out / "scores.csv") == pytest.approx(read_scores(driver_out / "scores.csv"))
 
     again = run_flow("infer", parameters, return_state=True).result()
-    assert again["cached"] == len(ids) and again["failures"] == summary["failures"]
+    assert (again["done"], again["skipped"]) == (0, len(ids))
+    assert again["failures"] == summary["failures"] and again["scores"] == summary["scores"]
 
     evaluation = run_flow(
         "evaluate",

@@ -80,7 +80,7 @@ def test_colour_heatmap_is_transparent_where_low_and_overlay_aligns():
 def test_streamed_prediction_places_batches_by_offset_with_several_readers(small_cohort):
     """Any number of reader threads gives every patch its own value; errors reach the caller."""
     from pipeline.errors import SlideNotFoundError
-    from pipeline.infer_tasks import predict_streamed
+    from pipeline.infer_tasks import Block, predict_streamed
     from pipeline.slide import open_slide
 
     slide = small_cohort.root / small_cohort.slides[0].image
@@ -91,14 +91,18 @@ def test_streamed_prediction_places_batches_by_offset_with_several_readers(small
 
     with open_slide(slide) as reader:
         expected = np.array([reader.read_level(0, (x, y), (32, 32))[..., 0].mean() for x, y in xy])
+
+    def block(path, batch_size=16, queue_batches=2, threads=2):
+        return Block(str(path), "unused", 0, xy, 32, 32, batch_size, queue_batches, threads)
+
     for threads in (1, 3):
-        got = predict_streamed(mean_red, str(slide), 0, xy, 32, 32, 16, 2, threads)
+        got = predict_streamed(mean_red, block(slide, threads=threads))
         np.testing.assert_allclose(got, expected, rtol=1e-6)
     with pytest.raises(SlideNotFoundError, match="nope.tif: no such file"):
-        predict_streamed(mean_red, str(slide.with_name("nope.tif")), 0, xy, 32, 32, 16, 2, 2)
+        predict_streamed(mean_red, block(slide.with_name("nope.tif")))
 
     def failing(batch):
         raise RuntimeError("model exploded")
 
     with pytest.raises(RuntimeError, match="model exploded"):
-        predict_streamed(failing, str(slide), 0, xy, 32, 32, 8, 1, 2)  # returns, does not hang
+        predict_streamed(failing, block(slide, 8, 1))  # returns, does not hang
