@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from pipeline.codecs import image_formats
 from pipeline.config import TilingConfig
-from pipeline.plan import SlideJob, plan_slide
-from pipeline.slide import open_slide
-from pipeline.store import create_slide_group, open_patches, open_root, store_bytes
+from pipeline.slides.reader import open_slide
+from pipeline.store.codecs import image_formats
+from pipeline.store.patch_store import create_slide_group, open_patches, open_root, store_bytes
+from pipeline.tiling.plan import SlideJob, plan_slide
 
 DEFAULT_SLIDE = (
     Path(__file__).resolve().parents[2] / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"

@@ -126,11 +126,11 @@ def _measure(slide: Path, model_dir: Path, args) -> dict[str, float]:
 
     from models.predict import cached_predictor
     from pipeline.config import InferenceConfig
-    from pipeline.extract import read_patch
-    from pipeline.heatmap import HeatmapAccumulator
-    from pipeline.infer_tasks import Block, model_spec, plan_inference, predict_streamed
-    from pipeline.inference import _Stitching, _write_slide
-    from pipeline.slide import open_slide
+    from pipeline.inference.driver import _Stitching, _write_slide
+    from pipeline.inference.heatmap import HeatmapAccumulator
+    from pipeline.inference.predict import Block, model_spec, plan_inference, predict_streamed
+    from pipeline.slides.patches import read_patch
+    from pipeline.slides.reader import open_slide
 
     predictor = cached_predictor(model_dir, batch_size=args.batch)
     spec = model_spec(model_dir)
@@ -191,7 +191,7 @@ def _dask_rate(slide: Path, model_dir: Path, work: Path, args) -> float:
     """``infer_slides`` through a one-worker LocalCluster (model loaded before timing)."""
     from pipeline.cluster import dask_client
     from pipeline.config import InferenceConfig
-    from pipeline.inference import infer_slides
+    from pipeline.inference.driver import infer_slides
 
     config = InferenceConfig(batch_size=args.batch)
     with dask_client(workers=1) as client:

@@ -38,12 +38,12 @@ from PIL import Image
 from tiling import bench_slide, median_rate, slide_parser
 
 from pipeline.cluster import dask_client
-from pipeline.codecs import PatchImageCodec, pack_images
 from pipeline.config import TilingConfig
-from pipeline.extract import resize_patch
-from pipeline.plan import SlideJob, plan_slide
-from pipeline.slide import open_slide
-from pipeline.tiling import tile_slides
+from pipeline.slides.patches import resize_patch
+from pipeline.slides.reader import open_slide
+from pipeline.store.codecs import PatchImageCodec, pack_images
+from pipeline.tiling.driver import tile_slides
+from pipeline.tiling.plan import SlideJob, plan_slide
 
 
 def main() -> None:

@@ -47,14 +47,14 @@ import psutil
 import tifffile
 
 from pipeline.cluster import dask_client
-from pipeline.codecs import PatchImageCodec, pack_images
 from pipeline.config import TilingConfig
-from pipeline.plan import SlideJob, plan_slide
-from pipeline.slide import open_slide
-from pipeline.store import create_slide_group, open_patches, open_root, store_bytes
+from pipeline.slides.reader import open_slide
+from pipeline.store.codecs import PatchImageCodec, pack_images
+from pipeline.store.patch_store import create_slide_group, open_patches, open_root, store_bytes
 from pipeline.synth.pyramid import write_pyramid_tiff
 from pipeline.synth.scene import make_scene
-from pipeline.tiling import tile_slides
+from pipeline.tiling.driver import tile_slides
+from pipeline.tiling.plan import SlideJob, plan_slide
 
 TILE = 256
 

@@ -74,7 +74,7 @@ def _stores(work: Path) -> dict[int, Path]:
     from pipeline.cluster import dask_client
     from pipeline.config import SyntheticConfig, TilingConfig
     from pipeline.synth.cohort import write_cohort
-    from pipeline.tiling import tile_slides
+    from pipeline.tiling.driver import tile_slides
 
     cohort = write_cohort(
         work / "cohort", SyntheticConfig(slides=6, seed=0, width_px=8192, height_px=8192), workers=2

@@ -23,7 +23,7 @@ from flows.infer import infer_flow
 from flows.runtime import load
 from flows.tile import tile_flow
 from flows.train import train_flow
-from pipeline.store import location
+from pipeline.store.patch_store import location
 
 
 @flow(name="camelyon", log_prints=True)

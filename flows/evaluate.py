@@ -16,10 +16,10 @@ from flows.runtime import (
     load,
     task_options,
 )
-from pipeline.annotations import EXCLUSION_GROUPS, TUMOR_GROUPS
 from pipeline.config import EvaluationConfig
-from pipeline.evaluate import REPORT
-from pipeline.results import MANIFEST, SCORES
+from pipeline.evaluation.evaluate import REPORT
+from pipeline.inference.results import MANIFEST, SCORES
+from pipeline.slides.annotations import EXCLUSION_GROUPS, TUMOR_GROUPS
 
 
 def _evaluate_key(context: Any, parameters: dict[str, Any]) -> str:
@@ -56,8 +56,8 @@ def evaluate_task(
 
     ``groups``: the annotation groups that are tumor, and exclusions.
     """
-    from pipeline.annotations import Groups
-    from pipeline.evaluate import evaluate
+    from pipeline.evaluation.evaluate import evaluate
+    from pipeline.slides.annotations import Groups
 
     evaluation = evaluate(
         Path(results_dir),

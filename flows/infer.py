@@ -11,15 +11,15 @@ from flows import artifacts
 from flows.runtime import cpu_count, load, settle, task_options, task_runner
 from pipeline.config import InferenceConfig, OrchestrationConfig, WsiflowConfig
 from pipeline.errors import ModelError, failure_reason
-from pipeline.grid import slide_id_of
-from pipeline.infer_tasks import ModelSpec, model_spec
-from pipeline.inference import (
+from pipeline.identity import slide_id_of
+from pipeline.inference.driver import (
     SlideInference,
     infer_slide,
     record_inference,
     summarize,
     unique_slides,
 )
+from pipeline.inference.predict import ModelSpec, model_spec
 from pipeline.outputs import claim_folder
 
 
@@ -86,7 +86,7 @@ def infer_slides_flow(
     model_dir: str, slides: list[str], out_dir: str, cfg: WsiflowConfig, overwrite: bool
 ) -> dict[str, Any]:
     """``infer_flow``'s work, on the task runner it is given."""
-    from pipeline.slide import find_slides
+    from pipeline.slides.reader import find_slides
 
     logger = get_run_logger()
     inference = cfg.inference

@@ -23,7 +23,7 @@ from prefect_dask import DaskTaskRunner
 from pipeline import __version__
 from pipeline.config import OrchestrationConfig, WsiflowConfig, load_config, with_overrides
 from pipeline.errors import WsiflowError
-from pipeline.store import file_identity, fingerprint
+from pipeline.identity import file_identity, fingerprint
 
 #: How long to wait for the temporary local Prefect server to answer.
 EPHEMERAL_START_S = 180

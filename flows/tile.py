@@ -11,9 +11,9 @@ from flows import artifacts
 from flows.runtime import load, settle, task_options, task_runner
 from pipeline.config import TilingConfig, WsiflowConfig
 from pipeline.errors import failure_reason
-from pipeline.plan import SlideJob
-from pipeline.store import location, open_root
-from pipeline.tiling import SlideResult, make_jobs, record_results, summarize, tile_slide
+from pipeline.store.patch_store import location, open_root
+from pipeline.tiling.driver import SlideResult, make_jobs, record_results, summarize, tile_slide
+from pipeline.tiling.plan import SlideJob
 
 
 @task(task_run_name="tile-{job.slide_id}")
@@ -58,7 +58,7 @@ def tile_slides_flow(
     overwrite: bool,
 ) -> dict[str, Any]:
     """``tile_flow``'s work, on the task runner it is given."""
-    from pipeline.slide import find_slides
+    from pipeline.slides.reader import find_slides
 
     logger = get_run_logger()
     paths = find_slides([Path(s) for s in slides])

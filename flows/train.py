@@ -15,7 +15,7 @@ from pipeline.config import WsiflowConfig
 def store_identity(store: Path | str) -> dict[str, Any]:
     """The fingerprints of a store's complete slide groups: what training reads from it."""
     from pipeline.errors import StoreError
-    from pipeline.store import canonical, completed_fingerprint, open_store
+    from pipeline.store.patch_store import canonical, completed_fingerprint, open_store
 
     try:
         root = open_store(store)

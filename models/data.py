@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from pipeline.codecs import image_codec_of
 from pipeline.errors import StoreError
-from pipeline.store import join, location, open_store, read_encoded_chunk
+from pipeline.store.codecs import image_codec_of
+from pipeline.store.patch_store import join, location, open_store, read_encoded_chunk
 
 #: Rows of H&E optical density (Ruifrok & Johnston), as skimage's rgb2hed uses.
 _RGB_FROM_HED = np.array(

@@ -112,7 +112,7 @@ def cached_predictor(
 def model_identity(model_dir: Path | str) -> dict[str, Any]:
     """What decides whether a model changed: its metadata fingerprint and file identity."""
     from pipeline.errors import ModelError
-    from pipeline.store import file_identity
+    from pipeline.identity import file_identity
 
     from .saved import read_metadata
 

@@ -27,7 +27,8 @@ import numpy as np
 from pipeline import __version__
 from pipeline.config import TrainingConfig
 from pipeline.errors import ModelError, StoreError
-from pipeline.store import canonical, fingerprint
+from pipeline.identity import fingerprint
+from pipeline.store.patch_store import canonical
 
 from .classifier import WeightsError, build_classifier, check_backbone, preprocess_fn
 from .data import SlidePatches, make_dataset, open_stores, split_by_slide

@@ -19,7 +19,7 @@ from typing import Any
 import dask
 from distributed import Client, Future, LocalCluster
 
-from .errors import ConfigError, SchedulerError, WsiflowError, write_error
+from pipeline.errors import ConfigError, SchedulerError, WsiflowError, write_error
 
 
 @contextlib.contextmanager

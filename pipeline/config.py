@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import ConfigError
+from pipeline.errors import ConfigError
 
 BACKBONES = ("mobilenetv2", "resnet50", "inceptionv3", "efficientnetb0", "small_cnn")
 
@@ -342,7 +342,7 @@ def _line_of(node: yaml.Node | None, loc: tuple[str, ...]) -> int | None:
 
 
 def annotation_groups(tiling: TilingConfig):
-    """The :class:`~pipeline.annotations.Groups` of ``tiling``'s group names."""
-    from .annotations import Groups
+    """The :class:`~pipeline.slides.annotations.Groups` of ``tiling``'s group names."""
+    from pipeline.slides.annotations import Groups
 
     return Groups.of(tiling.tumor_groups, tiling.exclusion_groups)

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
-from .cluster import submit_reporting, task_error
+from pipeline.cluster import submit_reporting, task_error
 
 J = TypeVar("J")  # what the stage calls a slide's job
 S = TypeVar("S")  # the stage's state of a slide being worked on

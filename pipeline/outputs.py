@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from .errors import (
+from pipeline.errors import (
     ForeignOutputError,
     OutputLockedError,
     OutputWriteError,

@@ -103,7 +103,7 @@ def patch_store(small_cohort, cohort_annotations, tmp_path_factory) -> Path:
     """Every slide of the 4-slide cohort (2 with tumor) tiled at level 0 into 64 px patches."""
     from pipeline.cluster import dask_client
     from pipeline.config import TilingConfig
-    from pipeline.tiling import tile_slides
+    from pipeline.tiling.driver import tile_slides
 
     out = tmp_path_factory.mktemp("train-store") / "patches.zarr"
     slides = [small_cohort.root / r.image for r in small_cohort.slides]

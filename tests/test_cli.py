@@ -375,7 +375,7 @@ def test_flow_tile_lists_the_bad_slide_then_serves_from_cache(cli_cohort, tmp_pa
 
 def test_flow_evaluate_takes_rules_and_exclusions_from_the_command_line(tmp_path):
     """`--rules` and `--exclude` reach the flow as they reach `wsiflow evaluate`."""
-    from tests.pipeline.test_froc import _evaluation_inputs
+    from tests.pipeline.evaluation.test_froc import _evaluation_inputs
 
     _evaluation_inputs(tmp_path, 0.226)
     env = {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": ""}

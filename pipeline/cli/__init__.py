@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import sys
 
-from ..errors import WsiflowError, write_error
-from . import demo, infer, learn, orchestrate, slides, tiles, view  # noqa: F401  (each module registers its commands)
-from ._common import app
+from pipeline.cli import demo, infer, learn, orchestrate, slides, tiles, view  # noqa: F401  (each module registers its commands)
+from pipeline.cli._common import app
+from pipeline.errors import WsiflowError, write_error
 
 
 def main() -> None:

@@ -18,8 +18,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .. import __version__
-from ..errors import ConfigError
+from pipeline import __version__
+from pipeline.errors import ConfigError
 
 app = typer.Typer(
     name="wsiflow",
@@ -146,7 +146,7 @@ def _main(
 
 
 def _load(config: Path | None, overrides: dict[str, Any]):
-    from ..config import load_config, with_overrides
+    from pipeline.config import load_config, with_overrides
 
     return with_overrides(load_config(config), overrides)
 
@@ -241,8 +241,8 @@ def output_lock(reporter: Reporter, folder: Path | str, kind: str | None = None)
     says so when the lock of a run that died is taken over. Stores given by
     URL are not locked.
     """
-    from ..outputs import OutputLock, claim_folder
-    from ..store import is_url
+    from pipeline.outputs import OutputLock, claim_folder
+    from pipeline.store.patch_store import is_url
 
     if kind is not None:
         claim_folder(folder, kind)
@@ -263,7 +263,7 @@ def _check_workers(reporter: Reporter, workers: int | None, option: str = "--wor
     """A warning line for more local workers than cores; ConfigError beyond memory."""
     if workers is None:
         return
-    from ..cluster import check_local_workers
+    from pipeline.cluster import check_local_workers
 
     warning = check_local_workers(workers, option)
     if warning is not None:
@@ -281,7 +281,7 @@ def _fail_data(reporter: Reporter, error: Exception, command: str) -> None:
 
     An output folder wsiflow may not write into is a usage error (exit 2).
     """
-    from ..errors import ForeignOutputError
+    from pipeline.errors import ForeignOutputError
 
     if isinstance(error, ForeignOutputError):
         _fail_usage(reporter, error, command)

@@ -10,9 +10,17 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from ..errors import ConfigError, WsiflowError
-from ._common import ConfigOption, JsonOption, Reporter, _fail_data, _fail_usage, _load, app
-from .slides import inspect_slides, run_synth
+from pipeline.cli._common import (
+    ConfigOption,
+    JsonOption,
+    Reporter,
+    _fail_data,
+    _fail_usage,
+    _load,
+    app,
+)
+from pipeline.cli.slides import inspect_slides, run_synth
+from pipeline.errors import ConfigError, WsiflowError
 
 
 @app.command()
@@ -37,14 +45,14 @@ def demo(
     `wsiflow serve` command that shows the heatmaps. A second run reuses
     every finished stage.
     """
-    from ..slide import find_slides
+    from pipeline.slides.reader import find_slides
 
     reporter = Reporter(as_json)
     try:
         cfg = _load(config, {})
     except ConfigError as exc:
         _fail_usage(reporter, exc, "demo")
-    from ..outputs import claim_folder
+    from pipeline.outputs import claim_folder
 
     try:
         claim_folder(out, "demo")
@@ -87,7 +95,7 @@ def demo(
         if stage in flow_summary:
             summary[stage] = flow_summary[stage]
     if summary.get("tile", {}).get("patches"):
-        from ..preview import contact_sheet
+        from pipeline.store.preview import contact_sheet
 
         t0 = time.perf_counter()
         sheet = out / "preview.png"
@@ -172,7 +180,7 @@ def _results_table(reporter: Reporter, summary: dict[str, Any], stages: dict[str
 
 def _write_report(out: Path, summary: dict[str, Any], stages: dict[str, float]) -> Path:
     """``OUT/report.html``: the results table, curves, heatmap overlays, per-slide table."""
-    from ..report import write_report
+    from pipeline.evaluation.report import write_report
 
     inference = [Path(summary[k]["out"]) for k in ("infer", "infer_real") if k in summary]
     return write_report(

@@ -11,8 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..errors import ConfigError, WsiflowError
-from ._common import (
+from pipeline.cli._common import (
     ConfigOption,
     JsonOption,
     RedoOption,
@@ -30,6 +29,7 @@ from ._common import (
     stop_on_sigterm,
     stopped_summary,
 )
+from pipeline.errors import ConfigError, WsiflowError
 
 
 @app.command()
@@ -64,7 +64,7 @@ def infer(
     Slides complete in --out for the same slide, model and settings are
     skipped; a slide that fails is reported and the others go on.
     """
-    from ..slide import find_slides
+    from pipeline.slides.reader import find_slides
 
     reporter = Reporter(as_json)
     try:
@@ -104,9 +104,9 @@ def run_infer(
 
     Raises :class:`WsiflowError` for an unusable model before any slide is read.
     """
-    from ..cluster import dask_client, silence_logging
-    from ..infer_tasks import model_spec
-    from ..inference import infer_slides, summarize
+    from pipeline.cluster import dask_client, silence_logging
+    from pipeline.inference.driver import infer_slides, summarize
+    from pipeline.inference.predict import model_spec
 
     model_spec(model)  # a missing or unfinished model fails here, before a cluster starts
     started = time.perf_counter()
@@ -229,7 +229,7 @@ def evaluate(
     as_json: JsonOption = False,
 ) -> None:
     """Slide-level ROC AUC and lesion-level FROC, as the CAMELYON16 evaluation script."""
-    from ..evaluate import needs_slides
+    from pipeline.evaluation.evaluate import needs_slides
 
     reporter = Reporter(as_json)
     try:
@@ -279,8 +279,8 @@ def run_evaluate(
     exclude: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Evaluate and print the metrics; return the summary (raises on bad inputs)."""
-    from ..config import annotation_groups
-    from ..evaluate import evaluate as run
+    from pipeline.config import annotation_groups
+    from pipeline.evaluation.evaluate import evaluate as run
 
     evaluation = run(
         results,

@@ -8,8 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ..errors import ConfigError, DatasetError, WsiflowError
-from ._common import (
+from pipeline.cli._common import (
     ConfigOption,
     JsonOption,
     Reporter,
@@ -19,6 +18,7 @@ from ._common import (
     app,
     output_lock,
 )
+from pipeline.errors import ConfigError, DatasetError, WsiflowError
 
 #: The held-out split used when only MNIST's 10,000 test digits are available.
 TEST_ONLY_TRAIN, TEST_ONLY_HOLDOUT = 8000, 2000
@@ -152,7 +152,7 @@ def train(
     A finished run with the same stores and settings is reused; an interrupted
     one resumes from its last epoch; --overwrite starts afresh.
     """
-    from ..config import with_overrides
+    from pipeline.config import with_overrides
 
     reporter = Reporter(as_json)
     try:

@@ -19,8 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
-from ..errors import ConfigError, WsiflowError
-from ._common import (
+from pipeline.cli._common import (
     ConfigOption,
     JsonOption,
     RedoOption,
@@ -31,6 +30,7 @@ from ._common import (
     _load,
     app,
 )
+from pipeline.errors import ConfigError, WsiflowError
 
 FLOWS_HELP = "tile, train, infer, evaluate, camelyon (end to end) or mnist."
 
@@ -118,7 +118,7 @@ class Common:
 
 def _text(path: Path | str | None) -> str | None:
     """An absolute path, or a URL as given: deployments run elsewhere."""
-    from ..store import canonical
+    from pipeline.store.patch_store import canonical
 
     return None if path is None else canonical(path)
 

@@ -11,8 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..errors import ConfigError, SlideError, WsiflowError
-from ._common import (
+from pipeline.cli._common import (
     ConfigOption,
     JsonOption,
     Reporter,
@@ -24,6 +23,7 @@ from ._common import (
     app,
     output_lock,
 )
+from pipeline.errors import ConfigError, SlideError, WsiflowError
 
 
 @app.command()
@@ -79,8 +79,8 @@ def synth(
 
 def run_synth(reporter: Reporter, out_dir: Path, params, *, workers: int, overwrite: bool) -> dict:
     """Generate (or reuse) a cohort with a progress bar; return the JSON summary."""
-    from ..outputs import claim_folder
-    from ..synth.cohort import plan_cohort, write_cohort
+    from pipeline.outputs import claim_folder
+    from pipeline.synth.cohort import plan_cohort, write_cohort
 
     total = len(plan_cohort(params))
     started = time.perf_counter()
@@ -139,7 +139,7 @@ def info(
     as_json: JsonOption = False,
 ) -> None:
     """Show each slide's format, pyramid levels, pixel size and associated images."""
-    from ..slide import find_slides
+    from pipeline.slides.reader import find_slides
 
     reporter = Reporter(as_json)
     slides = find_slides(paths)
@@ -152,7 +152,7 @@ def info(
 
 def inspect_slides(reporter: Reporter, slides: list[Path]) -> tuple[list[dict], list[dict]]:
     """Open every slide with OpenSlide; print a table; one line per unreadable slide."""
-    from ..slide import open_slide
+    from pipeline.slides.reader import open_slide
 
     rows, failures = [], []
     for path in slides:
@@ -200,7 +200,7 @@ def _mpp_cell(row: dict) -> str:
     if row["mpp"] is not None:
         return f"{row['mpp']:.3f}"
     if row["objective_power"]:
-        from ..grid import OBJECTIVE_MPP_UM
+        from pipeline.tiling.grid import OBJECTIVE_MPP_UM
 
         power = row["objective_power"]
         return f"none (~{OBJECTIVE_MPP_UM / power:g} from {power:g}x)"

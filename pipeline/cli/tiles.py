@@ -9,16 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from ..errors import (
-    ConfigError,
-    ForeignOutputError,
-    OutputLockedError,
-    OutputWriteError,
-    SchedulerError,
-    StoreError,
-    WsiflowError,
-)
-from ._common import (
+from pipeline.cli._common import (
     ConfigOption,
     JsonOption,
     RedoOption,
@@ -35,6 +26,15 @@ from ._common import (
     stop_exit_code,
     stop_on_sigterm,
     stopped_summary,
+)
+from pipeline.errors import (
+    ConfigError,
+    ForeignOutputError,
+    OutputLockedError,
+    OutputWriteError,
+    SchedulerError,
+    StoreError,
+    WsiflowError,
 )
 
 
@@ -77,7 +77,7 @@ def tile(
     as_json: JsonOption = False,
 ) -> None:
     """Find tissue, label patches from annotations, extract them into a Zarr store (Dask)."""
-    from ..slide import SLIDE_SUFFIXES, find_slides
+    from pipeline.slides.reader import SLIDE_SUFFIXES, find_slides
 
     reporter = Reporter(as_json)
     try:
@@ -85,7 +85,7 @@ def tile(
             raise ConfigError(
                 "command-line options", [("--mpp/--level", "give one, not both", None)]
             )
-        from ..config import CLEAR
+        from pipeline.config import CLEAR
 
         overrides: dict[str, Any] = {
             "tiling.patch_px": patch_size,
@@ -141,9 +141,9 @@ def run_tile(
     reporter: Reporter, paths: list[Path], out: Path | str, cfg, *, annotations_dir, overwrite
 ) -> dict:
     """Tile ``paths`` into ``out`` with a progress bar and a per-slide table; return the summary."""
-    from ..cluster import dask_client, silence_logging
-    from ..store import open_root
-    from ..tiling import summarize, tile_slides
+    from pipeline.cluster import dask_client, silence_logging
+    from pipeline.store.patch_store import open_root
+    from pipeline.tiling.driver import summarize, tile_slides
 
     started = time.perf_counter()
     orchestration = cfg.orchestration
@@ -234,14 +234,14 @@ def preview(
     ] = None,
     per_class: Annotated[
         int,
-        # max: pipeline.preview.MAX_PER_CLASS, not imported here to keep the CLI's start fast
+        # max: pipeline.store.preview.MAX_PER_CLASS, not imported here to keep the CLI's start fast
         typer.Option("--per-class", min=1, max=1024, help="Patches per class (at most)."),
     ] = 16,
     seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
     as_json: JsonOption = False,
 ) -> None:
     """Write a contact sheet of random tumor and normal patches with labels and coordinates."""
-    from ..preview import contact_sheet
+    from pipeline.store.preview import contact_sheet
 
     reporter = Reporter(as_json)
     try:

@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from ..errors import ConfigError
-from ._common import Reporter, _fail_usage, app
+from pipeline.cli._common import Reporter, _fail_usage, app
+from pipeline.errors import ConfigError
 
 
 @app.command()
@@ -41,7 +41,7 @@ def serve(
     """
     import waitress
 
-    from ..viewer import create_app, log_requests
+    from pipeline.viewer import create_app, log_requests
 
     reporter = Reporter(False)
     problems = []

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..annotations import write_asap_xml
-from ..config import SyntheticConfig
-from ..outputs import claim_folder, write_atomic
-from .pyramid import write_pyramid_tiff
-from .scene import make_scene
+from pipeline.config import SyntheticConfig
+from pipeline.outputs import claim_folder, write_atomic
+from pipeline.slides.annotations import write_asap_xml
+from pipeline.synth.pyramid import write_pyramid_tiff
+from pipeline.synth.scene import make_scene
 
 MANIFEST = "synth.json"
 #: CAMELYON16's macro/micro-metastasis boundary: largest lesion diameter 2 mm.

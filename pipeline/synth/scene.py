@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from skimage.draw import polygon as draw_polygon
 
-from ..annotations import Polygon
-from .noise import hash_uniform, value_noise
+from pipeline.slides.annotations import Polygon
+from pipeline.synth.noise import hash_uniform, value_noise
 
 # Ruifrok & Johnston optical-density vectors (normalised) for haematoxylin and eosin.
 _H_OD = np.array([0.650, 0.704, 0.286])

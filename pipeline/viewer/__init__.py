@@ -30,11 +30,11 @@ import numpy as np
 from flask import Flask, Response, abort, jsonify, render_template
 from PIL import Image
 
-from ..errors import WsiflowError
-from ..heatmap import COLOR_MAP, VISIBLE_FROM, colorize, sample_level0
-from ..results import read_detections
-from ..slide import READ_ERRORS
-from .catalog import Catalog, Handle
+from pipeline.errors import WsiflowError
+from pipeline.inference.heatmap import COLOR_MAP, VISIBLE_FROM, colorize, sample_level0
+from pipeline.inference.results import read_detections
+from pipeline.slides.reader import READ_ERRORS
+from pipeline.viewer.catalog import Catalog, Handle
 
 #: Deep Zoom tile side and overlap (OpenSlide's example server uses the same).
 TILE_PX = 254

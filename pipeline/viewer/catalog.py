@@ -24,11 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import WsiflowError
-from ..grid import slide_id_of
-from ..results import MANIFEST, read_heatmap, read_manifest, slide_files
-from ..slide import SlideReader, find_slides, open_slide
-from ..store import file_identity
+from pipeline.errors import WsiflowError
+from pipeline.identity import file_identity, slide_id_of
+from pipeline.inference.results import MANIFEST, read_heatmap, read_manifest, slide_files
+from pipeline.slides.reader import SlideReader, find_slides, open_slide
 
 #: Open slides kept at once (each holds an OpenSlide handle and its tile cache).
 OPEN_SLIDES = 16

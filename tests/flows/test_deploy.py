@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pipeline.results import read_scores
+from pipeline.inference.results import read_scores
 from tests.conftest import REPO_ROOT, WSIFLOW
 
 pytestmark = pytest.mark.slow

@@ -229,9 +229,9 @@ def test_infer_and_evaluate_flows_match_the_drivers(
     from flows.runtime import run_flow
     from pipeline.cluster import dask_client
     from pipeline.config import EvaluationConfig
-    from pipeline.evaluate import evaluate
-    from pipeline.inference import infer_slides
-    from pipeline.results import read_heatmap, read_scores
+    from pipeline.evaluation.evaluate import evaluate
+    from pipeline.inference.driver import infer_slides
+    from pipeline.inference.results import read_heatmap, read_scores
 
     testing = small_cohort.root / "testing"
     images = tmp_path / "images"

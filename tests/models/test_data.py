@@ -7,7 +7,7 @@ import pytest
 
 from models.data import all_patches, balanced_chunks, make_dataset, open_stores, split_by_slide
 from pipeline.errors import StoreError
-from pipeline.store import create_slide_group, mark_complete, open_patches, open_root
+from pipeline.store.patch_store import create_slide_group, mark_complete, open_patches, open_root
 
 
 def _store(path, slides: dict[str, int], n: int = 100, px: int = 16, codec: str = "zstd"):

@@ -16,7 +16,7 @@ import pytest
 import tifffile
 
 from pipeline.config import TilingConfig
-from pipeline.plan import SlideJob, plan_slide
+from pipeline.tiling.plan import SlideJob, plan_slide
 from tests.conftest import last_json, run
 
 
@@ -91,7 +91,7 @@ def test_corrupt_tiles_fail_the_slide_naming_level_and_region(
 
 
 def test_inference_refuses_corrupt_tiles(clean_slide, trained_model, tmp_path):
-    from pipeline.infer_tasks import model_spec
+    from pipeline.inference.predict import model_spec
 
     spec = model_spec(trained_model)
     config = TilingConfig(target_mpp=spec.patch_mpp, patch_px=spec.patch_px)

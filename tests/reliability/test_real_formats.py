@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def test_a_dicom_series_is_one_slide_named_by_its_folder(tmp_path):
-    from pipeline.slide import find_slides
+    from pipeline.slides.reader import find_slides
     from pipeline.viewer.catalog import Catalog
 
     series = FORMATS / "dicom-series"

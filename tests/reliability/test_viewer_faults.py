@@ -171,8 +171,8 @@ def test_slide_ids_with_url_characters_link_and_serve(small_cohort, tmp_path):
 def test_detections_linked_from_outside_the_heatmaps_folder_are_not_served(slide_folder, tmp_path):
     import numpy as np
 
-    from pipeline.heatmap import Detections, heatmap_grid
-    from pipeline.results import write_manifest, write_slide_outputs
+    from pipeline.inference.heatmap import Detections, heatmap_grid
+    from pipeline.inference.results import write_manifest, write_slide_outputs
 
     out = tmp_path / "inference"
     with tifffile.TiffFile(slide_folder / "case.tif") as tif:

@@ -12,10 +12,10 @@ from skimage.color import rgb2hed
 from skimage.draw import polygon as draw_polygon
 from skimage.measure import label, regionprops
 
-from pipeline.annotations import read_asap_xml
 from pipeline.config import SyntheticConfig
 from pipeline.outputs import MARKER
-from pipeline.slide import open_slide
+from pipeline.slides.annotations import read_asap_xml
+from pipeline.slides.reader import open_slide
 from pipeline.synth.cohort import plan_cohort, write_cohort, write_slide
 from pipeline.synth.scene import make_scene
 

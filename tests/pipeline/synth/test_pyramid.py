@@ -8,7 +8,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from pipeline.slide import open_slide
+from pipeline.slides.reader import open_slide
 from pipeline.synth.pyramid import pyramid_level_sizes, write_pyramid_tiff
 from pipeline.synth.scene import make_scene
 

@@ -1,0 +1,108 @@
+"""Heatmap stitching, lesion detection and colouring on hand-built probabilities."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.inference.heatmap import (
+    HeatmapAccumulator,
+    colorize,
+    detect_lesions,
+    heatmap_grid,
+    heatmap_image,
+    overlay,
+    slide_score,
+)
+
+
+def test_grid_has_one_cell_per_stride_placed_at_level_0():
+    # Level 1 of a 1000 x 800 slide (downsample 2), 100 px patches every 50 px.
+    grid = heatmap_grid((500, 400), (1000, 800), read_px=100, read_stride_px=50)
+    assert grid.shape == (8, 10)
+    assert grid.level0_cell_px == (100.0, 100.0)
+    assert grid.cells_per_patch == 2
+    np.testing.assert_array_equal(grid.cell_centers_level0(np.array([0, 7]), np.array([0, 9])),
+                                  [[50, 50], [950, 750]])  # fmt: skip
+
+
+def test_overlapping_predictions_are_averaged_and_unpredicted_cells_are_zero():
+    grid = heatmap_grid((500, 400), (1000, 800), read_px=100, read_stride_px=50)
+    acc = HeatmapAccumulator(grid)
+    acc.add(np.array([[0, 0], [1, 0]]), np.array([1.0, 0.0]))
+    heat = acc.heatmap()
+    assert heat.dtype == np.float32 and heat.shape == (8, 10)
+    np.testing.assert_allclose(heat[:2, :3], [[1, 0.5, 0], [1, 0.5, 0]])
+    assert heat[2:].sum() == 0 and heat[:, 3:].sum() == 0
+    np.testing.assert_array_equal(acc.covered[:3, :4], [[1, 1, 1, 0], [1, 1, 1, 0], [0] * 4])
+    # A patch on the last row/column covers only the cells inside the grid.
+    acc.add(np.array([[9, 7]]), np.array([0.25]))
+    assert acc.heatmap()[7, 9] == 0.25
+
+
+def test_one_detection_per_connected_region_at_its_peak():
+    grid = heatmap_grid((100, 100), (1000, 1000), read_px=10, read_stride_px=10)
+    heat = np.zeros(grid.shape, dtype=np.float32)
+    heat[1:4, 1:4] = 0.6
+    heat[2, 3] = 0.95  # the peak of the first region
+    heat[7, 7] = 0.7  # a one-cell region
+    heat[8, 8] = 0.8  # diagonal neighbour: the same region (8-connectivity)
+    heat[0, 9] = 0.4  # below the threshold
+    found = detect_lesions(heat, grid, threshold=0.5)
+    assert len(found) == 2
+    np.testing.assert_allclose(found.confidence, [0.95, 0.8])
+    np.testing.assert_array_equal(found.level0_xy, [[350, 250], [850, 850]])
+    np.testing.assert_array_equal(found.area_cells, [9, 2])
+    assert len(detect_lesions(np.zeros((3, 3)), grid, threshold=0.5)) == 0
+    with pytest.raises(ValueError, match="threshold in"):
+        detect_lesions(heat, grid, threshold=1.0)
+
+
+def test_slide_score_is_the_highest_cell():
+    assert slide_score(np.array([[0.1, 0.7], [0.3, 0.2]])) == pytest.approx(0.7)
+    assert slide_score(np.zeros((0, 0))) == 0.0
+
+
+def test_colour_heatmap_is_transparent_where_low_and_overlay_aligns():
+    heat = np.array([[0.0, 0.05], [0.5, 1.0]], dtype=np.float32)
+    rgba = colorize(heat)
+    assert rgba.shape == (2, 2, 4) and rgba.dtype == np.uint8
+    np.testing.assert_array_equal(rgba[0, :, 3], [0, 0])
+    assert rgba[1, 0, 3] == 255 and rgba[1, 1, 3] == 255
+    assert tuple(rgba[1, 1, :3]) != tuple(rgba[1, 0, :3])
+    grid = heatmap_grid((20, 20), (200, 200), read_px=10, read_stride_px=10)
+    white = np.full((40, 40, 3), 255, dtype=np.uint8)
+    blended = overlay(white, heatmap_image(heat, grid, (200, 200), (40, 40)))
+    np.testing.assert_array_equal(blended[:20], 255)  # top row of cells: transparent
+    assert (blended[20:, :20] != 255).any(axis=-1).all()
+
+
+def test_streamed_prediction_places_batches_by_offset_with_several_readers(small_cohort):
+    """Any number of reader threads gives every patch its own value; errors reach the caller."""
+    from pipeline.errors import SlideNotFoundError
+    from pipeline.inference.predict import Block, predict_streamed
+    from pipeline.slides.reader import open_slide
+
+    slide = small_cohort.root / small_cohort.slides[0].image
+    xy = np.array([[x, y] for y in range(0, 2048, 100) for x in range(0, 2560, 100)])
+
+    def mean_red(batch):  # a real function of the pixels, so misplaced batches show
+        return batch[..., 0].mean(axis=(1, 2)).astype(np.float32)
+
+    with open_slide(slide) as reader:
+        expected = np.array([reader.read_level(0, (x, y), (32, 32))[..., 0].mean() for x, y in xy])
+
+    def block(path, batch_size=16, queue_batches=2, threads=2):
+        return Block(str(path), "unused", 0, xy, 32, 32, batch_size, queue_batches, threads)
+
+    for threads in (1, 3):
+        got = predict_streamed(mean_red, block(slide, threads=threads))
+        np.testing.assert_allclose(got, expected, rtol=1e-6)
+    with pytest.raises(SlideNotFoundError, match="nope.tif: no such file"):
+        predict_streamed(mean_red, block(slide.with_name("nope.tif")))
+
+    def failing(batch):
+        raise RuntimeError("model exploded")
+
+    with pytest.raises(RuntimeError, match="model exploded"):
+        predict_streamed(failing, block(slide, 8, 1))  # returns, does not hang

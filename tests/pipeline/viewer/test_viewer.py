@@ -1,0 +1,323 @@
+"""The DeepZoom viewer against real slides and a real heatmap folder: Flask test client."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+
+import numpy as np
+import openslide
+import pytest
+from openslide.deepzoom import DeepZoomGenerator
+from PIL import Image
+
+from pipeline.inference.heatmap import Detections, heatmap_grid
+from pipeline.inference.results import write_manifest, write_slide_outputs
+from pipeline.viewer import OVERLAP, TILE_PX, create_app
+
+# The heatmap: 64 px cells, probability 1 on cells rows 10-19, cols 20-29, i.e. level-0
+# x in [1280, 1920), y in [640, 1280); 0.3 (drawn, faint) on one cell at row 2, col 3.
+CELL = 64
+BLOB = (1280, 640, 1920, 1280)
+
+
+@pytest.fixture(scope="module")
+def folders(small_cohort, tmp_path_factory):
+    root = tmp_path_factory.mktemp("viewer")
+    slides = root / "slides"
+    (slides / "sub").mkdir(parents=True)
+    tumor = next(r for r in small_cohort.slides if r.label == "Tumor")
+    normal = next(r for r in small_cohort.slides if r.label == "Normal")
+    shutil.copy(small_cohort.root / tumor.image, slides / "sub" / "tumor_a.tif")
+    shutil.copy(small_cohort.root / normal.image, slides / "normal_a.tif")
+    (slides / "corrupt.svs").write_bytes(b"II*\x00" + os.urandom(3000))
+    elsewhere = root / "elsewhere.tif"
+    shutil.copy(small_cohort.root / normal.image, elsewhere)
+    (slides / "outside.tif").symlink_to(elsewhere)
+
+    out = root / "inference"
+    with openslide.OpenSlide(str(slides / "sub" / "tumor_a.tif")) as osr:
+        level0_wh = osr.dimensions
+    grid = heatmap_grid(level0_wh, level0_wh, read_px=CELL, read_stride_px=CELL)
+    heat = np.zeros(grid.shape, dtype=np.float32)
+    heat[10:20, 20:30] = 1.0
+    heat[2, 3] = 0.3
+    detections = Detections(np.array([0.99]), np.array([[1600, 960]]), np.array([100]))
+    blank = np.zeros((8, 8, 3), dtype=np.uint8)
+    write_slide_outputs(
+        out, "tumor_a", heat, grid, detections, np.zeros((8, 8, 4), np.uint8), blank,
+        {"level0_wh": list(level0_wh), "score": 1.0},
+    )  # fmt: skip
+    write_manifest(out, {"slides": {"tumor_a": {"status": "done", "score": 1.0}}})
+    return slides, out
+
+
+@pytest.fixture(scope="module")
+def client(folders):
+    slides, out = folders
+    app = create_app(slides, out)
+    return app.test_client()
+
+
+def _dz(path):
+    return DeepZoomGenerator(openslide.OpenSlide(str(path)), TILE_PX, OVERLAP, False)
+
+
+def test_slide_list_marks_unreadable_slides_and_leaves_out_links_outside(client):
+    listed = {s["id"]: s for s in client.get("/api/slides").get_json()}
+    assert sorted(listed) == ["corrupt", "normal_a", "tumor_a"]  # not "outside"
+    assert listed["corrupt"]["readable"] is False
+    assert "truncated or corrupt: a TIFF of" in listed["corrupt"]["error"]
+    assert listed["tumor_a"]["heatmap"] is True and listed["normal_a"]["heatmap"] is False
+    assert listed["tumor_a"]["path"] == "sub/tumor_a.tif"
+    assert listed["tumor_a"]["mpp"] == pytest.approx(0.243)
+    page = client.get("/").get_data(as_text=True)
+    assert "unreadable" in page and "/view/tumor_a" in page and "outside" not in page
+
+
+def test_dzi_and_tiles_match_openslides_deepzoom_generator(client, folders):
+    slides, _ = folders
+    dz = _dz(slides / "sub" / "tumor_a.tif")
+    response = client.get("/slides/tumor_a.dzi")
+    assert response.status_code == 200
+    assert response.get_data(as_text=True) == dz.get_dzi("jpeg")
+    top = dz.level_count - 1
+    for level, address in [(top, (0, 0)), (top, (5, 3)), (top - 3, (1, 1)), (3, (0, 0))]:
+        response = client.get(f"/slides/tumor_a_files/{level}/{address[0]}_{address[1]}.jpeg")
+        assert response.status_code == 200 and response.mimetype == "image/jpeg"
+        tile = Image.open(io.BytesIO(response.data))
+        assert tile.size == dz.get_tile_dimensions(level, address)
+        # Exactly OpenSlide's tile, encoded at the viewer's JPEG quality.
+        expected = io.BytesIO()
+        dz.get_tile(level, address).convert("RGB").save(expected, format="JPEG", quality=80)
+        assert response.data == expected.getvalue()
+
+
+def test_heatmap_tiles_share_the_slides_geometry_and_align(client, folders):
+    slides, _ = folders
+    dz = _dz(slides / "sub" / "tumor_a.tif")
+    dzi = client.get("/heatmaps/tumor_a.dzi").get_data(as_text=True)
+    assert dzi == dz.get_dzi("png")
+    top = dz.level_count - 1
+    for address in [(5, 2), (6, 3), (7, 4), (0, 0)]:
+        response = client.get(f"/heatmaps/tumor_a_files/{top}/{address[0]}_{address[1]}.png")
+        assert response.status_code == 200 and response.mimetype == "image/png"
+        rgba = np.asarray(Image.open(io.BytesIO(response.data)))
+        assert rgba.shape == (*dz.get_tile_dimensions(top, address)[::-1], 4)
+        (x0, y0), _, _ = dz.get_tile_coordinates(top, address)
+        xs = x0 + np.arange(rgba.shape[1])
+        ys = y0 + np.arange(rgba.shape[0])
+        inside = ((ys >= BLOB[1]) & (ys < BLOB[3]))[:, None] & ((xs >= BLOB[0]) & (xs < BLOB[2]))
+        faint = ((ys >= 128) & (ys < 192))[:, None] & ((xs >= 192) & (xs < 256))
+        np.testing.assert_array_equal(rgba[..., 3] == 255, inside)
+        np.testing.assert_array_equal((rgba[..., 3] > 0) & (rgba[..., 3] < 255), faint)
+    # A coarser level: the blob is where the slide tile has it, to within a pixel.
+    level = top - 3  # downsample 8: one 254 px tile holds the whole blob
+    rgba = np.asarray(
+        Image.open(io.BytesIO(client.get(f"/heatmaps/tumor_a_files/{level}/0_0.png").data))
+    )
+    rows, cols = np.nonzero(rgba[..., 3] == 255)
+    assert abs(cols.min() - BLOB[0] / 8) <= 1 and abs(cols.max() + 1 - BLOB[2] / 8) <= 1
+    assert abs(rows.min() - BLOB[1] / 8) <= 1 and abs(rows.max() + 1 - BLOB[3] / 8) <= 1
+
+
+def test_detections_and_slide_page(client):
+    assert client.get("/api/slides/tumor_a/detections").get_json() == [
+        {"confidence": 0.99, "x": 1600, "y": 960}
+    ]
+    assert client.get("/api/slides/normal_a/detections").get_json() == []
+    page = client.get("/view/tumor_a").get_data(as_text=True)
+    assert "openseadragon.min.js" in page and "/heatmaps/" in page and "opacity" in page
+    script = client.get("/static/openseadragon/openseadragon.min.js")
+    assert script.status_code == 200 and b"OpenSeadragon" in script.data
+    assert "No heatmap" in client.get("/view/normal_a").get_data(as_text=True)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/slides/../../etc/passwd.dzi",
+        "/slides/..%2F..%2Fetc%2Fpasswd.dzi",
+        "/slides/%2Fetc%2Fpasswd.dzi",
+        "/slides/outside.dzi",
+        "/slides/corrupt.dzi",
+        "/slides/corrupt_files/0/0_0.jpeg",
+        "/slides/sub%2Ftumor_a.dzi",
+        "/slides/tumor_a_files/99/0_0.jpeg",
+        "/slides/tumor_a_files/14/500_0.jpeg",
+        "/slides/tumor_a_files/14/0_-1.jpeg",
+        "/slides/tumor_a_files/x/0_0.jpeg",
+        "/slides/tumor_a_files/14/0_0.png",
+        "/slides/tumor_a_files/14/0_0.jpeg/..",
+        "/heatmaps/normal_a.dzi",
+        "/heatmaps/normal_a_files/14/0_0.png",
+        "/heatmaps/tumor_a_files/99/0_0.png",
+        "/heatmaps/tumor_a_files/14/0_0.jpeg",
+        "/slides/tumor_a/associated/label.jpeg",
+        "/slides/tumor_a/associated/..%2F..%2Fx.jpeg",
+        "/view/nope",
+        "/view/corrupt",
+        "/static/../pipeline/viewer/__init__.py",
+        "/static/%2E%2E/__init__.py",
+    ],
+)
+def test_traversal_and_bad_requests_are_404(client, url):
+    assert client.get(url).status_code == 404
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+
+
+@pytest.fixture
+def live_server(folders):
+    """The viewer on a real threaded HTTP server on 127.0.0.1 (a free port)."""
+    import threading
+
+    from werkzeug.serving import make_server
+
+    slides, out = folders
+    server = make_server("127.0.0.1", 0, create_app(slides, out), threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    thread.join()
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """Headless Debian Chromium through chromedriver (`make test` installs both)."""
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        pytest.skip(f"{CHROMIUM} or {CHROMEDRIVER} missing: `make test` installs chromium-driver")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run",
+        "--window-size=1200,900", f"--user-data-dir={tmp_path / 'chromium'}",
+    ):  # fmt: skip
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def _screenshot(driver) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB"))
+
+
+def _wait(driver, script: str, timeout: float = 60) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if driver.execute_script(script):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for: {script}")
+
+
+@pytest.mark.slow
+def test_browser_shows_tissue_and_the_overlay_toggle_changes_pixels(live_server, browser):
+    browser.get(f"{live_server}/view/tumor_a")
+    ready = (
+        "const w = window.wsiflow; return !!(w && w.heatmap && w.viewer.world.getItemCount() == 2"
+        " && w.viewer.world.getItemAt(0).getFullyLoaded() && w.heatmap.getFullyLoaded()"
+        " && w.detections.length == 1);"
+    )
+    _wait(browser, ready)
+    # Zoom onto the heatmap's blob, then wait for the sharper tiles.
+    browser.execute_script(
+        "const v = window.wsiflow.viewer, item = v.world.getItemAt(0);"
+        "v.viewport.fitBounds(item.imageToViewportRectangle(1000, 400, 1200, 1100), true);"
+    )
+    _wait(browser, ready)
+    import time
+
+    time.sleep(1.0)  # let the last tiles paint
+    with_overlay = _screenshot(browser)
+    viewer_px = with_overlay[:, :800]  # the side panel is on the right
+    r, g, b = (viewer_px[..., i].astype(int) for i in range(3))
+    tissue = (r - g > 30) & (b - g > 30)  # H&E purple/pink
+    assert tissue.mean() > 0.05, "no tissue on screen"
+    heat = (r > 200) & (g > 150) & (b < 170)  # inferno's pale yellow at probability 1
+    assert heat.mean() > 0.05, "no heatmap on screen"
+
+    browser.find_element("id", "show-heatmap").click()
+    browser.find_element("id", "show-detections").click()
+    time.sleep(1.0)
+    without = _screenshot(browser)[:, :800]
+    changed = np.abs(without.astype(int) - viewer_px.astype(int)).sum(axis=-1) > 30
+    assert changed.mean() > 0.05
+    r, g, b = (without[..., i].astype(int) for i in range(3))
+    assert ((r > 200) & (g > 150) & (b < 170)).mean() < heat.mean() / 5
+    assert browser.execute_script("return window.wsiflow.heatmap.getOpacity()") == 0
+    # The scale bar follows the slide's µm/px.
+    assert browser.find_element("id", "scalebar-text").text.endswith(("µm", "mm"))
+
+
+def test_serve_command_serves_on_localhost(folders, tmp_path):
+    """`wsiflow serve` as a user starts it: binds 127.0.0.1, answers, stops on SIGTERM."""
+    import json
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    from tests.conftest import WSIFLOW
+
+    slides, out = folders
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen(
+        [WSIFLOW, "serve", str(slides), "--heatmaps", str(out), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/slides", timeout=5) as r:
+                    listed = json.load(r)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and process.poll() is None, process.stdout.read()
+                time.sleep(0.3)
+        assert {s["id"] for s in listed} == {"corrupt", "normal_a", "tumor_a"}
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    missing = subprocess.run(
+        [WSIFLOW, "serve", str(tmp_path / "nope")], capture_output=True, text=True, check=False
+    )
+    assert missing.returncode == 2 and "no such folder" in missing.stderr
+
+
+def test_real_aperio_slide_properties_and_associated_images(aperio_slide, tmp_path):
+    slides = tmp_path / "real"
+    slides.mkdir()
+    (slides / aperio_slide.name).symlink_to(aperio_slide)  # a link inside the folder is fine...
+    client = create_app(slides).test_client()
+    # ...but its target lies outside the folder, so it is not served.
+    assert client.get("/api/slides").get_json() == []
+    shutil.copy(aperio_slide, slides / "copy.svs")
+    (slides / aperio_slide.name).unlink()
+    client = create_app(slides).test_client()
+    (listed,) = client.get("/api/slides").get_json()
+    assert listed["vendor"] == "aperio" and listed["objective_power"] == 20.0
+    assert listed["associated_images"] == ["label", "macro", "thumbnail"]
+    page = client.get("/view/copy").get_data(as_text=True)
+    assert "aperio" in page and "/slides/copy/associated/label.jpeg" in page
+    with openslide.OpenSlide(str(slides / "copy.svs")) as osr:
+        expected = osr.associated_images["label"].size
+    response = client.get("/slides/copy/associated/label.jpeg")
+    assert response.status_code == 200
+    assert Image.open(io.BytesIO(response.data)).size == expected
+    thumb = Image.open(io.BytesIO(client.get("/slides/copy/thumbnail.jpeg").data))
+    assert max(thumb.size) == 256
