@@ -29,12 +29,16 @@ browser:
 	    || echo "warning: could not install chromium; the browser test will be skipped"; \
 	fi
 
+# Tests run in PYTEST_WORKERS processes (pytest-xdist): most of them wait on subprocesses,
+# servers and disks, so more processes than cores still shorten the run. PYTEST_WORKERS=0: one.
+PYTEST_WORKERS ?= 4
+
 test: venv browser
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 test-fast: venv
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -m "not slow" $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check .

@@ -100,6 +100,7 @@ def test_config_command(tmp_path):
     assert f"{bad}:2: orchestration.retries: Input should be a valid integer" in result.stderr
 
 
+@pytest.mark.slow
 def test_demo_runs_every_stage_and_says_what_does_not_exist(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(
@@ -166,6 +167,7 @@ def cli_cohort(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_tile_then_preview(cli_cohort, tmp_path):
     store = tmp_path / "s.zarr"
     corrupt = tmp_path / "corrupt.svs"
@@ -352,6 +354,7 @@ def test_killed_run_leaves_no_false_complete_group(cli_cohort, tmp_path, signal_
     assert summary["done"] + summary["skipped"] == total
 
 
+@pytest.mark.slow
 def test_flow_tile_lists_the_bad_slide_then_serves_from_cache(cli_cohort, tmp_path):
     """`wsiflow flow` on its own temporary Prefect API (no server running), as a user runs it."""
     corrupt = tmp_path / "corrupt.svs"
@@ -373,6 +376,7 @@ def test_flow_tile_lists_the_bad_slide_then_serves_from_cache(cli_cohort, tmp_pa
     assert (last_json(again)["skipped"], last_json(again)["ok"]) == (2, True)
 
 
+@pytest.mark.slow
 def test_flow_evaluate_takes_rules_and_exclusions_from_the_command_line(tmp_path):
     """`--rules` and `--exclude` reach the flow as they reach `wsiflow evaluate`."""
     from tests.pipeline.evaluation.test_froc import _evaluation_inputs

@@ -90,6 +90,7 @@ def test_corrupt_tiles_fail_the_slide_naming_level_and_region(
     assert not zarr.open_group(str(store), mode="r")[slide.stem].attrs.get("complete")
 
 
+@pytest.mark.slow
 def test_inference_refuses_corrupt_tiles(clean_slide, trained_model, tmp_path):
     from pipeline.inference.predict import model_spec
 

@@ -86,6 +86,7 @@ def test_tile_on_a_full_disk_is_one_line_then_resumes(small_cohort, small_disk):
     assert (summary["done"], summary["skipped"]) == (2 - len(complete), len(complete))
 
 
+@pytest.mark.slow
 def test_train_on_a_full_disk_is_one_line_and_leaves_no_temporary_model(patch_store, small_disk):
     disk, _ = small_disk
     out = disk / "model"

@@ -126,6 +126,7 @@ def test_claim_folder_rules(tmp_path):
         claim_folder(crowded, "model")
 
 
+@pytest.mark.slow
 def test_a_slide_id_complete_from_another_file_is_not_replaced(one_slide, tmp_path):
     """dirA/case1.tif then dirB/case1.tif: the second fails naming both files."""
     a, b = tmp_path / "dirA", tmp_path / "dirB"
@@ -163,6 +164,7 @@ def _hold_lock(folder: Path) -> subprocess.Popen:
     return process
 
 
+@pytest.mark.slow
 def test_a_store_in_use_by_another_run_is_refused(one_slide, tmp_path):
     store = tmp_path / "s.zarr"
     assert run("tile", str(one_slide), "--out", str(store), *TILE).returncode == 0

@@ -52,6 +52,7 @@ def test_a_dicom_series_is_one_slide_named_by_its_folder(tmp_path):
         catalog.close()
 
 
+@pytest.mark.slow
 def test_a_dicom_series_is_inferred_and_served_as_one_slide(tmp_path):
     """`infer` writes one set of outputs for the series and `serve` shows them over HTTP."""
     import io
@@ -103,6 +104,7 @@ def test_a_dicom_series_is_inferred_and_served_as_one_slide(tmp_path):
         thread.join()
 
 
+@pytest.mark.slow
 def test_a_slide_without_mpp_or_objective_power_is_refused_in_one_line_or_read_by_level(
     tmp_path,
 ):

@@ -198,6 +198,7 @@ def _submission(folder, cases):
         (folder / f"{case}.csv").write_text(lines)
 
 
+@pytest.mark.slow
 def test_wsiflow_evaluate_equals_the_script_run_as_a_program(masks, tmp_path):
     """The CLI on a submission folder and mask files; real test-set naming conventions."""
     rng = np.random.default_rng(7)

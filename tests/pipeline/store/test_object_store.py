@@ -102,6 +102,7 @@ def test_training_stream_reads_the_same_chunks_from_s3(s3_env, patch_store):
         )
 
 
+@pytest.mark.slow
 def test_bad_store_locations_are_named(s3_env, small_cohort, tmp_path):
     slide = str(small_cohort.root / small_cohort.slides[0].image)
     no_bucket = run("tile", slide, "--out", "s3://no-such-bucket/x.zarr", env=s3_env)

@@ -222,6 +222,21 @@ def _wait(driver, script: str, timeout: float = 60) -> None:
     raise AssertionError(f"timed out waiting for: {script}")
 
 
+def _settled_screenshot(driver, timeout: float = 30) -> np.ndarray:
+    """A screenshot once the page stops changing (two in a row alike): tiles have painted."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    last = _screenshot(driver)
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        shot = _screenshot(driver)
+        if np.array_equal(shot, last):
+            return shot
+        last = shot
+    raise AssertionError("the page kept changing")
+
+
 @pytest.mark.slow
 def test_browser_shows_tissue_and_the_overlay_toggle_changes_pixels(live_server, browser):
     browser.get(f"{live_server}/view/tumor_a")
@@ -237,10 +252,7 @@ def test_browser_shows_tissue_and_the_overlay_toggle_changes_pixels(live_server,
         "v.viewport.fitBounds(item.imageToViewportRectangle(1000, 400, 1200, 1100), true);"
     )
     _wait(browser, ready)
-    import time
-
-    time.sleep(1.0)  # let the last tiles paint
-    with_overlay = _screenshot(browser)
+    with_overlay = _settled_screenshot(browser)
     viewer_px = with_overlay[:, :800]  # the side panel is on the right
     r, g, b = (viewer_px[..., i].astype(int) for i in range(3))
     tissue = (r - g > 30) & (b - g > 30)  # H&E purple/pink
@@ -250,8 +262,8 @@ def test_browser_shows_tissue_and_the_overlay_toggle_changes_pixels(live_server,
 
     browser.find_element("id", "show-heatmap").click()
     browser.find_element("id", "show-detections").click()
-    time.sleep(1.0)
-    without = _screenshot(browser)[:, :800]
+    _wait(browser, "return window.wsiflow.heatmap.getOpacity() == 0;")
+    without = _settled_screenshot(browser)[:, :800]
     changed = np.abs(without.astype(int) - viewer_px.astype(int)).sum(axis=-1) > 30
     assert changed.mean() > 0.05
     r, g, b = (without[..., i].astype(int) for i in range(3))
