@@ -26,12 +26,3 @@ def summary_markdown(key: str, title: str, lines: list[tuple[str, Any]]) -> None
         markdown=f"# {title}\n\n| what | value |\n|---|---|\n{body}\n",
         description=title,
     )
-
-
-def failures(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The failed rows: slide, path, reason."""
-    return [
-        {"slide": r["slide_id"], "path": r["path"], "reason": r["reason"]}
-        for r in rows
-        if r["status"] == "failed"
-    ]

@@ -38,6 +38,21 @@ def fingerprint(payload: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def split_repeated_ids(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The paths with distinct slide ids, in order; each repeated id with a reason naming both."""
+    seen: dict[str, Path] = {}
+    repeated = []
+    for path in paths:
+        slide_id = slide_id_of(path)
+        if slide_id in seen:
+            repeated.append(
+                (path, f"{path}: duplicate slide id {slide_id!r} (also {seen[slide_id]})")
+            )
+        else:
+            seen[slide_id] = path
+    return list(seen.values()), repeated
+
+
 def slide_id_of(path: Path) -> str:
     """The slide identifier used for store groups and outputs: the file name without suffix.
 

@@ -24,7 +24,7 @@ from pipeline import __version__
 from pipeline.config import InferenceConfig
 from pipeline.engine import Task, drive, failures, worker_count
 from pipeline.errors import ModelError, failure_reason
-from pipeline.identity import file_identity, fingerprint, slide_id_of
+from pipeline.identity import file_identity, fingerprint, slide_id_of, split_repeated_ids
 from pipeline.inference.heatmap import (
     HeatmapAccumulator,
     detect_lesions,
@@ -123,8 +123,8 @@ def infer_slides(
     pending = []
     for path in unique:
         triaged = triage(out_dir, path, spec, config, stage.manifest, overwrite=overwrite)
-        if isinstance(triaged, SlideInference):
-            stage.report(triaged, slide_fingerprint(path, spec, config))
+        if triaged.skipped is not None:
+            stage.report(triaged.skipped, triaged.digest)
         else:
             pending.append(triaged)
     n_workers = worker_count(client)
@@ -160,8 +160,8 @@ def infer_slide(
     path, out_dir = Path(path), Path(out_dir)
     manifest = read_manifest(out_dir)
     triaged = triage(out_dir, path, spec, config, manifest, overwrite=overwrite)
-    if isinstance(triaged, SlideInference):
-        return triaged, slide_fingerprint(path, spec, config)
+    if triaged.skipped is not None:
+        return triaged.skipped, triaged.digest
     out_dir.mkdir(parents=True, exist_ok=True)
     stage = _Inferring(out_dir, spec, config, tf_threads, manifest=None)
     drive(None, stage, [triaged])
@@ -173,10 +173,14 @@ def infer_slide(
 
 @dataclass(frozen=True)
 class Pending:
-    """A slide to predict: its path and the fingerprint its outputs will carry."""
+    """A slide to predict: its path and the fingerprint its outputs will carry.
+
+    ``skipped``: its result when its outputs are complete with that fingerprint.
+    """
 
     path: Path
     digest: str
+    skipped: SlideInference | None = None
 
 
 def triage(
@@ -187,12 +191,12 @@ def triage(
     manifest: dict[str, Any],
     *,
     overwrite: bool,
-) -> SlideInference | Pending:
+) -> Pending:
     """The one idempotency check: skipped (outputs complete for this fingerprint) or to do."""
     slide_id = slide_id_of(path)
     digest = slide_fingerprint(path, spec, config)
     if not overwrite and is_complete(out_dir, slide_id, digest, manifest):
-        return _skipped(path, manifest["slides"][slide_id])
+        return Pending(Path(path), digest, _skipped(path, manifest["slides"][slide_id]))
     return Pending(Path(path), digest)
 
 
@@ -286,16 +290,8 @@ class _Inferring:
 
 def unique_slides(slides: list[Path]) -> tuple[list[Path], list[SlideInference]]:
     """The slides with distinct ids, in order; each repeated id a failure naming both files."""
-    seen: dict[str, Path] = {}
-    duplicates = []
-    for path in slides:
-        slide_id = slide_id_of(path)
-        if slide_id in seen:
-            reason = f"{path}: duplicate slide id {slide_id!r} (also {seen[slide_id]})"
-            duplicates.append(SlideInference(slide_id, str(path), "failed", reason=reason))
-        else:
-            seen[slide_id] = path
-    return list(seen.values()), duplicates
+    unique, repeated = split_repeated_ids(slides)
+    return unique, [SlideInference(slide_id_of(p), str(p), "failed", reason=r) for p, r in repeated]
 
 
 def _skipped(path: Path, previous: dict[str, Any]) -> SlideInference:

@@ -23,7 +23,7 @@ from typing import Any
 from pipeline.config import TilingConfig
 from pipeline.engine import Task, drive, failures, worker_count
 from pipeline.errors import AnnotationError, OutputWriteError, SlideError, failure_reason
-from pipeline.identity import file_identity, slide_id_of
+from pipeline.identity import file_identity, slide_id_of, split_repeated_ids
 from pipeline.slides.annotations import find_annotation
 from pipeline.store.patch_store import (
     completed_attrs,
@@ -77,21 +77,18 @@ def make_jobs(
 
     So is a slide with two annotation files (:func:`find_annotation`).
     """
-    jobs: dict[str, SlideJob] = {}
-    failures = []
-    for path in slides:
+    unique, repeated = split_repeated_ids(slides)
+    failures = [SlideResult(slide_id_of(p), str(p), "failed", reason=r) for p, r in repeated]
+    jobs = []
+    for path in unique:
         slide_id = slide_id_of(path)
-        if slide_id in jobs:
-            reason = f"{path}: duplicate slide id {slide_id!r} (also {jobs[slide_id].path})"
-            failures.append(SlideResult(slide_id, str(path), "failed", reason=reason))
-            continue
         try:
             annotation = find_annotation(path, annotations_dir)
         except AnnotationError as exc:
             failures.append(SlideResult(slide_id, str(path), "failed", reason=str(exc)))
             continue
-        jobs[slide_id] = SlideJob(slide_id, path, annotation)
-    return list(jobs.values()), failures
+        jobs.append(SlideJob(slide_id, path, annotation))
+    return jobs, failures
 
 
 def tile_slides(
@@ -125,7 +122,10 @@ def tile_slides(
         stage.report(result)
     pending = []
     for job in jobs:
-        triaged = triage(root, store_path, job, config, overwrite=overwrite)
+        try:
+            triaged = triage(root, store_path, job, config, overwrite=overwrite)
+        except SlideError as exc:  # complete from another file
+            triaged = SlideResult(job.slide_id, str(job.path), "failed", reason=str(exc))
         if isinstance(triaged, SlideResult):
             stage.report(triaged)
         else:
@@ -158,8 +158,6 @@ def tile_slide(
     root = zarr_root(store_path)
     triaged = triage(root, store_path, job, config, overwrite=overwrite)
     if isinstance(triaged, SlideResult):
-        if triaged.status == "failed":
-            raise SlideError(job.path, triaged.reason.removeprefix(f"{job.path}: "))
         return triaged
     stage = _Tiling(root, store_path, config, workers=1, record=False)
     drive(None, stage, [triaged])
@@ -177,14 +175,15 @@ class Pending:
 def triage(
     root: Any, store_path: str, job: SlideJob, config: TilingConfig, *, overwrite: bool
 ) -> SlideResult | Pending:
-    """The one idempotency check: skipped (its group complete with this fingerprint),
-    failed (complete from another file), or still to tile."""
+    """The one idempotency check: skipped (its group complete with this fingerprint) or to tile.
+
+    Raises :class:`SlideError` when the group is complete from another file.
+    """
     digest = job_fingerprint(job, config)
     done = completed_attrs(root, job.slide_id)
     other = None if overwrite else other_source(done, job.path)
     if other is not None:
-        reason = f"{job.path}: {_other_source(job, store_path, other)}"
-        return SlideResult(job.slide_id, str(job.path), "failed", reason=reason)
+        raise SlideError(job.path, _other_source(job, store_path, other))
     if not overwrite and done is not None and done.get("fingerprint") == digest:
         return _skipped(job, {**done, **root.attrs.get("slides", {}).get(job.slide_id, {})})
     return Pending(job, digest)
