@@ -211,18 +211,24 @@ def _screenshot(driver) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB"))
 
 
-def _wait(driver, script: str, timeout: float = 60) -> None:
+def _wait(driver, script: str, timeout: float = 120, steady: float = 0.0) -> None:
+    """Poll `script` until it returns true (and keeps returning true for `steady` seconds)."""
     import time
 
     deadline = time.monotonic() + timeout
+    since = None
     while time.monotonic() < deadline:
         if driver.execute_script(script):
-            return
+            since = since or time.monotonic()
+            if time.monotonic() - since >= steady:
+                return
+        else:
+            since = None
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for: {script}")
 
 
-def _settled_screenshot(driver, timeout: float = 30) -> np.ndarray:
+def _settled_screenshot(driver, timeout: float = 60) -> np.ndarray:
     """A screenshot once the page stops changing (two in a row alike): tiles have painted."""
     import time
 
@@ -233,8 +239,13 @@ def _settled_screenshot(driver, timeout: float = 30) -> np.ndarray:
         shot = _screenshot(driver)
         if np.array_equal(shot, last):
             return shot
+        changed = np.abs(shot.astype(int) - last.astype(int)).sum(axis=-1) > 0
         last = shot
-    raise AssertionError("the page kept changing")
+    ys, xs = np.nonzero(changed)
+    raise AssertionError(
+        f"the page kept changing: {changed.mean():.1%} of pixels in rows"
+        f" {ys.min()}-{ys.max()}, columns {xs.min()}-{xs.max()}"
+    )
 
 
 @pytest.mark.slow
@@ -246,12 +257,17 @@ def test_browser_shows_tissue_and_the_overlay_toggle_changes_pixels(live_server,
         " && w.detections.length == 1);"
     )
     _wait(browser, ready)
-    # Zoom onto the heatmap's blob, then wait for the sharper tiles.
+    # Zoom onto the heatmap's blob, then wait for the sharper tiles: right after the zoom the
+    # items still say fully loaded, so also wait for an empty tile queue and nothing to draw.
     browser.execute_script(
         "const v = window.wsiflow.viewer, item = v.world.getItemAt(0);"
         "v.viewport.fitBounds(item.imageToViewportRectangle(1000, 400, 1200, 1100), true);"
     )
-    _wait(browser, ready)
+    idle = (
+        ready[: -len(";")] + " && w.viewer.imageLoader.jobsInProgress == 0"
+        " && w.viewer.imageLoader.jobQueue.length == 0 && !w.viewer.world.needsDraw();"
+    )
+    _wait(browser, idle, steady=1.0)
     with_overlay = _settled_screenshot(browser)
     viewer_px = with_overlay[:, :800]  # the side panel is on the right
     r, g, b = (viewer_px[..., i].astype(int) for i in range(3))
@@ -263,6 +279,7 @@ def test_browser_shows_tissue_and_the_overlay_toggle_changes_pixels(live_server,
     browser.find_element("id", "show-heatmap").click()
     browser.find_element("id", "show-detections").click()
     _wait(browser, "return window.wsiflow.heatmap.getOpacity() == 0;")
+    _wait(browser, idle, steady=1.0)
     without = _settled_screenshot(browser)[:, :800]
     changed = np.abs(without.astype(int) - viewer_px.astype(int)).sum(axis=-1) > 30
     assert changed.mean() > 0.05
