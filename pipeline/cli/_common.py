@@ -130,7 +130,10 @@ def _version(value: bool) -> None:
 @app.callback()
 def _main(
     verbose: Annotated[
-        bool, typer.Option("--verbose", "-v", help="Show TensorFlow's C++ logs and debug output.")
+        bool,
+        typer.Option(
+            "--verbose", "-v", help="Show TensorFlow's C++ logs, Dask's logs and debug output."
+        ),
     ] = False,
     version: Annotated[
         bool,
@@ -143,6 +146,11 @@ def _main(
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
         os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "3")
+        # Dask logs every worker start and close at INFO, and errors for connections a
+        # closing cluster cuts; under Prefect they reach the terminal through its root
+        # handler. wsiflow reports failures itself. Read when Dask is first imported (here
+        # and in the worker processes, which inherit the environment).
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "critical")
 
 
 def _load(config: Path | None, overrides: dict[str, Any]):
