@@ -182,6 +182,17 @@ def s3_env(tmp_path_factory):
             s3fs.S3FileSystem.clear_instance_cache()
             s3fs.S3FileSystem().mkdir(S3_BUCKET)
             yield env
+            # Close the clients this process opened (zarr's are asynchronous and have no
+            # finalizer): aiohttp would warn of unclosed sessions when the suite ends.
+            from zarr.core.sync import sync
+
+            for fs in list(s3fs.S3FileSystem._cache.values()):
+                if fs._s3 is None:
+                    continue
+                if fs.asynchronous:  # zarr's, on zarr's event loop
+                    sync(fs._s3.__aexit__(None, None, None))
+                else:
+                    s3fs.S3FileSystem.close_session(fs.loop, fs._s3)
             s3fs.S3FileSystem.clear_instance_cache()
     finally:
         process.terminate()
