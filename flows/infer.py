@@ -8,7 +8,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from flows import artifacts
-from flows.runtime import cpu_count, load, settle, task_options, task_runner
+from flows.runtime import cpu_count, load, locked, settle, task_options, task_runner
 from pipeline.config import InferenceConfig, OrchestrationConfig, WsiflowConfig
 from pipeline.errors import ModelError, failure_reason
 from pipeline.identity import slide_id_of
@@ -96,22 +96,23 @@ def infer_slides_flow(
     submitted, duplicates = unique_slides(find_slides([Path(s) for s in slides]))
     outcomes: list[tuple[SlideInference, str | None]] = [(d, None) for d in duplicates]
     infer = infer_slide_task.with_options(**task_options(cfg.orchestration, io=True, cache=False))
-    futures = [
-        infer.submit(str(p), spec, str(out), inference, overwrite, threads) for p in submitted
-    ]
-    model_errors = []
-    for path, (outcome, error, _) in zip(submitted, settle(futures), strict=True):
-        if error is not None:
-            if isinstance(error, ModelError):
-                model_errors.append(error)
-            failed = SlideInference(
-                slide_id_of(path), str(path), "failed", reason=failure_reason(path, error)
-            )
-            logger.error("failed: %s", failed.reason)
-            outcomes.append((failed, None))
-            continue
-        outcomes.append(outcome)
-    record_inference(out, spec, inference, outcomes)
+    with locked(out):
+        futures = [
+            infer.submit(str(p), spec, str(out), inference, overwrite, threads) for p in submitted
+        ]
+        model_errors = []
+        for path, (outcome, error, _) in zip(submitted, settle(futures), strict=True):
+            if error is not None:
+                if isinstance(error, ModelError):
+                    model_errors.append(error)
+                failed = SlideInference(
+                    slide_id_of(path), str(path), "failed", reason=failure_reason(path, error)
+                )
+                logger.error("failed: %s", failed.reason)
+                outcomes.append((failed, None))
+                continue
+            outcomes.append(outcome)
+        record_inference(out, spec, inference, outcomes)
     if model_errors:  # not the slides' fault: no slide can be done with this model
         raise model_errors[0]
     summary = {"flow": "infer", **summarize([result for result, _ in outcomes], out, model_dir)}

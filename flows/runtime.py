@@ -24,6 +24,7 @@ from pipeline import __version__
 from pipeline.config import OrchestrationConfig, WsiflowConfig, load_config, with_overrides
 from pipeline.errors import WsiflowError
 from pipeline.identity import file_identity, fingerprint
+from pipeline.outputs import claim_folder, held
 
 #: How long to wait for the temporary local Prefect server to answer.
 EPHEMERAL_START_S = 180
@@ -57,6 +58,24 @@ def prefect_api() -> Iterator[str]:
     server.start(timeout=EPHEMERAL_START_S)
     with temporary_settings({PREFECT_API_URL: server.api_url}):
         yield server.api_url
+
+
+@contextlib.contextmanager
+def locked(folder: Path | str, kind: str | None = None) -> Iterator[None]:
+    """Hold the output folder's lock for the running flow, as the CLI commands hold theirs.
+
+    A second run writing there (a command or another flow) is refused naming
+    this flow run; the lock of a run that died is taken over, with a warning.
+    With ``kind``, the folder is first claimed as a wsiflow output of that kind.
+    """
+    from prefect import get_run_logger
+    from prefect.runtime import flow_run
+
+    if kind is not None:
+        claim_folder(folder, kind)
+    command = f"prefect flow run {flow_run.flow_name}/{flow_run.name}"
+    with held(folder, command, get_run_logger().warning):
+        yield
 
 
 def load(config: str | None, settings: dict[str, Any] | None) -> WsiflowConfig:

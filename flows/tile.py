@@ -8,7 +8,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from flows import artifacts
-from flows.runtime import load, settle, task_options, task_runner
+from flows.runtime import load, locked, settle, task_options, task_runner
 from pipeline.config import TilingConfig, WsiflowConfig
 from pipeline.errors import failure_reason
 from pipeline.store.patch_store import location, open_root
@@ -66,18 +66,19 @@ def tile_slides_flow(
     store_path = location(store)
     open_root(store_path)  # created once, here: the per-slide tasks only add their own groups
     tile = tile_slide_task.with_options(**task_options(cfg.orchestration, io=True, cache=False))
-    futures = [tile.submit(job, store_path, cfg.tiling, overwrite) for job in jobs]
-    for job, (result, error, _) in zip(jobs, settle(futures), strict=True):
-        if error is not None:
-            reason = failure_reason(job.path, error)
-            result = SlideResult(job.slide_id, str(job.path), "failed", reason=reason)
-            logger.error("failed: %s", result.reason)
-        for warning in result.warnings:
-            logger.warning(warning)
-        results.append(result)
-    order = {str(p): i for i, p in enumerate(paths)}
-    results.sort(key=lambda r: order.get(r.path, len(order)))
-    record_results(store_path, results)
+    with locked(store_path):
+        futures = [tile.submit(job, store_path, cfg.tiling, overwrite) for job in jobs]
+        for job, (result, error, _) in zip(jobs, settle(futures), strict=True):
+            if error is not None:
+                reason = failure_reason(job.path, error)
+                result = SlideResult(job.slide_id, str(job.path), "failed", reason=reason)
+                logger.error("failed: %s", result.reason)
+            for warning in result.warnings:
+                logger.warning(warning)
+            results.append(result)
+        order = {str(p): i for i, p in enumerate(paths)}
+        results.sort(key=lambda r: order.get(r.path, len(order)))
+        record_results(store_path, results)
     summary = {"flow": "tile", **summarize(results, store_path, cfg.tiling.patch_px)}
     rows = summary["per_slide"]
     artifacts.slides_table("tile-slides", rows, f"Patch store {store_path}: one row per slide")

@@ -8,7 +8,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from flows import artifacts
-from flows.runtime import CACHE_EXPIRATION, cache_key, load, task_options
+from flows.runtime import CACHE_EXPIRATION, cache_key, load, locked, task_options
 from pipeline.config import WsiflowConfig
 
 
@@ -79,6 +79,7 @@ def train_task(
         config=cfg.model_dump(mode="json"),
         replace_different=replace_different,
         on_epoch=on_epoch,
+        hold=lambda: locked(model_dir, "model"),
     )
     return result.summary()
 

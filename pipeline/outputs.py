@@ -26,7 +26,7 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -55,6 +55,14 @@ LEGACY = {
     "evaluation": ("evaluation.json",),
     "demo": ("cohort/synth.json", "report.html"),
 }
+
+
+def is_url(store: Path | str) -> bool:
+    """Whether ``store`` names an output location by URL (``s3://...``), not a local path.
+
+    Keep URLs as ``str``: ``Path("s3://b/x")`` collapses the slashes.
+    """
+    return isinstance(store, str) and "://" in store and not store.startswith("file://")
 
 
 def claim_folder(folder: Path | str, kind: str, *, accept: tuple[str, ...] = ()) -> Path:
@@ -240,3 +248,23 @@ def _read_holder(fd: int) -> Holder | None:
         return Holder(**payload) if isinstance(payload, dict) else None
     except (OSError, ValueError, TypeError):
         return None
+
+
+@contextlib.contextmanager
+def held(folder: Path | str, command: str, warn: Callable[[str], None]) -> Iterator[None]:
+    """Hold the lock of the output folder ``folder`` while ``command`` writes into it.
+
+    ``warn`` gets the line saying that the lock of a run that died was taken
+    over. Raises :class:`OutputLockedError` naming the run that holds it.
+    Locations given by URL (``s3://...``) are not locked.
+    """
+    if is_url(folder):
+        yield
+        return
+    with OutputLock(Path(str(folder).removeprefix("file://")), command) as lock:
+        if lock.took_over is not None:
+            warn(
+                f"{folder}: took over the lock left by {lock.took_over.describe()}, "
+                "which is no longer running"
+            )
+        yield

@@ -249,21 +249,12 @@ def output_lock(reporter: Reporter, folder: Path | str, kind: str | None = None)
     says so when the lock of a run that died is taken over. Stores given by
     URL are not locked.
     """
-    from pipeline.outputs import OutputLock, claim_folder
-    from pipeline.store.patch_store import is_url
+    from pipeline.outputs import claim_folder, held
 
     if kind is not None:
         claim_folder(folder, kind)
-    if is_url(folder):
-        yield
-        return
     command = " ".join(["wsiflow", *sys.argv[1:]])[:300]
-    with OutputLock(Path(str(folder)), command) as lock:
-        if lock.took_over is not None:
-            reporter.warn(
-                f"{folder}: took over the lock left by {lock.took_over.describe()}, "
-                "which is no longer running"
-            )
+    with held(folder, command, reporter.warn):
         yield
 
 

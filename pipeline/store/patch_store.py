@@ -31,7 +31,7 @@ from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from pipeline.errors import ForeignOutputError, StoreError
-from pipeline.outputs import atomic, foreign_entries, not_ours
+from pipeline.outputs import atomic, foreign_entries, is_url, not_ours
 from pipeline.store.codecs import PatchImageCodec
 
 STORE_FORMAT = 1
@@ -41,14 +41,6 @@ LOSSLESS = {
     "lz4": lambda: BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle"),
     "none": lambda: None,
 }
-
-
-def is_url(store: Path | str) -> bool:
-    """Whether ``store`` names a store by URL (``s3://...``) rather than by local path.
-
-    Keep URLs as ``str``: ``Path("s3://b/x")`` collapses the slashes.
-    """
-    return isinstance(store, str) and "://" in store and not store.startswith("file://")
 
 
 def location(store: Path | str) -> str:

@@ -170,6 +170,42 @@ def test_tile_flow_lists_a_corrupt_slide_and_skips_the_rest_when_run_again(
     assert zarr.open_group(str(store))[good[0]].attrs["complete"] is True
 
 
+@pytest.mark.parametrize("flow", ["tile", "train"])
+def test_flows_refuse_a_folder_another_run_is_writing(
+    flow, prefect_api, small_cohort, patch_store, tmp_path
+):
+    """The flows hold the output folder's lock as the commands do: a held one is refused."""
+    from flows.runtime import run_flow
+    from pipeline.errors import OutputLockedError
+    from pipeline.outputs import LOCK, claim_folder
+    from pipeline.store.patch_store import open_root
+    from tests.reliability.test_outputs import _hold_lock
+
+    if flow == "tile":
+        out = tmp_path / "s.zarr"
+        open_root(out)
+        slide = str(small_cohort.root / small_cohort.slides[0].image)
+        parameters = {"slides": [slide], "store": str(out)}
+    else:
+        out = claim_folder(tmp_path / "m", "model")
+        parameters = {"stores": [str(patch_store)], "model_dir": str(out),
+                      "settings": {"training.backbone": "small_cnn"}}  # fmt: skip
+    holder = _hold_lock(out)
+    before = sorted(p.name for p in out.iterdir())
+    try:
+        state = run_flow(flow, parameters, return_state=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert state.is_failed()
+    with pytest.raises(OutputLockedError, match=f"pid {holder.pid}"):
+        state.result()
+    assert sorted(p.name for p in out.iterdir()) == before  # nothing written
+    if flow == "tile":  # the dead holder's lock is taken over, and released at the end
+        assert run_flow(flow, parameters, return_state=True).is_completed()
+        assert not (out / LOCK).exists()
+
+
 def test_train_flow_reports_metrics_and_is_cached(prefect_api, patch_store, tmp_path):
     from flows.runtime import run_flow
 
