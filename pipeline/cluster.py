@@ -20,6 +20,7 @@ import dask
 from distributed import Client, Future, LocalCluster
 
 from pipeline.errors import ConfigError, SchedulerError, WsiflowError, write_error
+from pipeline.quiet import quiet_tensorflow_import
 
 
 @contextlib.contextmanager
@@ -141,10 +142,14 @@ def dask_setup(worker: Any) -> None:
     Ctrl-C in a terminal reaches every process of the foreground group, the
     workers included, and each printed a KeyboardInterrupt traceback through
     Dask's event loop. The driver handles the interrupt; closing its cluster
-    stops the workers.
+    stops the workers. Started by a command with TensorFlow's logs off, the
+    worker also keeps TensorFlow's import banner off the terminal
+    (:mod:`pipeline.quiet`).
     """
     with contextlib.suppress(ValueError):  # not the process's main thread: leave it
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "3":  # started by a command without -v
+        quiet_tensorflow_import()
 
 
 @dataclass(frozen=True)

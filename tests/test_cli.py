@@ -123,6 +123,8 @@ def test_demo_runs_every_stage_and_says_what_does_not_exist(tmp_path):
         "synth", "inspect", "tile", "train", "infer", "evaluate", *infer_real, "preview"
     ]  # fmt: skip
     assert "Beginning flow run" in result.stderr and "for flow 'camelyon'" in result.stderr
+    # Dask's and TensorFlow's own logs only with --verbose.
+    assert "distributed." not in result.stderr and "oneDNN" not in result.stderr
     assert summary["tile"]["patches"] > 0 and summary["tile"]["tumor_patches"] > 0
     assert (tmp_path / "out" / "preview.png").is_file()
     assert summary["train"]["backbone"] == "small_cnn" and summary["train"]["epochs_run"] == 1

@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pipeline import __version__
 from pipeline.errors import ConfigError
+from pipeline.quiet import quiet_tensorflow_import
 
 app = typer.Typer(
     name="wsiflow",
@@ -144,8 +145,8 @@ def _main(
     if not verbose:
         # Must happen before TensorFlow is first imported by any command.
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
         os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "3")
+        quiet_tensorflow_import()  # the banner no log level reaches; oneDNN stays on
         # Dask logs every worker start and close at INFO, and errors for connections a
         # closing cluster cuts; under Prefect they reach the terminal through its root
         # handler. wsiflow reports failures itself. Read when Dask is first imported (here

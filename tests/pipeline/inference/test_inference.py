@@ -39,6 +39,7 @@ def inferred(trained_model, small_cohort, tmp_path_factory):
     out = tmp_path_factory.mktemp("infer") / "out"
     result = run("infer", str(trained_model), str(small_cohort.root), "--out", str(out), "--json")
     assert result.returncode == 0, result.stderr
+    assert "oneDNN" not in result.stderr  # TensorFlow's banner, from the workers too
     return out, last_json(result)
 
 
