@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -10,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -78,23 +81,41 @@ def aperio_slide() -> Path:
     return APERIO_SLIDE
 
 
+@contextlib.contextmanager
+def shared_folder(factory: pytest.TempPathFactory, name: str) -> Iterator[Path]:
+    """A folder every pytest-xdist worker of this run shares, held under a lock while in use.
+
+    The session fixtures build their output there with wsiflow's own
+    builders, which reuse what is complete (a cohort's ``synth.json``, a
+    store group's fingerprint, a finished model): the first worker builds,
+    the others wait and reuse, instead of each building its own.
+    """
+    base = factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield root / name
+
+
 @pytest.fixture(scope="session")
 def small_cohort(tmp_path_factory: pytest.TempPathFactory):
     """A 4-slide CAMELYON16-format cohort of 3072 x 2560 px slides (generated once)."""
     from pipeline.config import SyntheticConfig
     from pipeline.synth.cohort import write_cohort
 
-    root = tmp_path_factory.mktemp("cohort")
     params = SyntheticConfig(slides=4, seed=7, width_px=3072, height_px=2560)
-    return write_cohort(root, params, workers=2)
+    with shared_folder(tmp_path_factory, "cohort") as root:
+        return write_cohort(root, params, workers=2)
 
 
 @pytest.fixture(scope="session")
 def cohort_annotations(small_cohort, tmp_path_factory) -> Path:
     """Every lesion annotation of ``small_cohort`` in one folder (training and testing)."""
-    annotations = tmp_path_factory.mktemp("annotations")
-    for xml in small_cohort.root.glob("*/lesion_annotations/*.xml"):
-        shutil.copy(xml, annotations)
+    with shared_folder(tmp_path_factory, "annotations") as annotations:
+        annotations.mkdir(exist_ok=True)
+        for xml in small_cohort.root.glob("*/lesion_annotations/*.xml"):
+            if not (annotations / xml.name).is_file():
+                shutil.copy(xml, annotations)
     return annotations
 
 
@@ -105,17 +126,18 @@ def patch_store(small_cohort, cohort_annotations, tmp_path_factory) -> Path:
     from pipeline.config import TilingConfig
     from pipeline.tiling.driver import tile_slides
 
-    out = tmp_path_factory.mktemp("train-store") / "patches.zarr"
     slides = [small_cohort.root / r.image for r in small_cohort.slides]
-    with dask_client(workers=1) as client:
-        results = tile_slides(
-            client,
-            slides,
-            out,
-            TilingConfig(target_mpp=0.243, patch_px=64),
-            annotations_dir=cohort_annotations,
-        )
-    assert all(r.status == "done" for r in results)
+    with shared_folder(tmp_path_factory, "train-store") as folder:
+        out = folder / "patches.zarr"
+        with dask_client(workers=1) as client:
+            results = tile_slides(
+                client,
+                slides,
+                out,
+                TilingConfig(target_mpp=0.243, patch_px=64),
+                annotations_dir=cohort_annotations,
+            )
+    assert all(r.status in ("done", "skipped") for r in results), results
     assert sum(r.tumor_patches > 0 for r in results) == 2
     return out
 
@@ -126,7 +148,6 @@ def trained_model(patch_store, tmp_path_factory) -> Path:
     from models.train import train_classifier
     from pipeline.config import TrainingConfig
 
-    out = tmp_path_factory.mktemp("trained") / "model"
     cfg = TrainingConfig(
         backbone="small_cnn",
         head_epochs=4,
@@ -134,7 +155,9 @@ def trained_model(patch_store, tmp_path_factory) -> Path:
         batch_per_replica=32,
         validation_max_patches=512,
     )
-    result = train_classifier([patch_store], out, cfg)
+    with shared_folder(tmp_path_factory, "trained") as folder:
+        out = folder / "model"
+        result = train_classifier([patch_store], out, cfg)
     metrics = result.metadata["metrics"]
     # Accuracy too: heatmaps need calibrated probabilities, not only a good ranking.
     assert metrics["val_auc"] >= 0.95 and metrics["val_accuracy"] >= 0.9, result.metadata["history"]
