@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def test_tensorflow_imports_without_its_banner_and_with_onednn_on():
     code = (
@@ -28,6 +30,7 @@ def test_tensorflow_imports_without_its_banner_and_with_onednn_on():
     assert result.stderr == "keep me\n"  # the banner gone; other output written back
 
 
+@pytest.mark.slow
 def test_without_the_hook_tensorflow_prints_its_banner():
     """The banner the hook hides is real (a TensorFlow upgrade may change its words)."""
     env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
