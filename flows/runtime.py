@@ -24,7 +24,7 @@ from pipeline import __version__
 from pipeline.config import OrchestrationConfig, WsiflowConfig, load_config, with_overrides
 from pipeline.errors import WsiflowError
 from pipeline.identity import file_identity, fingerprint
-from pipeline.outputs import claim_folder, held
+from pipeline.outputs import held
 
 #: How long to wait for the temporary local Prefect server to answer.
 EPHEMERAL_START_S = 180
@@ -71,10 +71,8 @@ def locked(folder: Path | str, kind: str | None = None) -> Iterator[None]:
     from prefect import get_run_logger
     from prefect.runtime import flow_run
 
-    if kind is not None:
-        claim_folder(folder, kind)
     command = f"prefect flow run {flow_run.flow_name}/{flow_run.name}"
-    with held(folder, command, get_run_logger().warning):
+    with held(folder, command, get_run_logger().warning, kind):
         yield
 
 

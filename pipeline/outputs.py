@@ -65,6 +65,14 @@ def is_url(store: Path | str) -> bool:
     return isinstance(store, str) and "://" in store and not store.startswith("file://")
 
 
+def location(store: Path | str) -> str:
+    """``store`` as Zarr and fsspec take it: a URL as given, ``file://`` URLs as paths."""
+    text = str(store)
+    if text.startswith("file://"):
+        return text[len("file://") :]
+    return text.rstrip("/") if is_url(text) else text
+
+
 def claim_folder(folder: Path | str, kind: str, *, accept: tuple[str, ...] = ()) -> Path:
     """Make ``folder`` a wsiflow output folder of ``kind``, or refuse it.
 
@@ -251,17 +259,24 @@ def _read_holder(fd: int) -> Holder | None:
 
 
 @contextlib.contextmanager
-def held(folder: Path | str, command: str, warn: Callable[[str], None]) -> Iterator[None]:
+def held(
+    folder: Path | str, command: str, warn: Callable[[str], None], kind: str | None = None
+) -> Iterator[None]:
     """Hold the lock of the output folder ``folder`` while ``command`` writes into it.
 
-    ``warn`` gets the line saying that the lock of a run that died was taken
-    over. Raises :class:`OutputLockedError` naming the run that holds it.
-    Locations given by URL (``s3://...``) are not locked.
+    With ``kind``, the folder is first claimed as a wsiflow output of that
+    kind (:func:`claim_folder`: made and marked, or refused); without, it must
+    exist (a store ``open_root`` made). ``warn`` gets the line saying that the
+    lock of a run that died was taken over. Raises :class:`OutputLockedError`
+    naming the run that holds it. Locations given by URL (``s3://...``) are
+    not locked.
     """
+    if kind is not None:
+        claim_folder(folder, kind)
     if is_url(folder):
         yield
         return
-    with OutputLock(Path(str(folder).removeprefix("file://")), command) as lock:
+    with OutputLock(Path(location(folder)), command) as lock:
         if lock.took_over is not None:
             warn(
                 f"{folder}: took over the lock left by {lock.took_over.describe()}, "

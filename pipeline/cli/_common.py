@@ -241,21 +241,14 @@ def stopped_summary(
 
 @contextlib.contextmanager
 def output_lock(reporter: Reporter, folder: Path | str, kind: str | None = None) -> Iterator[None]:
-    """Hold the lock of a local output folder while a command writes into it.
+    """:func:`~pipeline.outputs.held` for this command: claim (with ``kind``) and lock ``folder``.
 
-    With ``kind``, the folder is first claimed as a wsiflow output of that kind
-    (:func:`~pipeline.outputs.claim_folder`: made and marked, or refused);
-    without, it must exist (a store ``open_root`` made). Raises
-    :class:`~pipeline.errors.OutputLockedError` naming the run that holds it;
-    says so when the lock of a run that died is taken over. Stores given by
-    URL are not locked.
+    The line saying that a dead run's lock was taken over goes to ``reporter``.
     """
-    from pipeline.outputs import claim_folder, held
+    from pipeline.outputs import held
 
-    if kind is not None:
-        claim_folder(folder, kind)
     command = " ".join(["wsiflow", *sys.argv[1:]])[:300]
-    with held(folder, command, reporter.warn):
+    with held(folder, command, reporter.warn, kind):
         yield
 
 

@@ -31,7 +31,7 @@ from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from pipeline.errors import ForeignOutputError, StoreError
-from pipeline.outputs import atomic, foreign_entries, is_url, not_ours
+from pipeline.outputs import atomic, foreign_entries, is_url, location, not_ours
 from pipeline.store.codecs import PatchImageCodec
 
 STORE_FORMAT = 1
@@ -41,14 +41,6 @@ LOSSLESS = {
     "lz4": lambda: BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle"),
     "none": lambda: None,
 }
-
-
-def location(store: Path | str) -> str:
-    """``store`` as Zarr and fsspec take it: a URL as given, ``file://`` URLs as paths."""
-    text = str(store)
-    if text.startswith("file://"):
-        return text[len("file://") :]
-    return text.rstrip("/") if is_url(text) else text
 
 
 def canonical(store: Path | str) -> str:
