@@ -31,8 +31,56 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class HardCohortConfig(_Section):
+    """What makes the ``camelyon`` difficulty hard, as parameters (ignored under ``easy``)."""
+
+    centres: tuple[Literal["radboud", "utrecht"], ...] = Field(
+        ("radboud", "utrecht"), min_length=1, description="slides alternate between these"
+    )
+    lobular_fraction: float = Field(
+        0.35, ge=0, le=1, description="share of lesions of small discohesive lymphocyte-like cells"
+    )
+    nuclear_overlap: float = Field(
+        0.4, ge=0, le=1, description="0: tumor nuclei apart from lymphocytes; 1: same size/colour"
+    )
+    lesion_mix: tuple[float, float, float] = Field(
+        (0.2, 0.45, 0.35), description="proportions of macro (> 2 mm), micro and ITC (< 0.2 mm)"
+    )
+    lesions_per_slide: tuple[int, int] = Field((1, 4), description="inclusive range")
+    mimics_per_slide: tuple[int, int] = Field(
+        (2, 5), description="germinal centres, histiocytes, ..."
+    )
+    artefacts_per_slide: tuple[int, int] = Field(
+        (1, 4), description="pen, folds, blur, bubbles, dust"
+    )
+    annotation_margin_um: float = Field(
+        20.0,
+        ge=0,
+        le=200,
+        description="how loosely lesions are outlined (at most a quarter radius)",
+    )
+
+    @field_validator("lesion_mix")
+    @classmethod
+    def _proportions(cls, mix: tuple[float, float, float]) -> tuple[float, float, float]:
+        if min(mix) < 0 or sum(mix) <= 0:
+            raise ValueError(f"Expected non-negative proportions, not all 0. Received: {mix}")
+        return mix
+
+    @field_validator("lesions_per_slide", "mimics_per_slide", "artefacts_per_slide")
+    @classmethod
+    def _range(cls, bounds: tuple[int, int]) -> tuple[int, int]:
+        if not 0 <= bounds[0] <= bounds[1] <= 20:
+            raise ValueError(f"Expected 0 <= low <= high <= 20. Received: {bounds}")
+        return bounds
+
+
 class SyntheticConfig(_Section):
     """A generated CAMELYON16-format cohort (``wsiflow synth``)."""
+
+    difficulty: Literal["easy", "camelyon"] = Field(
+        "easy", description="easy: separable toy; camelyon: centres, mimics, artefacts, ITCs"
+    )
 
     slides: int = Field(8, ge=4, description="total slides; a third (at least 2) for testing")
     seed: int = Field(0, ge=0, description="same seed, byte-identical slides")
@@ -42,6 +90,7 @@ class SyntheticConfig(_Section):
     tile_px: int = Field(256, ge=16, le=4096, multiple_of=16, description="TIFF tile size")
     jpeg_quality: int = Field(80, ge=1, le=100)
     stain_jitter: float = Field(0.08, ge=0, le=0.5, description="slide-to-slide stain variation")
+    camelyon: HardCohortConfig = HardCohortConfig()
 
 
 class SlidesConfig(_Section):

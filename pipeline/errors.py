@@ -89,6 +89,10 @@ class DatasetError(FileError, ValueError):
     """A dataset file or folder is missing or malformed (MNIST IDX/npz, ...)."""
 
 
+class CohortError(FileError, ValueError):
+    """A folder is not the generated cohort a command expects (no or a foreign ``synth.json``)."""
+
+
 class ResultsError(FileError, ValueError):
     """Inference outputs or evaluation inputs (detections, scores, reference CSV) are malformed."""
 

@@ -39,7 +39,14 @@ def synth(
         str | None, typer.Option("--size", help="Level-0 WIDTHxHEIGHT in pixels, e.g. 8192x8192.")
     ] = None,
     mpp: Annotated[
-        float | None, typer.Option("--mpp", help="Level-0 µm per pixel (0.243).")
+        float | None, typer.Option("--mpp", help="Level-0 µm per pixel (0.243; easy only).")
+    ] = None,
+    difficulty: Annotated[
+        str | None,
+        typer.Option(
+            "--difficulty",
+            help="easy (separable) or camelyon (two centres, lobular tumor, mimics, artefacts).",
+        ),
     ] = None,
     workers: Annotated[
         int,
@@ -63,6 +70,7 @@ def synth(
                 "slides.synthetic.width_px": width,
                 "slides.synthetic.height_px": height,
                 "slides.synthetic.mpp": mpp,
+                "slides.synthetic.difficulty": difficulty,
             },
         )
         _check_workers(reporter, workers)
@@ -99,15 +107,15 @@ def run_synth(reporter: Reporter, out_dir: Path, params, *, workers: int, overwr
             progress.update(task, completed=total, rate="reused (same parameters)")
     seconds = time.perf_counter() - started
     table = Table(title=f"Synthetic cohort in {out_dir}" + (" (reused)" if cohort.reused else ""))
-    for column in ("slide", "split", "label", "lesions", "ITC", "excl.", "levels", "MB"):
-        table.add_column(
-            column, justify="right" if column not in ("slide", "split", "label") else "left"
-        )
+    columns = ("slide", "split", "label", "centre", "lesions", "ITC", "excl.", "levels", "MB")
+    for column in columns:
+        table.add_column(column, justify="right" if column not in columns[:4] else "left")
     for r in cohort.slides:
         table.add_row(
             r.slide_id,
             r.split,
             r.label,
+            r.centre or "-",
             str(r.lesions),
             str(r.isolated_tumor_cells),
             str(r.exclusions),

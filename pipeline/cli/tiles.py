@@ -226,7 +226,11 @@ def run_tile(
 @app.command()
 def preview(
     store: Annotated[
-        str, typer.Argument(help="A patch store written by `wsiflow tile` (a path or a URL).")
+        str,
+        typer.Argument(
+            help="A patch store written by `wsiflow tile` (a path or a URL), or a cohort "
+            "written by `wsiflow synth --difficulty camelyon`."
+        ),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Contact sheet PNG to write.")],
     slide: Annotated[
@@ -240,10 +244,25 @@ def preview(
     seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
     as_json: JsonOption = False,
 ) -> None:
-    """Write a contact sheet of random tumor and normal patches with labels and coordinates."""
+    """Write a contact sheet of random tumor and normal patches with labels and coordinates.
+
+    Given a generated cohort instead of a store: each tumor pattern, mimic and
+    artefact it holds, from each centre.
+    """
     from pipeline.store.preview import contact_sheet
 
     reporter = Reporter(as_json)
+    if (Path(store) / "synth.json").is_file():
+        from pipeline.synth.preview import cohort_contact_sheet
+
+        try:
+            shown = cohort_contact_sheet(store, out, per_cell=min(per_class, 4))
+        except WsiflowError as exc:
+            _fail_usage(reporter, exc, "preview")
+        missing = f"; none of: {', '.join(shown['missing'])}" if shown["missing"] else ""
+        reporter.console.print(f"wrote {out}: {sum(shown['elements'].values())} patches{missing}")
+        reporter.finish({"command": "preview", "ok": True, "out": str(out), **shown})
+        return
     try:
         shown = contact_sheet(store, out, slide_id=slide, per_class=per_class, seed=seed)
     except (WsiflowError, FileNotFoundError) as exc:

@@ -16,7 +16,7 @@ import json
 import math
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,8 @@ import numpy as np
 from pipeline.config import SyntheticConfig
 from pipeline.outputs import claim_folder, write_atomic
 from pipeline.slides.annotations import write_asap_xml
+from pipeline.synth.centres import CENTRES
+from pipeline.synth.painting import make_camelyon_scene
 from pipeline.synth.pyramid import write_pyramid_tiff
 from pipeline.synth.scene import make_scene
 
@@ -40,6 +42,7 @@ class SlideSpec:
     split: str
     label: str
     seed: int
+    centre: str = ""  # camelyon difficulty: the scanning centre (see pipeline.synth.centres)
 
     @property
     def is_tumor(self) -> bool:
@@ -72,6 +75,13 @@ class SlideRecord:
     exclusions: int
     largest_lesion_um: float
     file_bytes: int
+    centre: str = ""
+    mpp: float = 0.0
+    jpeg_quality: int = 0
+    # camelyon difficulty: what was drawn, for tests and the contact sheet; each
+    # {"kind", "size_class", "bounds": [x0, y0, x1, y1] and "anchor": [x, y] in level-0 px,
+    # "diameter_um"}
+    features: tuple[dict, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -111,7 +121,26 @@ def plan_cohort(params: SyntheticConfig) -> list[SlideSpec]:
         SlideSpec(f"test_{i + 1:03d}", "testing", labels[order[i]], _slide_seed(params.seed, 3, i))
         for i in range(n_test)
     ]
+    if params.difficulty == "camelyon":
+        specs = _assign_centres(specs, params.camelyon.centres)
     return specs
+
+
+def _assign_centres(specs: list[SlideSpec], centres: tuple[str, ...]) -> list[SlideSpec]:
+    """Alternate centres within each split and label, so every set mixes them evenly.
+
+    Normal slides and the testing split start one centre later: in a cohort of
+    one slide per split and label, each split still holds both centres and the
+    centre predicts neither the label nor the split.
+    """
+    seen: dict[tuple[str, str], int] = {}
+    assigned = []
+    for spec in specs:
+        n = seen.get((spec.split, spec.label), 0)
+        seen[(spec.split, spec.label)] = n + 1
+        shift = int(not spec.is_tumor) + int(spec.split == "testing")
+        assigned.append(replace(spec, centre=centres[(n + shift) % len(centres)]))
+    return assigned
 
 
 def write_cohort(
@@ -156,7 +185,10 @@ def write_cohort(
     _write_reference(root / "testing" / "reference.csv", slides)
     write_atomic(
         manifest,
-        json.dumps({"params": params.model_dump(), "slides": [asdict(r) for r in slides]}, indent=2)
+        json.dumps(
+            {"params": params.model_dump(mode="json"), "slides": [asdict(r) for r in slides]},
+            indent=2,
+        )
         + "\n",
     )
     return CohortSummary(root=root, params=params, slides=slides, reused=False)
@@ -164,31 +196,46 @@ def write_cohort(
 
 def write_slide(root: Path, spec: SlideSpec, params: SyntheticConfig) -> SlideRecord:
     """Render one slide (and its ASAP XML if it has tumor) under ``root``."""
-    scene = make_scene(
-        params.width_px,
-        params.height_px,
-        params.mpp,
-        spec.seed,
-        tumor=spec.is_tumor,
-        stain_jitter=params.stain_jitter,
-    )
+    if spec.centre:
+        centre = CENTRES[spec.centre]
+        scene = make_camelyon_scene(
+            params.width_px,
+            params.height_px,
+            spec.seed,
+            tumor=spec.is_tumor,
+            centre=centre,
+            params=params.camelyon,
+            stain_jitter=params.stain_jitter,
+        )
+        jpeg_quality = centre.jpeg_quality
+    else:
+        scene = make_scene(
+            params.width_px,
+            params.height_px,
+            params.mpp,
+            spec.seed,
+            tumor=spec.is_tumor,
+            stain_jitter=params.stain_jitter,
+        )
+        jpeg_quality = params.jpeg_quality
+    mpp = scene.mpp
     image = spec.image_path(root)
     info = write_pyramid_tiff(
         image,
         params.width_px,
         params.height_px,
         scene.render,
-        mpp=params.mpp,
+        mpp=mpp,
         tile_px=params.tile_px,
-        jpeg_quality=params.jpeg_quality,
+        jpeg_quality=jpeg_quality,
         description=f"wsiflow synthetic CAMELYON16-format slide {spec.slide_id} (seed {spec.seed})",
     )
     annotation = spec.annotation_path(root)
     if annotation is not None:
         annotation.parent.mkdir(parents=True, exist_ok=True)
         write_asap_xml(annotation, scene.annotations)
-    diameters_um = [_grown_major_axis_um(p.level0_xy, params.mpp) for p in scene.lesions]
-    largest_um = max((_diameter_um(p.level0_xy, params.mpp) for p in scene.lesions), default=0.0)
+    diameters_um = [_grown_major_axis_um(p.level0_xy, mpp) for p in scene.lesions]
+    largest_um = max((_diameter_um(p.level0_xy, mpp) for p in scene.lesions), default=0.0)
     return SlideRecord(
         slide_id=spec.slide_id,
         split=spec.split,
@@ -201,6 +248,19 @@ def write_slide(root: Path, spec: SlideSpec, params: SyntheticConfig) -> SlideRe
         exclusions=len(scene.exclusions),
         largest_lesion_um=round(largest_um, 1),
         file_bytes=info.file_bytes,
+        centre=spec.centre,
+        mpp=mpp,
+        jpeg_quality=jpeg_quality,
+        features=tuple(
+            {
+                "kind": f.kind,
+                "size_class": f.size_class,
+                "bounds": [round(v) for v in f.bounds()],
+                "anchor": [round(v) for v in f.anchor_xy],
+                "diameter_um": round(_diameter_um(f.level0_xy, mpp), 1),
+            }
+            for f in getattr(scene, "features", ())
+        ),
     )
 
 
@@ -222,11 +282,13 @@ def _write_reference(path: Path, slides: tuple[SlideRecord, ...]) -> None:
     for record in slides:
         if record.split != "testing":
             continue
+        # The centre, where there is one, as a last column (readers take the first two).
+        centre = [record.centre] if record.centre else []
         if record.label == "Tumor":
             size = "Macro" if record.largest_lesion_um >= _MACRO_DIAMETER_UM else "Micro"
-            writer.writerow([record.slide_id, "Tumor", size])
+            writer.writerow([record.slide_id, "Tumor", size, *centre])
         else:
-            writer.writerow([record.slide_id, "Normal"])
+            writer.writerow([record.slide_id, "Normal", *(["None", *centre] if centre else [])])
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, buffer.getvalue())
 
@@ -234,9 +296,12 @@ def _write_reference(path: Path, slides: tuple[SlideRecord, ...]) -> None:
 def _reuse(root: Path, params: SyntheticConfig) -> tuple[SlideRecord, ...] | None:
     try:
         manifest = json.loads((root / MANIFEST).read_text())
-        if manifest["params"] != params.model_dump():
+        if manifest["params"] != params.model_dump(mode="json"):
             return None
-        slides = tuple(SlideRecord(**r) for r in manifest["slides"])
+        slides = tuple(
+            SlideRecord(**{**r, "features": tuple(r.get("features", ()))})
+            for r in manifest["slides"]
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return None
     for record in slides:

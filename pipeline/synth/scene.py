@@ -201,11 +201,12 @@ class SlideScene:
         return mask
 
     def _nuclei(
-        self, spec: NucleusField, xs: np.ndarray, ys: np.ndarray
+        self, spec: NucleusField, xs: np.ndarray, ys: np.ndarray, reach: float = 1.0
     ) -> tuple[np.ndarray, np.ndarray]:
         """Return the normalised distance to the nearest nucleus and that nucleus' random tone.
 
-        ``d < 1`` is inside a nucleus; both arrays are ``(len(ys), len(xs))``.
+        ``d < 1`` is inside a nucleus; ``d`` is exact up to ``reach`` (inf further
+        out); both arrays are ``(len(ys), len(xs))``.
         """
         cell = spec.cell_um / self.mpp
         key = self.seed * 1000003 + spec.key
@@ -232,13 +233,13 @@ class SlideScene:
         best_tone = np.zeros_like(best)
         # Loop over nuclei, each touching only its own bounding box: a tile holds a
         # few dozen, so this beats evaluating every pixel against 3x3 neighbours.
-        reach = semi_a + 1.0
+        box = semi_a * reach + 1.0
         x_first, y_first = xs[0], ys[0]
         for j, i in zip(*np.nonzero(present), strict=True):
-            px0 = max(int(centre_x[j, i] - reach[j, i] - x_first), 0)
-            px1 = min(int(centre_x[j, i] + reach[j, i] - x_first) + 2, xs.size)
-            py0 = max(int(centre_y[j, i] - reach[j, i] - y_first), 0)
-            py1 = min(int(centre_y[j, i] + reach[j, i] - y_first) + 2, ys.size)
+            px0 = max(int(centre_x[j, i] - box[j, i] - x_first), 0)
+            px1 = min(int(centre_x[j, i] + box[j, i] - x_first) + 2, xs.size)
+            py0 = max(int(centre_y[j, i] - box[j, i] - y_first), 0)
+            py1 = min(int(centre_y[j, i] + box[j, i] - y_first) + 2, ys.size)
             if px0 >= px1 or py0 >= py1:
                 continue
             dx = xs[None, px0:px1] - centre_x[j, i]
@@ -273,8 +274,8 @@ def make_scene(
 ) -> SlideScene:
     """Draw the layout of one slide: tissue pieces, stain and (if ``tumor``) lesions."""
     rng = np.random.default_rng(seed)
-    pieces = _draw_pieces(rng, width, height, tumor=tumor)
-    stain = _draw_stain(rng, stain_jitter)
+    pieces = draw_pieces(rng, width, height, tumor=tumor)
+    stain = draw_stain(rng, stain_jitter)
     lesions: list[Polygon] = []
     exclusions: list[Polygon] = []
     if tumor:
@@ -291,7 +292,7 @@ def make_scene(
     )
 
 
-def _draw_pieces(
+def draw_pieces(
     rng: np.random.Generator, width: int, height: int, *, tumor: bool
 ) -> list[TissuePiece]:
     along_x = width >= height
@@ -317,24 +318,31 @@ def _draw_pieces(
     return pieces
 
 
-def _draw_stain(rng: np.random.Generator, jitter: float) -> Stain:
-    def jittered(vector: np.ndarray) -> tuple[float, float, float]:
-        v = np.clip(vector + rng.normal(0.0, jitter / 2, 3), 0.02, None)
+def draw_stain(rng: np.random.Generator, jitter: float, base: Stain | None = None) -> Stain:
+    """Jitter ``base`` (default: Ruifrok & Johnston's H&E, light 244) for one slide."""
+    if base is None:
+        base = Stain(tuple(_H_OD), tuple(_E_OD), 1.0, 1.0, (244.0, 244.0, 244.0))
+
+    def jittered(vector: tuple[float, float, float]) -> tuple[float, float, float]:
+        v = np.clip(np.asarray(vector) + rng.normal(0.0, jitter / 2, 3), 0.02, None)
         v = v / np.linalg.norm(v)
         return (float(v[0]), float(v[1]), float(v[2]))
 
-    light = 244.0 + rng.uniform(-4, 4, 3) * (jitter / 0.08)
+    light = np.asarray(base.light_rgb) + rng.uniform(-4, 4, 3) * (jitter / 0.08)
     return Stain(
-        h_od=jittered(_H_OD),
-        e_od=jittered(_E_OD),
-        h_scale=float(1.0 + rng.uniform(-1.5, 1.5) * jitter),
-        e_scale=float(1.0 + rng.uniform(-1.5, 1.5) * jitter),
+        h_od=jittered(base.h_od),
+        e_od=jittered(base.e_od),
+        h_scale=float(base.h_scale * (1.0 + rng.uniform(-1.5, 1.5) * jitter)),
+        e_scale=float(base.e_scale * (1.0 + rng.uniform(-1.5, 1.5) * jitter)),
         light_rgb=(float(light[0]), float(light[1]), float(light[2])),
     )
 
 
-def _star_polygon(
-    rng: np.random.Generator, center_xy: tuple[float, float], radius_px: float, n_vertices: int = 48
+def star_polygon(
+    rng: np.random.Generator,
+    center_xy: tuple[float, float],
+    radius_px: float,
+    n_vertices: int = 48,
 ) -> np.ndarray:
     """Return ``(n, 2)`` vertices of a smooth irregular outline of mean radius ``radius_px``."""
     theta = np.linspace(0, 2 * math.pi, n_vertices, endpoint=False)
@@ -366,7 +374,7 @@ def _draw_lesions(
             piece = pieces[piece_index]
             # Too small a piece for the drawn size: shrink to fit (tiny test slides).
             radius = min(drawn_px, 0.45 * piece.min_radius_px / bulge)
-            spot = _find_spot(rng, piece, bulge * radius, placed, bulge, gap_px)
+            spot = find_spot(rng, piece, bulge * radius, placed, bulge, gap_px)
             if spot is not None:
                 break
         if spot is None:
@@ -374,14 +382,14 @@ def _draw_lesions(
         cx, cy = spot
         placed.append((cx, cy, radius))
         index = len(lesions)
-        lesions.append(Polygon(f"Annotation {index}", group, _star_polygon(rng, (cx, cy), radius)))
+        lesions.append(Polygon(f"Annotation {index}", group, star_polygon(rng, (cx, cy), radius)))
         if n == 0 and rng.uniform() < 0.7:
             # A non-tumor island inside the macro-metastasis, as CAMELYON16's `_2` outlines.
             offset = 0.3 * radius
             phi = float(rng.uniform(0, 2 * math.pi))
             centre = (cx + offset * math.cos(phi), cy + offset * math.sin(phi))
             exclusions.append(
-                Polygon("Exclusion", "_2", _star_polygon(rng, centre, 0.22 * radius, 24))
+                Polygon("Exclusion", "_2", star_polygon(rng, centre, 0.22 * radius, 24))
             )
     for i, exclusion in enumerate(exclusions):
         exclusions[i] = Polygon(
@@ -390,7 +398,7 @@ def _draw_lesions(
     return lesions, exclusions
 
 
-def _find_spot(
+def find_spot(
     rng: np.random.Generator,
     piece: TissuePiece,
     reach_px: float,
