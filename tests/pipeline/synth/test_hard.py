@@ -50,6 +50,7 @@ def _scene(seed: int, *, tumor: bool = True, centre: str = "radboud", size: int 
     return make_camelyon_scene(size, size, seed, tumor=tumor, centre=CENTRES[centre], params=params)
 
 
+@pytest.mark.slow  # generates a cohort
 def test_centres_are_recorded_and_set_resolution_and_compression(camelyon_cohort):
     root = camelyon_cohort.root
     manifest = json.loads((root / "synth.json").read_text())
@@ -68,6 +69,7 @@ def test_centres_are_recorded_and_set_resolution_and_compression(camelyon_cohort
     assert {row[1] for row in rows} == {"Tumor", "Normal"}
 
 
+@pytest.mark.slow  # generates a cohort
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs ../shared/data (real H&E slides)")
 def test_stain_vectors_match_real_slides_per_centre(tmp_path):
     """Macenko vectors of each centre's slides against those of a real H&E slide, printed.
@@ -133,6 +135,7 @@ def test_lesions_come_in_the_challenge_size_classes():
     assert near >= 2, "some lesions lie near each other"
 
 
+@pytest.mark.slow  # generates a cohort
 def test_mimics_are_apart_from_lesions_and_tiled_as_normal(camelyon_cohort, tmp_path):
     for seed in range(6):  # by construction, on many slides
         scene = _scene(seed, size=8192, mimics_per_slide=(5, 8))
@@ -337,6 +340,7 @@ def test_same_seed_same_bytes_and_any_tile_grid(tmp_path):
     assert (tiled == whole).all()
 
 
+@pytest.mark.slow  # generates a cohort
 def test_contact_sheet_shows_every_element_the_cohort_holds(camelyon_cohort, tmp_path):
     root = camelyon_cohort.root
     out = tmp_path / "sheet.png"

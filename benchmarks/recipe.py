@@ -1,0 +1,117 @@
+"""Calibration: how the demo's baseline scores on the ``camelyon`` synthetic cohort.
+
+    .venv/bin/python benchmarks/recipe.py [--seeds 0,1,2] [--test-slides 12] [--quick]
+
+For each seed it generates a ``camelyon``-difficulty cohort (a third of the
+slides for testing: ``--test-slides`` of them) and runs ``wsiflow demo`` on it
+with the demo's own configuration (``configs/demo.yaml``: its backbone,
+training budget, inference and detection) except the cohort's size and
+seed, and without the real slides. It prints each run's slide AUC and FROC
+(the organisers' rules), their mean and standard deviation over the seeds,
+the time per stage, and whether the means lie in the calibration band the
+cohort is meant for (slide AUC 0.75-0.95, FROC 0.35-0.75: well below
+saturation, so a better method can show a gain of ~0.05).
+
+``--quick``: 12 slides of 6144 px, one seed: a check that the benchmark
+runs (minutes), not a calibration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+WSIFLOW = str(Path(sys.executable).parent / "wsiflow")
+AUC_BAND = (0.75, 0.95)
+FROC_BAND = (0.35, 0.75)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated cohort seeds")
+    parser.add_argument("--test-slides", type=int, default=12, help="test slides per cohort")
+    parser.add_argument("--size", type=int, default=8192, help="level-0 slide side, px")
+    parser.add_argument("--quick", action="store_true", help="a minutes-long smoke run")
+    parser.add_argument("--work", type=Path, default=None, help="keep the runs here")
+    args = parser.parse_args()
+
+    config = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    seeds = [int(s) for s in args.seeds.split(",")]
+    synthetic = config["slides"]["synthetic"]
+    synthetic["slides"] = 3 * args.test_slides
+    synthetic["width_px"] = synthetic["height_px"] = args.size
+    config["slides"]["extra"] = []
+    if args.quick:
+        seeds = seeds[:1]
+        # 4 test slides; 4 training tumor slides (some hold only ITCs); 1.5 mm slides still
+        # hold micro-metastases (on 1 mm ones every lesion shrinks to an ITC).
+        synthetic["slides"] = 12
+        synthetic["width_px"] = synthetic["height_px"] = 6144
+    work = args.work or Path(tempfile.mkdtemp(prefix="wsiflow-bench-recipe-"))
+    work.mkdir(parents=True, exist_ok=True)
+    runs = []
+    for seed in seeds:
+        synthetic["seed"] = seed
+        path = work / f"seed{seed}.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        started = time.perf_counter()
+        result = subprocess.run(
+            [WSIFLOW, "demo", "--config", str(path), "--out", str(work / f"seed{seed}"), "--json"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        seconds = time.perf_counter() - started
+        if result.returncode != 0:
+            sys.exit(f"seed {seed}: wsiflow demo failed:\n{result.stderr[-3000:]}")
+        summary = json.loads(result.stdout.strip().splitlines()[-1])
+        runs.append((seed, summary, seconds))
+        evaluation = summary["evaluate"]
+        print(
+            f"seed {seed}: slide AUC {_num(evaluation['slide_auc'])}  FROC {_num(evaluation['froc'])}"
+            f"  val AUC {summary['train']['val_auc']:.3f}  {summary['tile']['patches']} patches"
+            f"  {seconds / 60:.1f} min  stages (s): "
+            + ", ".join(f"{k} {v:.0f}" for k, v in summary["seconds"].items()),
+            flush=True,
+        )
+    # None: undefined on a cohort (e.g. FROC with no lesion above the ITC size).
+    aucs = [
+        s["evaluate"]["slide_auc"] for _, s, _ in runs if s["evaluate"]["slide_auc"] is not None
+    ]
+    frocs = [s["evaluate"]["froc"] for _, s, _ in runs if s["evaluate"]["froc"] is not None]
+    minutes = [t / 60 for _, _, t in runs]
+    print(f"\n{len(runs)} seed(s), {synthetic['slides']} slides of {synthetic['width_px']} px each")
+    for name, values, band in (("slide AUC", aucs, AUC_BAND), ("FROC", frocs, FROC_BAND)):
+        if not values:
+            print(f"{name:<10} undefined on every seed")
+            continue
+        mean = statistics.fmean(values)
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        verdict = "in" if band[0] <= mean <= band[1] else "OUTSIDE"
+        print(f"{name:<10} mean {mean:.3f}  sd {sd:.3f}  range {min(values):.3f}-{max(values):.3f}"
+              f"  ({verdict} the band {band[0]}-{band[1]})")  # fmt: skip
+    print(f"time       median {statistics.median(minutes):.1f} min per seed "
+          f"(range {min(minutes):.1f}-{max(minutes):.1f}) on {_cores()} cores; runs in {work}")  # fmt: skip
+
+
+def _num(value: float | None) -> str:
+    return "undefined" if value is None else f"{value:.3f}"
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0))
+
+
+if __name__ == "__main__":
+    main()
