@@ -25,7 +25,7 @@ from pipeline.synth.cohort import plan_cohort, write_cohort, write_slide
 from pipeline.synth.layout import ARTEFACT_KINDS, MIMIC_KINDS, diameter_px
 from pipeline.synth.painting import make_camelyon_scene, polygon_mask
 from pipeline.synth.pyramid import write_pyramid_tiff
-from tests.conftest import SHARED_DATA, run
+from tests.conftest import SHARED_DATA, run, shared_folder
 
 REAL_HE = {
     "radboud": SHARED_DATA / "slides" / "CMU-1-Small-Region.svs",
@@ -37,12 +37,14 @@ MAX_STAIN_ANGLE_DEG = 8.0
 BUSY = HardCohortConfig(mimics_per_slide=(4, 6), artefacts_per_slide=(3, 5))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def camelyon_cohort(tmp_path_factory):
+    """Built once for all test workers (they would each build it under ``-n``)."""
     params = SyntheticConfig(
         difficulty="camelyon", slides=4, seed=2, width_px=3072, height_px=3072, camelyon=BUSY
     )
-    return write_cohort(tmp_path_factory.mktemp("camelyon"), params, workers=2)
+    with shared_folder(tmp_path_factory, "camelyon-cohort") as root:
+        return write_cohort(root, params, workers=2)
 
 
 def _scene(seed: int, *, tumor: bool = True, centre: str = "radboud", size: int = 8192, **kw):
