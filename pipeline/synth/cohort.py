@@ -27,7 +27,7 @@ from pipeline.slides.annotations import write_asap_xml
 from pipeline.synth.centres import CENTRES
 from pipeline.synth.painting import make_camelyon_scene
 from pipeline.synth.pyramid import write_pyramid_tiff
-from pipeline.synth.scene import make_scene
+from pipeline.synth.scene import diameter_px, make_scene
 
 MANIFEST = "synth.json"
 #: CAMELYON16's macro/micro-metastasis boundary: largest lesion diameter 2 mm.
@@ -266,8 +266,7 @@ def write_slide(root: Path, spec: SlideSpec, params: SyntheticConfig) -> SlideRe
 
 def _diameter_um(level0_xy: np.ndarray, mpp: float) -> float:
     """Largest distance between two vertices, in µm."""
-    diff = level0_xy[:, None, :] - level0_xy[None, :, :]
-    return float(np.sqrt((diff**2).sum(-1)).max()) * mpp
+    return diameter_px(level0_xy) * mpp
 
 
 def _grown_major_axis_um(level0_xy: np.ndarray, mpp: float) -> float:

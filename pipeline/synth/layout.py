@@ -17,7 +17,7 @@ import numpy as np
 
 from pipeline.config import HardCohortConfig
 from pipeline.slides.annotations import Polygon
-from pipeline.synth.scene import TissuePiece, find_spot, star_polygon
+from pipeline.synth.scene import TissuePiece, clear_of, diameter_px, find_spot, star_polygon
 
 TUMOR_KINDS = ("ductal", "lobular")
 MIMIC_KINDS = ("germinal_centre", "histiocytes", "capsule", "vessel", "fat")
@@ -75,12 +75,6 @@ class HardLayout:
     features: tuple[Feature, ...]
     lesions: tuple[Polygon, ...]
     exclusions: tuple[Polygon, ...]
-
-
-def diameter_px(level0_xy: np.ndarray) -> float:
-    """Largest distance between two vertices."""
-    diff = level0_xy[:, None, :] - level0_xy[None, :, :]
-    return float(np.sqrt((diff**2).sum(-1)).max())
 
 
 def draw_hard_layout(
@@ -200,7 +194,7 @@ def _near_spot(
         cx, cy = nx + distance * math.cos(phi), ny + distance * math.sin(phi)
         if math.hypot(cx - px, cy - py) + reach_px >= piece.min_radius_px:
             continue
-        if all(math.hypot(cx - x, cy - y) > reach_px + _BULGE * r + gap_px for x, y, r in placed):
+        if clear_of(cx, cy, reach_px, placed, _BULGE, gap_px):
             return cx, cy
     return None
 
@@ -261,10 +255,8 @@ def _draw_mimic(
     gap = _MIMIC_GAP_UM / mpp
     for _attempt in range(60):
         centre = _random_point_in(rng, piece, piece.min_radius_px - _BULGE * radius)
-        if all(
-            math.hypot(centre[0] - x, centre[1] - y) > r + _BULGE * radius + gap
-            for x, y, r in annotated
-        ):
+        # ``annotated`` holds each outline's full reach already: no bulge on it.
+        if clear_of(centre[0], centre[1], _BULGE * radius, annotated, 1.0, gap):
             break
     else:
         return []

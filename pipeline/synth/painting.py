@@ -150,7 +150,7 @@ class CamelyonScene(SlideScene):
     def render(self, x0: int, y0: int, w: int, h: int) -> np.ndarray:
         """Return ``(h, w, 3)`` uint8 RGB of the level-0 region at ``(x0, y0)``."""
         box = (x0, y0, x0 + w, y0 + h)
-        blurs = [f for f in self.features if f.kind == "blur" and _overlaps(f, box, 0)]
+        blurs = [f for f in self.features if f.kind == "blur" and _meets(f.bounds(), box)]
         sigmas = [self.blur_um / self.mpp] + ([_BLUR_UM / self.mpp] if blurs else [])
         # Blurs apply one after another: their reaches add up.
         margin = sum(math.ceil(_TRUNCATE * s) + 1 for s in sigmas if s > 0)
@@ -162,7 +162,7 @@ class CamelyonScene(SlideScene):
             # Bare glass: what the full path gives, at a fraction of the cost.
             rgb = np.asarray(self.stain.light_rgb) + (grain[..., None] - 0.5) * 8.0
             return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
-        rgb = self._render_sharp(mx0, my0, mw, mh)
+        rgb, tissue = self._render_sharp(mx0, my0, mw, mh)
         if self.blur_um > 0:
             rgb = gaussian_filter(rgb, sigma=(sigmas[0], sigmas[0], 0), truncate=_TRUNCATE)
         if blurs:  # one pass over the union: overlapping regions are not blurred twice
@@ -172,7 +172,7 @@ class CamelyonScene(SlideScene):
             blurred = gaussian_filter(rgb, sigma=(sigmas[1], sigmas[1], 0), truncate=_TRUNCATE)
             rgb = np.where(inside[..., None], blurred, rgb)
         rgb = rgb[margin : margin + h, margin : margin + w]
-        tissue = self.tissue_mask(x0, y0, w, h)
+        tissue = tissue[margin : margin + h, margin : margin + w]
         rgb = rgb + (grain[..., None] - 0.5) * np.where(tissue, 14.0, 8.0)[..., None]
         return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
 
@@ -181,9 +181,9 @@ class CamelyonScene(SlideScene):
         for piece in self.pieces:
             r = piece.max_radius_px
             cx, cy = piece.center_xy
-            if not (cx + r < box[0] or cy + r < box[1] or cx - r > box[2] or cy - r > box[3]):
+            if _meets((cx - r, cy - r, cx + r, cy + r), box):
                 return True
-        return any(_overlaps(f, box, 0) for f in self.features)
+        return any(_meets(f.bounds(), box) for f in self.features)
 
     def truth_mask(self, x0: int, y0: int, w: int, h: int) -> np.ndarray:
         """Return ``(h, w)`` bool: pixels drawn as tumor (not the annotator's outline)."""
@@ -199,18 +199,17 @@ class CamelyonScene(SlideScene):
         return tumor & self._tissue_mask(xs, ys)
 
     def _mask(self, feature: Feature, x0: int, y0: int, w: int, h: int) -> np.ndarray:
-        mask = np.zeros((h, w), dtype=bool)
-        if not _overlaps(feature, (x0, y0, x0 + w, y0 + h), 0):
-            return mask
+        if not _meets(feature.bounds(), (x0, y0, x0 + w, y0 + h)):
+            return np.zeros((h, w), dtype=bool)
         return polygon_mask(feature.level0_xy, x0, y0, w, h)
 
-    def _render_sharp(self, x0: int, y0: int, w: int, h: int) -> np.ndarray:
-        """``(h, w, 3)`` float64 RGB before optics and sensor grain."""
+    def _render_sharp(self, x0: int, y0: int, w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(h, w, 3)`` float64 RGB before optics and sensor grain, and the tissue mask."""
         xs = np.arange(x0, x0 + w, dtype=np.float64) + 0.5
         ys = np.arange(y0, y0 + h, dtype=np.float64) + 0.5
         tissue = self._tissue_mask(xs, ys)
         box = (x0, y0, x0 + w, y0 + h)
-        here = [f for f in self.features if _overlaps(f, box, 0)]
+        here = [f for f in self.features if _meets(f.bounds(), box)]
         h_conc = np.zeros((h, w))
         e_conc = np.zeros((h, w))
         if tissue.any():
@@ -253,7 +252,7 @@ class CamelyonScene(SlideScene):
         od += e_conc[..., None] * (np.asarray(stain.e_od) * stain.e_scale)
         for f in here:
             od = self._artefact(f, od, xs, ys, x0, y0)
-        return np.asarray(stain.light_rgb) * np.exp(-od)
+        return np.asarray(stain.light_rgb) * np.exp(-od), tissue
 
     def _paint(
         self,
@@ -326,10 +325,10 @@ class CamelyonScene(SlideScene):
         return od
 
 
-def _overlaps(feature: Feature, box: tuple[int, int, int, int], pad: float) -> bool:
-    x_min, y_min, x_max, y_max = feature.bounds()
+def _meets(bounds: tuple[float, float, float, float], box: tuple[int, int, int, int]) -> bool:
+    """Whether two ``(x_min, y_min, x_max, y_max)`` boxes overlap (touching counts)."""
     return not (
-        x_max + pad < box[0] or y_max + pad < box[1] or x_min - pad > box[2] or y_min - pad > box[3]
+        bounds[2] < box[0] or bounds[3] < box[1] or bounds[0] > box[2] or bounds[1] > box[3]
     )
 
 

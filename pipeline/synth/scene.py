@@ -415,8 +415,25 @@ def find_spot(
         phi = float(rng.uniform(0, 2 * math.pi))
         cx = piece.center_xy[0] + rho * math.cos(phi)
         cy = piece.center_xy[1] + rho * math.sin(phi)
-        if all(
-            math.hypot(cx - px, cy - py) > reach_px + bulge * pr + gap_px for px, py, pr in placed
-        ):
+        if clear_of(cx, cy, reach_px, placed, bulge, gap_px):
             return cx, cy
     return None
+
+
+def clear_of(
+    x: float,
+    y: float,
+    reach_px: float,
+    placed: list[tuple[float, float, float]],
+    bulge: float,
+    gap_px: float,
+) -> bool:
+    """Whether an outline reaching ``reach_px`` from ``(x, y)`` stays ``gap_px`` clear of each
+    ``placed`` ``(x, y, radius_px)``, whose outlines reach ``bulge`` times their radius."""
+    return all(math.hypot(x - px, y - py) > reach_px + bulge * pr + gap_px for px, py, pr in placed)
+
+
+def diameter_px(level0_xy: np.ndarray) -> float:
+    """Largest distance between two vertices of ``(N, 2)`` ``level0_xy``."""
+    diff = level0_xy[:, None, :] - level0_xy[None, :, :]
+    return float(np.sqrt((diff**2).sum(-1)).max())

@@ -22,9 +22,10 @@ from pipeline.slides.stain import angle_deg, macenko_vectors
 from pipeline.store.patch_store import open_root
 from pipeline.synth.centres import CENTRES
 from pipeline.synth.cohort import plan_cohort, write_cohort, write_slide
-from pipeline.synth.layout import ARTEFACT_KINDS, MIMIC_KINDS, diameter_px
+from pipeline.synth.layout import ARTEFACT_KINDS, MIMIC_KINDS
 from pipeline.synth.painting import make_camelyon_scene, polygon_mask
 from pipeline.synth.pyramid import write_pyramid_tiff
+from pipeline.synth.scene import diameter_px
 from tests.conftest import SHARED_DATA, run, shared_folder
 
 REAL_HE = {
