@@ -27,7 +27,7 @@ class Centre:
     h_scale: float
     e_scale: float
     light_rgb: tuple[float, float, float]
-    blur_um: float  # Gaussian sigma of the optics; 0: as sharp as the pixel grid
+    blur_um: float  # about the Gaussian sigma of the optics; 0: as sharp as the pixel grid
 
 
 CENTRES = {

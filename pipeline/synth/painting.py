@@ -27,7 +27,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.ndimage import gaussian_filter
+from scipy.ndimage import correlate1d
 
 from pipeline.config import HardCohortConfig
 from pipeline.synth.centres import Centre
@@ -134,8 +134,8 @@ _DUST = NucleusField(
 )
 # Ink optical densities: blue absorbs red and green, green absorbs red and blue, black all.
 _INK_OD = (np.array([0.95, 0.55, 0.08]), np.array([0.85, 0.22, 0.70]), np.array([0.95, 0.95, 0.95]))
-_BLUR_UM = 2.5  # sigma of an out-of-focus region
-_TRUNCATE = 3.0  # Gaussian kernels end at 3 sigma (99.7%); tiles render with this margin
+_BLUR_UM = 2.5  # about the sigma of an out-of-focus region
+_BOX_PASSES = 3  # blurs are repeated box filters: Gaussian-like, at a cost that ignores sigma
 
 
 @dataclass(frozen=True)
@@ -151,9 +151,10 @@ class CamelyonScene(SlideScene):
         """Return ``(h, w, 3)`` uint8 RGB of the level-0 region at ``(x0, y0)``."""
         box = (x0, y0, x0 + w, y0 + h)
         blurs = [f for f in self.features if f.kind == "blur" and _meets(f.bounds(), box)]
-        sigmas = [self.blur_um / self.mpp] + ([_BLUR_UM / self.mpp] if blurs else [])
+        optics = _box_width(self.blur_um / self.mpp) if self.blur_um > 0 else 0
+        defocus = _box_width(_BLUR_UM / self.mpp) if blurs else 0
         # Blurs apply one after another: their reaches add up.
-        margin = sum(math.ceil(_TRUNCATE * s) + 1 for s in sigmas if s > 0)
+        margin = _reach(optics) + _reach(defocus)
         mx0, my0, mw, mh = x0 - margin, y0 - margin, w + 2 * margin, h + 2 * margin
         grain = hash_uniform(
             np.arange(x0, x0 + w)[None, :], np.arange(y0, y0 + h)[:, None], self.seed ^ 0x5EED
@@ -162,15 +163,17 @@ class CamelyonScene(SlideScene):
             # Bare glass: what the full path gives, at a fraction of the cost.
             rgb = np.asarray(self.stain.light_rgb) + (grain[..., None] - 0.5) * 8.0
             return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
-        rgb, tissue = self._render_sharp(mx0, my0, mw, mh)
-        if self.blur_um > 0:
-            rgb = gaussian_filter(rgb, sigma=(sigmas[0], sigmas[0], 0), truncate=_TRUNCATE)
+        masks: dict[int, np.ndarray] = {}
+        rgb, tissue = self._render_sharp(mx0, my0, mw, mh, masks)
+        if optics:
+            rgb = _box_blur(rgb, optics)
         if blurs:  # one pass over the union: overlapping regions are not blurred twice
-            inside = np.zeros((mh, mw), dtype=bool)
+            core = (slice(margin, margin + h), slice(margin, margin + w))
+            inside = np.zeros((h, w), dtype=bool)
             for blur in blurs:
-                inside |= self._mask(blur, mx0, my0, mw, mh)
-            blurred = gaussian_filter(rgb, sigma=(sigmas[1], sigmas[1], 0), truncate=_TRUNCATE)
-            rgb = np.where(inside[..., None], blurred, rgb)
+                inside |= self._mask(blur, mx0, my0, mw, mh, masks)[core]
+            if inside.any():
+                _blur_where(rgb, inside, margin, defocus)
         rgb = rgb[margin : margin + h, margin : margin + w]
         tissue = tissue[margin : margin + h, margin : margin + w]
         rgb = rgb + (grain[..., None] - 0.5) * np.where(tissue, 14.0, 8.0)[..., None]
@@ -198,20 +201,37 @@ class CamelyonScene(SlideScene):
                 tumor &= ~self._mask(f, x0, y0, w, h)
         return tumor & self._tissue_mask(xs, ys)
 
-    def _mask(self, feature: Feature, x0: int, y0: int, w: int, h: int) -> np.ndarray:
+    def _mask(
+        self,
+        feature: Feature,
+        x0: int,
+        y0: int,
+        w: int,
+        h: int,
+        masks: dict[int, np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """The feature's pixels in the region; ``masks`` caches them for one region."""
+        if masks is not None and id(feature) in masks:
+            return masks[id(feature)]
         if not _meets(feature.bounds(), (x0, y0, x0 + w, y0 + h)):
-            return np.zeros((h, w), dtype=bool)
-        return polygon_mask(feature.level0_xy, x0, y0, w, h)
+            mask = np.zeros((h, w), dtype=bool)
+        else:
+            mask = polygon_mask(feature.level0_xy, x0, y0, w, h)
+        if masks is not None:
+            masks[id(feature)] = mask
+        return mask
 
-    def _render_sharp(self, x0: int, y0: int, w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(h, w, 3)`` float64 RGB before optics and sensor grain, and the tissue mask."""
+    def _render_sharp(
+        self, x0: int, y0: int, w: int, h: int, masks: dict[int, np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(h, w, 3)`` float32 RGB before optics and sensor grain, and the tissue mask."""
         xs = np.arange(x0, x0 + w, dtype=np.float64) + 0.5
         ys = np.arange(y0, y0 + h, dtype=np.float64) + 0.5
         tissue = self._tissue_mask(xs, ys)
         box = (x0, y0, x0 + w, y0 + h)
         here = [f for f in self.features if _meets(f.bounds(), box)]
-        h_conc = np.zeros((h, w))
-        e_conc = np.zeros((h, w))
+        h_conc = np.zeros((h, w), dtype=np.float32)
+        e_conc = np.zeros((h, w), dtype=np.float32)
         if tissue.any():
             haze = value_noise(xs, ys, 60.0 / self.mpp, self.seed ^ 0xA11)
             # Later kinds paint over earlier ones: node, mimics, tumor, islands in tumor.
@@ -229,10 +249,10 @@ class CamelyonScene(SlideScene):
             for code, kind, _ in layers:
                 for f in here:
                     if f.kind == kind:
-                        kind_of[self._mask(f, x0, y0, w, h)] = code
+                        kind_of[self._mask(f, x0, y0, w, h, masks)] = code
             for f in here:
                 if f.kind == ISLAND:
-                    kind_of[self._mask(f, x0, y0, w, h)] = 3 if f.variant else 0
+                    kind_of[self._mask(f, x0, y0, w, h, masks)] = 3 if f.variant else 0
             kind_of[~tissue] = -1
             textures = {0: LYMPH_NODE, **{code: t for code, _, t in layers if t is not None}}
             for code, texture in textures.items():
@@ -248,11 +268,11 @@ class CamelyonScene(SlideScene):
             self._paint_fat(kind_of == 1, xs, ys, h_conc, e_conc)
             self._paint_lumen(kind_of == 5, xs, ys, h_conc, e_conc)
         stain: Stain = self.stain
-        od = h_conc[..., None] * (np.asarray(stain.h_od) * stain.h_scale)
-        od += e_conc[..., None] * (np.asarray(stain.e_od) * stain.e_scale)
+        od = h_conc[..., None] * np.float32(stain.h_scale) * np.asarray(stain.h_od, np.float32)
+        od += e_conc[..., None] * np.float32(stain.e_scale) * np.asarray(stain.e_od, np.float32)
         for f in here:
-            od = self._artefact(f, od, xs, ys, x0, y0)
-        return np.asarray(stain.light_rgb) * np.exp(-od), tissue
+            od = self._artefact(f, od, xs, ys, x0, y0, masks).astype(np.float32, copy=False)
+        return np.asarray(stain.light_rgb, np.float32) * np.exp(-od), tissue
 
     def _paint(
         self,
@@ -302,13 +322,13 @@ class CamelyonScene(SlideScene):
         h_conc[region] = 0.0
         e_conc[region] = np.where(d[region] < 1.0, 1.1, 0.08)
 
-    def _artefact(self, f: Feature, od, xs, ys, x0: int, y0: int) -> np.ndarray:
+    def _artefact(self, f: Feature, od, xs, ys, x0: int, y0: int, masks) -> np.ndarray:
         h, w = od.shape[:2]
         if f.kind == "fold":
-            inside = self._mask(f, x0, y0, w, h)
-            return np.where(inside[..., None], od * 1.85, od)
+            inside = self._mask(f, x0, y0, w, h, masks)
+            return np.where(inside[..., None], od * np.float32(1.85), od)
         if f.kind == "pen":
-            ink = self._mask(f, x0, y0, w, h)
+            ink = self._mask(f, x0, y0, w, h, masks)
             streaks = value_noise(xs, ys, 12.0 / self.mpp, self.seed ^ 0x1AC)
             return od + (ink * (0.7 + 0.5 * streaks))[..., None] * _INK_OD[f.variant]
         if f.kind == "bubble":
@@ -319,10 +339,79 @@ class CamelyonScene(SlideScene):
             od = np.where((r < 1.0)[..., None], od * 0.8, od)
             return od + (0.45 * np.clip(1.0 - np.abs(r - 1.0) / rim_px, 0.0, 1.0))[..., None]
         if f.kind == "dust":
-            inside = self._mask(f, x0, y0, w, h)
+            inside = self._mask(f, x0, y0, w, h, masks)
             d, _ = self._nuclei(_DUST, xs, ys)
             return od + (1.3 * (inside & (d < 1.0)))[..., None]
         return od
+
+
+def _box_width(sigma_px: float) -> int:
+    """The odd box width whose ``_BOX_PASSES`` passes blur about like a Gaussian of ``sigma_px``.
+
+    Each pass adds the box's variance, ``(width**2 - 1) / 12``.
+    """
+    width = math.sqrt(12.0 * sigma_px * sigma_px / _BOX_PASSES + 1.0)
+    return 2 * max(1, round((width - 1.0) / 2.0)) + 1
+
+
+def _reach(width: int) -> int:
+    """How far (px) a blur of this box width carries a pixel; 0 for no blur."""
+    return _BOX_PASSES * (width // 2)
+
+
+def _box_blur(rgb: np.ndarray, width: int) -> np.ndarray:
+    """Blur ``(h, w, 3)`` along both image axes; pixels within the reach of an edge are not exact.
+
+    Every pixel's value depends only on its neighbours, never on where the array
+    starts, so any tile grid renders the same bytes: a narrow blur (the optics) is
+    one pass of the passes' combined kernel; a wide one (defocus) sums boxes
+    exactly in fixed-point integers, at a cost that does not grow with the width.
+    """
+    if width <= 3:
+        kernel = np.ones(1)
+        for _ in range(_BOX_PASSES):
+            kernel = np.convolve(kernel, np.full(width, 1.0 / width))
+        for axis in (0, 1):
+            rgb = correlate1d(rgb, kernel, axis=axis, mode="nearest")
+        return rgb
+    scale = width**_BOX_PASSES
+    # An eighth of a grey level; the passes' sums (< 2**31) are exact in int32.
+    fixed = np.rint(rgb * 8.0).astype(np.int32)
+    for _ in range(2):  # rows, then columns (as rows of the transpose)
+        for _ in range(_BOX_PASSES):
+            fixed = _box_sum_rows(fixed, width)
+        fixed = np.ascontiguousarray(((fixed + scale // 2) // scale).transpose(1, 0, 2))
+    return fixed.astype(np.float32) / 8.0
+
+
+def _box_sum_rows(values: np.ndarray, width: int) -> np.ndarray:
+    """Sums over the odd ``width`` rows centred on each row; edge rows repeat.
+
+    The running total may wrap around int32; differences of it are exact all the same.
+    """
+    half = width // 2
+    padded = np.concatenate(
+        [np.repeat(values[:1], half + 1, axis=0), values, np.repeat(values[-1:], half, axis=0)]
+    )
+    with np.errstate(over="ignore"):
+        total = np.cumsum(padded, axis=0, dtype=np.int32)
+        return total[width:] - total[:-width]
+
+
+def _blur_where(rgb: np.ndarray, inside: np.ndarray, margin: int, width: int) -> None:
+    """Blur ``rgb`` in place where ``inside`` (the region less ``margin`` px on each side) is set.
+
+    Only the box around ``inside``, grown by the blur's reach, is filtered.
+    """
+    rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
+    r0, r1 = rows[0] + margin, rows[-1] + margin + 1
+    c0, c1 = cols[0] + margin, cols[-1] + margin + 1
+    reach = _reach(width)
+    s0, s1 = max(r0 - reach, 0), min(r1 + reach, rgb.shape[0])
+    t0, t1 = max(c0 - reach, 0), min(c1 + reach, rgb.shape[1])
+    blurred = _box_blur(rgb[s0:s1, t0:t1], width)[r0 - s0 : r1 - s0, c0 - t0 : c1 - t0]
+    keep = inside[r0 - margin : r1 - margin, c0 - margin : c1 - margin, None]
+    rgb[r0:r1, c0:c1] = np.where(keep, blurred, rgb[r0:r1, c0:c1])
 
 
 def _meets(bounds: tuple[float, float, float, float], box: tuple[int, int, int, int]) -> bool:
