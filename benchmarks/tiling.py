@@ -48,10 +48,10 @@ import tifffile
 
 from pipeline.cluster import dask_client
 from pipeline.config import TilingConfig
+from pipeline.slides.pyramid import write_pyramid_tiff
 from pipeline.slides.reader import open_slide
 from pipeline.store.codecs import PatchImageCodec, pack_images
 from pipeline.store.patch_store import create_slide_group, open_patches, open_root, store_bytes
-from pipeline.synth.pyramid import write_pyramid_tiff
 from pipeline.synth.scene import make_scene
 from pipeline.tiling.driver import tile_slides
 from pipeline.tiling.plan import SlideJob, plan_slide

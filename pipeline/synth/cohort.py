@@ -24,9 +24,9 @@ import numpy as np
 from pipeline.config import SyntheticConfig
 from pipeline.outputs import claim_folder, write_atomic
 from pipeline.slides.annotations import write_asap_xml
+from pipeline.slides.pyramid import write_pyramid_tiff
 from pipeline.synth.centres import CENTRES
 from pipeline.synth.painting import make_camelyon_scene
-from pipeline.synth.pyramid import write_pyramid_tiff
 from pipeline.synth.scene import diameter_px, make_scene
 
 MANIFEST = "synth.json"

@@ -21,8 +21,8 @@ from pipeline.inference.driver import infer_slides  # noqa: E402
 from pipeline.inference.results import read_detections, read_heatmap, read_scores  # noqa: E402
 from pipeline.slides.annotations import read_asap_xml  # noqa: E402
 from pipeline.slides.masks import rasterize_tumor  # noqa: E402
+from pipeline.slides.pyramid import write_pyramid_tiff  # noqa: E402
 from pipeline.slides.reader import open_slide  # noqa: E402
-from pipeline.synth.pyramid import write_pyramid_tiff  # noqa: E402
 from tests.conftest import last_json, run, write_official_mask  # noqa: E402
 
 pytestmark = pytest.mark.slow

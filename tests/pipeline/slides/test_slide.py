@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from pipeline.errors import SlideNotFoundError, SlideReadError
+from pipeline.slides.pyramid import write_pyramid_tiff
 from pipeline.slides.reader import find_slides, open_slide
-from pipeline.synth.pyramid import write_pyramid_tiff
 
 
 def _gradient(x0: int, y0: int, w: int, h: int) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.slides.pyramid import write_pyramid_tiff
 from pipeline.slides.reader import open_slide
 from pipeline.slides.tissue import (
     _SATURATION,
@@ -13,7 +14,6 @@ from pipeline.slides.tissue import (
     drop_small_components,
     otsu_of_counts,
 )
-from pipeline.synth.pyramid import write_pyramid_tiff
 from pipeline.synth.scene import make_scene
 
 

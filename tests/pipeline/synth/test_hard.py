@@ -17,6 +17,7 @@ from skimage.color import rgb2hed
 from pipeline.config import HardCohortConfig, SyntheticConfig, TilingConfig
 from pipeline.evaluation.froc import evaluation_mask, itc_labels, tumor_mask
 from pipeline.slides.annotations import read_asap_xml, write_asap_xml
+from pipeline.slides.pyramid import write_pyramid_tiff
 from pipeline.slides.reader import open_slide
 from pipeline.slides.stain import angle_deg, macenko_vectors
 from pipeline.store.patch_store import open_root
@@ -24,7 +25,6 @@ from pipeline.synth.centres import CENTRES
 from pipeline.synth.cohort import plan_cohort, write_cohort, write_slide
 from pipeline.synth.layout import ARTEFACT_KINDS, MIMIC_KINDS
 from pipeline.synth.painting import make_camelyon_scene, polygon_mask
-from pipeline.synth.pyramid import write_pyramid_tiff
 from pipeline.synth.scene import diameter_px
 from tests.conftest import SHARED_DATA, run, shared_folder
 

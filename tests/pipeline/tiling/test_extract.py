@@ -61,7 +61,7 @@ def test_small_rescales_are_bilinear_and_in_place(tissue, read_px, patch_px):
 
 def test_a_thread_keeps_decoded_tiles_of_the_slide_it_reads_only(tmp_path):
     from pipeline.slides.patches import cached_reader
-    from pipeline.synth.pyramid import write_pyramid_tiff
+    from pipeline.slides.pyramid import write_pyramid_tiff
 
     scene = make_scene(1024, 512, 0.25, seed=4, tumor=False)
     paths = [str(tmp_path / f"{name}.tif") for name in ("a", "b")]

@@ -12,10 +12,10 @@ from skimage.measure import points_in_poly
 
 from pipeline.config import TilingConfig
 from pipeline.slides.annotations import read_asap_xml, write_asap_xml
+from pipeline.slides.pyramid import write_pyramid_tiff
 from pipeline.slides.reader import open_slide
 from pipeline.store.codecs import PatchImageCodec
 from pipeline.store.patch_store import read_summary
-from pipeline.synth.pyramid import write_pyramid_tiff
 from pipeline.tiling.driver import COPY_FACTOR, _block_patches, tile_slides
 
 

@@ -1,4 +1,4 @@
-"""Write multi-resolution, JPEG-compressed, tiled TIFF pyramids tile by tile.
+"""Write multi-resolution, tiled TIFF pyramids tile by tile (JPEG, or lossless deflate).
 
 The layout is what OpenSlide opens as a *generic tiled TIFF*: one top-level
 tiled directory per level, each half the size of the previous one, the
@@ -56,6 +56,7 @@ def write_pyramid_tiff(
     mpp: float | None,
     tile_px: int = 256,
     jpeg_quality: int = 80,
+    lossless: bool = False,
     description: str = "",
     on_tile_row: Callable[[int, int], None] | None = None,
 ) -> PyramidInfo:
@@ -63,7 +64,8 @@ def write_pyramid_tiff(
 
     ``mpp`` is the level-0 pixel size in µm (None: no resolution recorded, as
     some scanners' exports; OpenSlide then reports no mpp); ``on_tile_row(done, total)`` is
-    called after each level-0 tile row. The file appears atomically: it is
+    called after each level-0 tile row; ``lossless``: deflate (level 0 keeps every
+    pixel's value) instead of JPEG. The file appears atomically: it is
     written as ``<name>.partial`` and renamed when complete.
     """
     path = Path(path)
@@ -78,7 +80,8 @@ def write_pyramid_tiff(
     sizes = pyramid_level_sizes(width, height, tile_px)
     partial = path.with_name(path.name + ".partial")
     try:
-        _write_levels(partial, sizes, render, mpp, tile_px, jpeg_quality, description, on_tile_row)
+        compression = ("zlib", {"level": 6}) if lossless else ("jpeg", {"level": jpeg_quality})
+        _write_levels(partial, sizes, render, mpp, tile_px, compression, description, on_tile_row)
     except BaseException:
         partial.unlink(missing_ok=True)  # never leave a file that looks like a slide
         raise
@@ -98,7 +101,7 @@ def _write_levels(
     render: RenderFn,
     mpp: float | None,
     tile_px: int,
-    jpeg_quality: int,
+    compression: tuple[str, dict],
     description: str,
     on_tile_row: Callable[[int, int], None] | None,
 ) -> None:
@@ -138,8 +141,9 @@ def _write_levels(
                     dtype=np.uint8,
                     tile=(tile_px, tile_px),
                     photometric="rgb",
-                    compression="jpeg",
-                    compressionargs={"level": jpeg_quality},
+                    compression=compression[0],
+                    compressionargs=compression[1],
+                    predictor=compression[0] == "zlib",
                     resolution=resolution,
                     resolutionunit="CENTIMETER" if resolution else "NONE",
                     subfiletype=0 if level == 0 else 1,

@@ -8,8 +8,8 @@ import tracemalloc
 import numpy as np
 import pytest
 
+from pipeline.slides.pyramid import pyramid_level_sizes, write_pyramid_tiff
 from pipeline.slides.reader import open_slide
-from pipeline.synth.pyramid import pyramid_level_sizes, write_pyramid_tiff
 from pipeline.synth.scene import make_scene
 
 
