@@ -151,6 +151,12 @@ def test_demo_runs_every_stage_and_says_what_does_not_exist(tmp_path):
     assert "absent is not present" in result.stderr
     assert summary["real_slides"] == expected_real
     assert summary["slides"] == 6 + len(expected_real)
+    # The demo's results open in QuPath and ASAP: every test slide exported.
+    exported = run("export", str(tmp_path / "out" / "inference"), "--json")
+    assert exported.returncode == 0, exported.stderr
+    assert sorted(last_json(exported)["slides"]) == ["test_001", "test_002"]
+    for name in ("test_001.geojson", "test_001.xml", "test_001_heatmap.tif"):
+        assert (tmp_path / "out" / "inference" / "export" / name).stat().st_size > 0
 
     # A second run redoes nothing: every slide is skipped, training comes from the cache.
     again = last_json(run(*args, env=env))

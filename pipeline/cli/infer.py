@@ -1,4 +1,4 @@
-"""Commands about trained models on slides: infer, evaluate."""
+"""Commands about trained models on slides: infer, evaluate, export."""
 
 from __future__ import annotations
 
@@ -345,3 +345,100 @@ def run_evaluate(
         "ok": True,
         **{k: v for k, v in report.items() if k not in ("roc_curve", "froc_curve")},
     }
+
+
+@app.command()
+def export(
+    results: Annotated[Path, typer.Argument(help="An output folder of `wsiflow infer`.")],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Output folder (default: RESULTS/export)."),
+    ] = None,
+    formats: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--format", "-f", help="geojson (QuPath), asap (XML) or tiff (heatmap); repeat."
+        ),
+    ] = None,
+    thresholds: Annotated[
+        list[float] | None,
+        typer.Option("--threshold", "-t", help="Probability outlining tumor regions; repeat."),
+    ] = None,
+    tolerance: Annotated[
+        float, typer.Option("--tolerance-um", help="How far simplifying may move an outline.")
+    ] = 5.0,
+    slides: Annotated[
+        list[str] | None, typer.Option("--slide", help="Export only this slide id; repeat.")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Tumor regions, detections and heatmaps as files QuPath and ASAP open.
+
+    Default: every format, regions at probability 0.5, for every complete slide.
+    """
+    from pipeline.export import export_results
+    from pipeline.export.driver import FORMATS
+
+    reporter = Reporter(as_json)
+    chosen = list(dict.fromkeys(formats or FORMATS))
+    levels = list(dict.fromkeys(thresholds or [0.5]))
+    try:
+        bad = [f for f in chosen if f not in FORMATS]
+        if bad:
+            raise ConfigError(
+                "--format", [(f, f"not one of {', '.join(FORMATS)}", None) for f in bad]
+            )
+        if any(not 0 < t <= 1 for t in levels):
+            raise ConfigError("--threshold", [(str(levels), "each must be in (0, 1]", None)])
+        if tolerance < 0:
+            raise ConfigError("--tolerance-um", [(str(tolerance), "must be >= 0", None)])
+        if not results.is_dir():
+            raise ConfigError("RESULTS", [(str(results), "no such folder", None)])
+    except ConfigError as exc:
+        _fail_usage(reporter, exc, "export")
+    out = out if out is not None else results / "export"
+    table = Table(title=f"export of {results}")
+    for column in ("slide", "status", "regions", "detections"):
+        table.add_column(column, no_wrap=column == "slide")
+
+    def on_slide(result) -> None:
+        if result.status == "failed":
+            reporter.errors.print(f"[red]failed:[/red] {escape(result.reason)}")
+        regions = ", ".join(f"{n} at {t}" for t, n in result.regions.items())
+        table.add_row(result.slide_id, result.status, regions or "-", str(result.detections))
+
+    try:
+        with output_lock(reporter, out, "export"):
+            exported = export_results(
+                results,
+                out,
+                formats=chosen,
+                thresholds=levels,
+                tolerance_um=tolerance,
+                slides=slides,
+                on_slide=on_slide,
+            )
+    except WsiflowError as exc:
+        _fail_data(reporter, exc, "export")
+    reporter.console.print(table)
+    failed = [r.slide_id for r in exported if r.status == "failed"]
+    reporter.console.print(f"wrote {sum(len(r.files) for r in exported)} files to {out}")
+    reporter.finish(
+        {
+            "command": "export",
+            "ok": not failed,
+            "out": str(out),
+            "slides": {
+                r.slide_id: {
+                    "status": r.status,
+                    "files": list(r.files),
+                    "regions": r.regions,
+                    "detections": r.detections,
+                    "reason": r.reason,
+                }
+                for r in exported
+            },
+            "failed": failed,
+        },
+        exit_code=1 if failed else 0,
+    )
