@@ -377,21 +377,13 @@ def export(
     Default: every format, regions at probability 0.5, for every complete slide.
     """
     from pipeline.export import export_results
-    from pipeline.export.driver import FORMATS
+    from pipeline.export.driver import FORMATS, check_options
 
     reporter = Reporter(as_json)
     chosen = list(dict.fromkeys(formats or FORMATS))
     levels = list(dict.fromkeys(thresholds or [0.5]))
     try:
-        bad = [f for f in chosen if f not in FORMATS]
-        if bad:
-            raise ConfigError(
-                "--format", [(f, f"not one of {', '.join(FORMATS)}", None) for f in bad]
-            )
-        if any(not 0 < t <= 1 for t in levels):
-            raise ConfigError("--threshold", [(str(levels), "each must be in (0, 1]", None)])
-        if tolerance < 0:
-            raise ConfigError("--tolerance-um", [(str(tolerance), "must be >= 0", None)])
+        check_options(chosen, levels, tolerance)  # before the output folder is made
         if not results.is_dir():
             raise ConfigError("RESULTS", [(str(results), "no such folder", None)])
     except ConfigError as exc:

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import ResultsError, WsiflowError, failure_reason
+from pipeline.errors import ConfigError, ResultsError, WsiflowError, failure_reason
 from pipeline.export.formats import asap_xml, geojson_collection
 from pipeline.export.regions import Region, tumor_regions
-from pipeline.inference.heatmap import HeatmapGrid
+from pipeline.inference.heatmap import HeatmapGrid, sample_level0
 from pipeline.inference.results import (
     MANIFEST,
     detections_path,
@@ -69,18 +69,12 @@ def export_results(
 ) -> list[ExportResult]:
     """Export every complete slide of ``results_dir`` (or those in ``slides``) into ``out_dir``.
 
-    Raises :class:`ResultsError` when ``results_dir`` is not an inference folder
-    or names none of ``slides``, before anything is written.
+    Raises :class:`ConfigError` for options :func:`check_options` refuses and
+    :class:`ResultsError` when ``results_dir`` is not an inference folder or lacks
+    one of ``slides``, before anything is written.
     """
     results_dir, out_dir = Path(results_dir), Path(out_dir)
-    unknown = sorted(set(formats) - set(FORMATS))
-    if unknown or not formats:
-        raise ValueError(f"Expected formats among {FORMATS}. Received: formats={list(formats)}")
-    if tolerance_um < 0:
-        raise ValueError(f"Expected tolerance_um >= 0. Received: tolerance_um={tolerance_um}")
-    for threshold in thresholds:
-        if not 0.0 < threshold <= 1.0:
-            raise ValueError(f"Expected thresholds in (0, 1]. Received: threshold={threshold}")
+    check_options(formats, thresholds, tolerance_um)
     if not (results_dir / MANIFEST).is_file():
         raise ResultsError(results_dir, f"has no {MANIFEST}: not a folder written by wsiflow infer")
     manifest = read_manifest(results_dir)
@@ -116,6 +110,18 @@ def export_results(
         if on_slide is not None:
             on_slide(result)
     return results
+
+
+def check_options(formats: Sequence[str], thresholds: Sequence[float], tolerance_um: float) -> None:
+    """Raise :class:`ConfigError` (named by the CLI option) for unusable export options."""
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        problems = [(f, f"not one of {', '.join(FORMATS)}", None) for f in bad or ["(none)"]]
+        raise ConfigError("--format", problems)
+    if any(not 0 < t <= 1 for t in thresholds):
+        raise ConfigError("--threshold", [(str(list(thresholds)), "each must be in (0, 1]", None)])
+    if tolerance_um < 0:
+        raise ConfigError("--tolerance-um", [(str(tolerance_um), "must be >= 0", None)])
 
 
 def export_slide(
@@ -166,12 +172,8 @@ def heatmap_level0(
     heatmap: np.ndarray, grid: HeatmapGrid, x0: int, y0: int, w: int, h: int
 ) -> np.ndarray:
     """``(h, w)`` uint8: ``round(255 * p)`` of the cell under each level-0 pixel's centre."""
-    cx, cy = grid.level0_cell_px
-    rows, cols = grid.shape
-    col = np.minimum(((np.arange(x0, x0 + w) + 0.5) / cx).astype(np.int64), cols - 1)
-    row = np.minimum(((np.arange(y0, y0 + h) + 0.5) / cy).astype(np.int64), rows - 1)
-    values = np.nan_to_num(heatmap, nan=0.0)[row[:, None], col[None, :]]
-    return np.rint(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
+    values = sample_level0(heatmap, grid.level0_cell_px, (x0, y0, x0 + w, y0 + h), (w, h))
+    return np.rint(np.clip(np.nan_to_num(values, nan=0.0), 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 def write_heatmap_tiff(

@@ -310,6 +310,10 @@ def test_killed_run_resumes_and_never_lists_an_unfinished_slide(trained_model, s
     assert process.wait() == -signal.SIGKILL, "the run ended before it could be interrupted"
     scores = read_scores(out / "scores.csv")
     assert 1 <= len(scores) < 12
+    # scores.csv lists only slides the manifest records complete, and none it once did is lost.
+    manifest = json.loads((out / "inference.json").read_text())
+    complete = {k for k, v in manifest["slides"].items() if v["status"] == "done"}
+    assert set(done) <= complete and set(scores) <= complete
     for slide_id in scores:
         assert (out / "heatmaps" / f"{slide_id}.zarr").is_dir()
         assert (out / "detections" / f"{slide_id}.csv").is_file()
