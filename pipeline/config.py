@@ -194,6 +194,11 @@ class InferenceConfig(_Section):
     min_tissue_fraction: float | None = Field(
         None, ge=0, le=1, description="None: the value the model's patches were tiled with"
     )
+    color_map: Literal["tumor", "redgreen"] = Field(
+        "tumor",
+        description="heatmap PNGs and overlays: tumor (clear, then amber to red) or redgreen "
+        "(green normal to red tumor); the viewer's --color-map should match",
+    )
     workers: int | None = Field(
         None, ge=1, description="None: one (TensorFlow uses every core); N GPUs: N, one each"
     )

@@ -19,6 +19,14 @@ def serve(
         Path | None,
         typer.Option("--heatmaps", help="An output folder of `wsiflow infer` to overlay."),
     ] = None,
+    color_map: Annotated[
+        str,
+        typer.Option(
+            "--color-map",
+            help="Heatmap colours: tumor (clear, amber to red) or redgreen (green to red); "
+            "as `inference.color_map` drew the PNG overlays.",
+        ),
+    ] = "tumor",
     host: Annotated[
         str,
         typer.Option(
@@ -41,6 +49,7 @@ def serve(
     """
     import waitress
 
+    from pipeline.inference.heatmap import COLOR_MAPS
     from pipeline.viewer import create_app, log_requests
 
     reporter = Reporter(False)
@@ -49,9 +58,11 @@ def serve(
         problems.append((str(slide_dir), "no such folder", None))
     if heatmaps is not None and not heatmaps.is_dir():
         problems.append(("--heatmaps", f"no such folder: {heatmaps}", None))
+    if color_map not in COLOR_MAPS:
+        problems.append(("--color-map", f"one of {', '.join(COLOR_MAPS)}; got {color_map!r}", None))
     if problems:
         _fail_usage(reporter, ConfigError("command-line options", problems), "serve")
-    application = create_app(slide_dir, heatmaps)
+    application = create_app(slide_dir, heatmaps, color_map=color_map)
     if verbose:
         application.wsgi_app = log_requests(application.wsgi_app)
     else:  # "Task queue depth is N" under load: the requests are served all the same

@@ -89,6 +89,8 @@ def slide_fingerprint(path: Path, spec: ModelSpec, config: InferenceConfig) -> s
     }
     if config.slide_mpp is not None:  # unset: earlier outputs keep their fingerprint
         payload["slide_mpp"] = config.slide_mpp
+    if config.color_map != "tumor":  # likewise: the default keeps earlier fingerprints
+        payload["color_map"] = config.color_map
     return fingerprint(payload)
 
 
@@ -392,7 +394,7 @@ def _write_slide(
     detections = detect_lesions(heatmap, plan.grid, config.detection_threshold)
     score = slide_score(heatmap)
     size = plan.thumbnail.shape[1], plan.thumbnail.shape[0]
-    heatmap_png = heatmap_image(heatmap, plan.grid, plan.level0_wh, size)
+    heatmap_png = heatmap_image(heatmap, plan.grid, plan.level0_wh, size, config.color_map)
     attrs = {
         **plan.attrs,
         "model_dir": spec.model_dir,

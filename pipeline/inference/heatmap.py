@@ -133,31 +133,57 @@ def slide_score(heatmap: np.ndarray) -> float:
     return float(heatmap.max(initial=0.0))
 
 
-#: Probabilities below this are fully transparent in colour heatmaps and overlays.
+#: Probabilities below this are fully transparent in the ``tumor`` colour map.
 VISIBLE_FROM = 0.1
-#: Colour map of the heatmaps (matplotlib's perceptually uniform, colour-blind safe map).
-COLOR_MAP = "inferno"
+#: The most a heatmap colour covers the tissue (alpha): the tissue always shows through.
+MAX_ALPHA = 0.6
+#: Colour maps of heatmap tiles, PNGs and overlays, as ``(probability, (r, g, b), alpha)`` stops:
+#: ``tumor`` (default) is clear below :data:`VISIBLE_FROM`, then amber to saturated red;
+#: ``redgreen`` is the classic green for normal to red for tumor over every predicted cell
+#: (a cell no patch covered holds 0 and stays clear).
+COLOR_MAPS: dict[str, tuple[tuple[float, tuple[int, int, int], float], ...]] = {
+    "tumor": (
+        (VISIBLE_FROM, (255, 200, 0), 0.15),
+        (0.5, (255, 100, 0), 0.45),
+        (1.0, (220, 0, 0), MAX_ALPHA),
+    ),
+    "redgreen": (
+        (0.0, (0, 170, 0), 0.4),
+        (0.5, (235, 200, 0), 0.45),
+        (1.0, (220, 0, 0), MAX_ALPHA),
+    ),
+}
+DEFAULT_COLOR_MAP = "tumor"
 
 
-def colorize(heatmap: np.ndarray, *, visible_from: float = VISIBLE_FROM) -> np.ndarray:
-    """``(h, w, 4)`` uint8 RGBA of an ``(h, w)`` probability map (0-1).
+def colorize(heatmap: np.ndarray, color_map: str = DEFAULT_COLOR_MAP) -> np.ndarray:
+    """``(h, w, 4)`` uint8 RGBA of an ``(h, w)`` probability map (0-1), in ``color_map``.
 
-    Colour from :data:`COLOR_MAP`; transparent below ``visible_from``, then
-    alpha rising to opaque at 0.5, so normal tissue shows through.
+    Colours and alpha are interpolated between the map's stops (see
+    :data:`COLOR_MAPS`); below the first stop, and where the value is 0 (no
+    predicted patch), the pixel is transparent. Alpha never exceeds
+    :data:`MAX_ALPHA`, so the tissue stays visible under the highest
+    probabilities.
     """
-    import matplotlib
-
-    lut = (matplotlib.colormaps[COLOR_MAP](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
+    stops = COLOR_MAPS[color_map]
+    at = np.array([s[0] for s in stops], dtype=np.float32)
     p = np.clip(np.nan_to_num(np.asarray(heatmap, dtype=np.float32)), 0.0, 1.0)
     rgba = np.empty((*p.shape, 4), dtype=np.uint8)
-    rgba[..., :3] = lut[np.rint(p * 255).astype(np.uint8)]
-    alpha = np.clip((p - visible_from) / max(0.5 - visible_from, 1e-6), 0.0, 1.0)
-    rgba[..., 3] = np.where(p >= visible_from, np.rint(64 + 191 * alpha), 0).astype(np.uint8)
+    for channel in range(3):
+        values = np.array([s[1][channel] for s in stops], dtype=np.float32)
+        rgba[..., channel] = np.rint(np.interp(p, at, values))
+    alpha = np.interp(p, at, np.array([s[2] for s in stops], dtype=np.float32))
+    visible = (p >= at[0]) & (p > 0)
+    rgba[..., 3] = np.where(visible, np.rint(alpha * 255), 0).astype(np.uint8)
     return rgba
 
 
 def heatmap_image(
-    heatmap: np.ndarray, grid: HeatmapGrid, level0_wh: tuple[int, int], out_wh: tuple[int, int]
+    heatmap: np.ndarray,
+    grid: HeatmapGrid,
+    level0_wh: tuple[int, int],
+    out_wh: tuple[int, int],
+    color_map: str = DEFAULT_COLOR_MAP,
 ) -> np.ndarray:
     """``(h, w, 4)`` uint8 RGBA of the whole slide's heatmap at ``out_wh`` (e.g. its thumbnail's).
 
@@ -165,11 +191,14 @@ def heatmap_image(
     lies exactly over an image of the slide of the same size.
     """
     level0_box = (0.0, 0.0, float(level0_wh[0]), float(level0_wh[1]))
-    return colorize(sample_level0(heatmap, grid.level0_cell_px, level0_box, out_wh))
+    return colorize(sample_level0(heatmap, grid.level0_cell_px, level0_box, out_wh), color_map)
 
 
-def overlay(rgb: np.ndarray, rgba: np.ndarray, *, opacity: float = 0.7) -> np.ndarray:
-    """Blend an RGBA heatmap image over the ``(h, w, 3)`` uint8 image of the same size."""
+def overlay(rgb: np.ndarray, rgba: np.ndarray, *, opacity: float = 1.0) -> np.ndarray:
+    """Blend an RGBA heatmap image over the ``(h, w, 3)`` uint8 image of the same size.
+
+    At the default opacity the result is what the viewer shows at its default.
+    """
     alpha = rgba[..., 3:4].astype(np.float32) / 255.0 * opacity
     out = rgb.astype(np.float32) * (1 - alpha) + rgba[..., :3].astype(np.float32) * alpha
     return np.rint(out).astype(np.uint8)

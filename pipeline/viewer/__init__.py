@@ -31,7 +31,7 @@ from flask import Flask, Response, abort, jsonify, render_template
 from PIL import Image
 
 from pipeline.errors import WsiflowError
-from pipeline.inference.heatmap import COLOR_MAP, VISIBLE_FROM, colorize, sample_level0
+from pipeline.inference.heatmap import COLOR_MAPS, DEFAULT_COLOR_MAP, colorize, sample_level0
 from pipeline.inference.results import read_detections
 from pipeline.slides.reader import READ_ERRORS
 from pipeline.viewer.catalog import Catalog, Handle
@@ -45,9 +45,19 @@ JPEG_QUALITY = 80
 
 
 def create_app(
-    slide_dir: Path | str, heatmaps_dir: Path | str | None = None, *, cache_tiles: int = CACHE_TILES
+    slide_dir: Path | str,
+    heatmaps_dir: Path | str | None = None,
+    *,
+    color_map: str = DEFAULT_COLOR_MAP,
+    cache_tiles: int = CACHE_TILES,
 ) -> Flask:
-    """The viewer app for slides under ``slide_dir`` and heatmaps of ``wsiflow infer --out``."""
+    """The viewer app for slides under ``slide_dir`` and heatmaps of ``wsiflow infer --out``.
+
+    Heatmap tiles are drawn in ``color_map`` (a key of ``COLOR_MAPS``), as the
+    PNG overlays of ``wsiflow infer`` are with the same ``inference.color_map``.
+    """
+    if color_map not in COLOR_MAPS:
+        raise ValueError(f"color_map must be one of {sorted(COLOR_MAPS)}. Received: {color_map!r}")
     app = Flask(__name__)
     catalog = Catalog(Path(slide_dir), None if heatmaps_dir is None else Path(heatmaps_dir))
     app.extensions["wsiflow_catalog"] = catalog
@@ -88,9 +98,8 @@ def create_app(
             entry=entry,
             has_heatmap=heatmap is not None,
             heatmap_attrs=None if heatmap is None else heatmap.attrs,
-            legend=_legend_stops(),
-            visible_from=VISIBLE_FROM,
-            color_map=COLOR_MAP,
+            legend=_legend_stops(color_map),
+            color_map=color_map,
         )
 
     @app.get("/api/slides")
@@ -184,7 +193,7 @@ def create_app(
                 downsample = handle.reader.info.level_downsamples[slide_level]
             box = (l0x, l0y, l0x + level_w * downsample, l0y + level_h * downsample)
             values = sample_level0(heatmap.probability, heatmap.level0_cell_px, box, (out_w, out_h))
-            data = _encode(Image.fromarray(colorize(values), mode="RGBA"), "PNG")
+            data = _encode(Image.fromarray(colorize(values, color_map), mode="RGBA"), "PNG")
             cache.put(key, data)
         return Response(data, mimetype="image/png")
 
@@ -241,10 +250,11 @@ def _encode(image: Image.Image, format: str) -> bytes:
     return buffer.getvalue()
 
 
-def _legend_stops() -> list[tuple[float, str]]:
+def _legend_stops(color_map: str) -> list[tuple[float, str]]:
     """CSS gradient stops of the heatmap colours with their transparency."""
-    values = np.linspace(0, 1, 11, dtype=np.float32)
-    rgba = colorize(values[None, :])[0]
+    values = np.linspace(0, 1, 21, dtype=np.float32)
+    values[0] = 1e-3  # 0 means "no patch" (clear); the legend shows the lowest prediction
+    rgba = colorize(values[None, :], color_map)[0]
     return [
         (float(v), f"rgba({r}, {g}, {b}, {a / 255:.2f})")
         for v, (r, g, b, a) in zip(values, rgba.tolist(), strict=True)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.inference.heatmap import (
+    MAX_ALPHA,
     HeatmapAccumulator,
     colorize,
     detect_lesions,
@@ -68,7 +69,7 @@ def test_colour_heatmap_is_transparent_where_low_and_overlay_aligns():
     rgba = colorize(heat)
     assert rgba.shape == (2, 2, 4) and rgba.dtype == np.uint8
     np.testing.assert_array_equal(rgba[0, :, 3], [0, 0])
-    assert rgba[1, 0, 3] == 255 and rgba[1, 1, 3] == 255
+    assert 0 < rgba[1, 0, 3] < rgba[1, 1, 3] <= round(255 * MAX_ALPHA)
     assert tuple(rgba[1, 1, :3]) != tuple(rgba[1, 0, :3])
     grid = heatmap_grid((20, 20), (200, 200), read_px=10, read_stride_px=10)
     white = np.full((40, 40, 3), 255, dtype=np.uint8)
@@ -106,3 +107,38 @@ def test_streamed_prediction_places_batches_by_offset_with_several_readers(small
 
     with pytest.raises(RuntimeError, match="model exploded"):
         predict_streamed(failing, block(slide, 8, 1))  # returns, does not hang
+
+
+def _saturation_and_hue(rgb) -> tuple[float, float]:
+    import colorsys
+
+    h, _, sat = colorsys.rgb_to_hls(*(c / 255 for c in rgb))
+    return sat, h * 360
+
+
+@pytest.mark.parametrize("color_map", ["tumor", "redgreen"])
+def test_high_probability_is_saturated_red_and_the_tissue_shows_through(color_map):
+    """Issue 27: the highest probabilities were opaque pale yellow, hiding the tumor they marked."""
+    rgba = colorize(np.array([[1.0, 0.9]], dtype=np.float32), color_map)[0]
+    for r, g, b, a in rgba.tolist():
+        saturation, hue = _saturation_and_hue((r, g, b))
+        assert saturation > 0.9 and (hue < 20 or hue > 340), (r, g, b)  # saturated red
+        assert r > 180 and g < 60 and b < 60
+        assert a <= round(255 * MAX_ALPHA)
+    pink = np.array([[[230, 150, 200]]], dtype=np.uint8)  # eosin-stained tissue
+    blended = overlay(pink, rgba[None, :1])[0, 0].astype(int)
+    tissue_weight = 1 - rgba[0, 3] / 255
+    assert tissue_weight >= 0.35  # the tissue contributes at least a third of the pixel
+    assert blended[2] > 60  # eosin's blue survives under the red
+
+
+def test_red_green_map_marks_normal_predictions_green_and_leaves_uncovered_cells_clear():
+    rgba = colorize(np.array([[0.0, 0.02, 0.2, 0.8]], dtype=np.float32), "redgreen")[0]
+    assert rgba[0, 3] == 0  # no patch predicted there
+    for r, g, _, a in rgba[1:3].tolist():
+        assert g > r and a > 0  # green: predicted normal
+    r, g, _, a = rgba[3].tolist()
+    assert r > g and a > 0
+    tumor = colorize(np.array([[0.02, 0.2]], dtype=np.float32), "tumor")[0]
+    np.testing.assert_array_equal(tumor[0, 3], 0)  # the default map hides low values
+    assert tumor[1, 3] > 0

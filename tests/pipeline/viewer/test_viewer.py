@@ -12,7 +12,7 @@ import pytest
 from openslide.deepzoom import DeepZoomGenerator
 from PIL import Image
 
-from pipeline.inference.heatmap import Detections, heatmap_grid
+from pipeline.inference.heatmap import MAX_ALPHA, Detections, heatmap_grid
 from pipeline.inference.results import write_manifest, write_slide_outputs
 from pipeline.viewer import OVERLAP, TILE_PX, create_app
 
@@ -20,6 +20,8 @@ from pipeline.viewer import OVERLAP, TILE_PX, create_app
 # x in [1280, 1920), y in [640, 1280); 0.3 (drawn, faint) on one cell at row 2, col 3.
 CELL = 64
 BLOB = (1280, 640, 1920, 1280)
+#: The alpha of probability 1: the highest, and never opaque.
+FULL = round(255 * MAX_ALPHA)
 
 
 @pytest.fixture(scope="module")
@@ -110,14 +112,14 @@ def test_heatmap_tiles_share_the_slides_geometry_and_align(client, folders):
         ys = y0 + np.arange(rgba.shape[0])
         inside = ((ys >= BLOB[1]) & (ys < BLOB[3]))[:, None] & ((xs >= BLOB[0]) & (xs < BLOB[2]))
         faint = ((ys >= 128) & (ys < 192))[:, None] & ((xs >= 192) & (xs < 256))
-        np.testing.assert_array_equal(rgba[..., 3] == 255, inside)
-        np.testing.assert_array_equal((rgba[..., 3] > 0) & (rgba[..., 3] < 255), faint)
+        np.testing.assert_array_equal(rgba[..., 3] == FULL, inside)
+        np.testing.assert_array_equal((rgba[..., 3] > 0) & (rgba[..., 3] < FULL), faint)
     # A coarser level: the blob is where the slide tile has it, to within a pixel.
     level = top - 3  # downsample 8: one 254 px tile holds the whole blob
     rgba = np.asarray(
         Image.open(io.BytesIO(client.get(f"/heatmaps/tumor_a_files/{level}/0_0.png").data))
     )
-    rows, cols = np.nonzero(rgba[..., 3] == 255)
+    rows, cols = np.nonzero(rgba[..., 3] == FULL)
     assert abs(cols.min() - BLOB[0] / 8) <= 1 and abs(cols.max() + 1 - BLOB[2] / 8) <= 1
     assert abs(rows.min() - BLOB[1] / 8) <= 1 and abs(rows.max() + 1 - BLOB[3] / 8) <= 1
 
@@ -248,6 +250,11 @@ def _settled_screenshot(driver, timeout: float = 60) -> np.ndarray:
     )
 
 
+def _red(r, g, b):
+    """Pixels of the heatmap's red over H&E: pink tissue (g ~150) and purple nuclei (r < 150) are not."""
+    return (r > 150) & (g < 110) & (r - b > 90)
+
+
 @pytest.mark.slow
 def test_browser_shows_tissue_and_the_overlay_toggle_changes_pixels(live_server, browser):
     browser.get(f"{live_server}/view/tumor_a")
@@ -273,7 +280,7 @@ def test_browser_shows_tissue_and_the_overlay_toggle_changes_pixels(live_server,
     r, g, b = (viewer_px[..., i].astype(int) for i in range(3))
     tissue = (r - g > 30) & (b - g > 30)  # H&E purple/pink
     assert tissue.mean() > 0.05, "no tissue on screen"
-    heat = (r > 200) & (g > 150) & (b < 170)  # inferno's pale yellow at probability 1
+    heat = _red(r, g, b)  # probability 1: saturated red, the tissue seen through it
     assert heat.mean() > 0.05, "no heatmap on screen"
 
     browser.find_element("id", "show-heatmap").click()
@@ -284,7 +291,7 @@ def test_browser_shows_tissue_and_the_overlay_toggle_changes_pixels(live_server,
     changed = np.abs(without.astype(int) - viewer_px.astype(int)).sum(axis=-1) > 30
     assert changed.mean() > 0.05
     r, g, b = (without[..., i].astype(int) for i in range(3))
-    assert ((r > 200) & (g > 150) & (b < 170)).mean() < heat.mean() / 5
+    assert _red(r, g, b).mean() < heat.mean() / 5
     assert browser.execute_script("return window.wsiflow.heatmap.getOpacity()") == 0
     # The scale bar follows the slide's µm/px.
     assert browser.find_element("id", "scalebar-text").text.endswith(("µm", "mm"))
