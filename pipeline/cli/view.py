@@ -14,7 +14,10 @@ from pipeline.errors import ConfigError
 
 @app.command()
 def serve(
-    slide_dir: Annotated[Path, typer.Argument(help="Folder of slides (searched recursively).")],
+    slides: Annotated[
+        list[Path],
+        typer.Argument(help="Slide files, and folders of slides (searched recursively)."),
+    ],
     heatmaps: Annotated[
         Path | None,
         typer.Option("--heatmaps", help="An output folder of `wsiflow infer` to overlay."),
@@ -54,15 +57,16 @@ def serve(
 
     reporter = Reporter(False)
     problems = []
-    if not slide_dir.is_dir():
-        problems.append((str(slide_dir), "no such folder", None))
+    for path in slides:
+        if not path.exists():
+            problems.append((str(path), "no such file or folder", None))
     if heatmaps is not None and not heatmaps.is_dir():
         problems.append(("--heatmaps", f"no such folder: {heatmaps}", None))
     if color_map not in COLOR_MAPS:
         problems.append(("--color-map", f"one of {', '.join(COLOR_MAPS)}; got {color_map!r}", None))
     if problems:
         _fail_usage(reporter, ConfigError("command-line options", problems), "serve")
-    application = create_app(slide_dir, heatmaps, color_map=color_map)
+    application = create_app(slides, heatmaps, color_map=color_map)
     if verbose:
         application.wsgi_app = log_requests(application.wsgi_app)
     else:  # "Task queue depth is N" under load: the requests are served all the same

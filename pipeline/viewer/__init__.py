@@ -1,6 +1,6 @@
-"""The DeepZoom viewer: a Flask app over a folder of slides and an inference folder.
+"""The DeepZoom viewer: a Flask app over slide files and folders, and an inference folder.
 
-``create_app(slide_dir, heatmaps_dir)`` is the app factory (no module-level
+``create_app(slides, heatmaps_dir)`` is the app factory (no module-level
 slide). Routes::
 
     /                                             slides, thumbnails, heatmap or not
@@ -23,7 +23,7 @@ import contextlib
 import io
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -45,21 +45,25 @@ JPEG_QUALITY = 80
 
 
 def create_app(
-    slide_dir: Path | str,
+    slides: Path | str | Sequence[Path | str],
     heatmaps_dir: Path | str | None = None,
     *,
     color_map: str = DEFAULT_COLOR_MAP,
     cache_tiles: int = CACHE_TILES,
 ) -> Flask:
-    """The viewer app for slides under ``slide_dir`` and heatmaps of ``wsiflow infer --out``.
+    """The viewer app for ``slides`` (files, and folders searched recursively) and heatmaps.
 
+    ``heatmaps_dir`` is an output folder of ``wsiflow infer``.
     Heatmap tiles are drawn in ``color_map`` (a key of ``COLOR_MAPS``), as the
     PNG overlays of ``wsiflow infer`` are with the same ``inference.color_map``.
     """
     if color_map not in COLOR_MAPS:
         raise ValueError(f"color_map must be one of {sorted(COLOR_MAPS)}. Received: {color_map!r}")
     app = Flask(__name__)
-    catalog = Catalog(Path(slide_dir), None if heatmaps_dir is None else Path(heatmaps_dir))
+    sources = [slides] if isinstance(slides, str | Path) else list(slides)
+    catalog = Catalog(
+        [Path(s) for s in sources], None if heatmaps_dir is None else Path(heatmaps_dir)
+    )
     app.extensions["wsiflow_catalog"] = catalog
     cache = _TileCache(cache_tiles)
 
@@ -87,7 +91,8 @@ def create_app(
     def index():
         entries = catalog.refresh()
         rows = [(e, e.error is None and catalog.heatmap(e.slide_id) is not None) for e in entries]
-        return render_template("index.html", rows=rows, slide_dir=catalog.slide_dir)
+        sources = ", ".join(str(given) for given, _ in catalog.sources)
+        return render_template("index.html", rows=rows, sources=sources)
 
     @app.get("/view/<slide_id>")
     def view(slide_id: str):

@@ -1,10 +1,11 @@
-"""What the viewer may serve: slides found under one folder, and their heatmaps.
+"""What the viewer may serve: slide files given, slides found under folders given, heatmaps.
 
-Only files found by scanning the configured folders are ever opened, looked
-up by slide id: a request cannot name a path. Files whose real location
-(symlinks resolved) lies outside their folder are left out: slides, heatmaps
-and detections alike. Open slides and loaded heatmaps are kept (a few, oldest
-closed) and reopened when the file changes.
+Only slide files named when the viewer starts, or found by scanning the
+folders named, are ever opened, looked up by slide id: a request cannot
+name a path. Files found in a folder whose real location (symlinks resolved)
+lies outside it are left out: slides, heatmaps and detections alike. Open
+slides and loaded heatmaps are kept (a few, oldest closed) and reopened when
+the file changes.
 
 A slide handle is shared by the requests reading it and counted: one that is
 replaced (its file changed, a read failed and left OpenSlide's error on it)
@@ -17,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,10 +75,12 @@ class Handle:
 
 
 class Catalog:
-    """The slides under ``slide_dir`` and, optionally, heatmaps in an inference folder."""
+    """Slide files and the slides under folders (``sources``), and heatmaps of one inference run."""
 
-    def __init__(self, slide_dir: Path, heatmaps_dir: Path | None = None):
-        self.slide_dir = Path(slide_dir).resolve()
+    def __init__(self, sources: Path | Sequence[Path], heatmaps_dir: Path | None = None):
+        given = [sources] if isinstance(sources, str | Path) else list(sources)
+        #: (as given, resolved): folders are scanned, files served as they are.
+        self.sources = [(Path(s), Path(s).resolve()) for s in given]
         self.heatmaps_dir = None if heatmaps_dir is None else Path(heatmaps_dir).resolve()
         self._lock = threading.RLock()
         self._entries: dict[str, SlideEntry] = {}
@@ -88,14 +91,10 @@ class Catalog:
         self.refresh()
 
     def refresh(self) -> list[SlideEntry]:
-        """Rescan the folder (new, changed and removed slides); return the entries by id."""
+        """Rescan the folders (new, changed and removed slides); return the entries by id."""
         found: dict[str, SlideEntry] = {}
-        for path in find_slides([self.slide_dir]):
-            real = path.resolve()
-            if not real.is_relative_to(self.slide_dir) or not (real.is_file() or real.is_dir()):
-                continue  # a symlink pointing out of the folder: never served
+        for path, real, relative in self._candidates():
             slide_id = slide_id_of(path)
-            relative = str(path.relative_to(self.slide_dir))
             if slide_id in found:
                 other = found[slide_id].relative
                 found[f"{slide_id}@{relative}"] = SlideEntry(
@@ -106,6 +105,27 @@ class Catalog:
         with self._lock:
             self._entries = found
         return sorted(found.values(), key=lambda e: e.slide_id)
+
+    def _candidates(self) -> Iterator[tuple[Path, Path, str]]:
+        """``(path, real path, name shown)`` of every slide the sources offer, each once."""
+        folders = [(given, real) for given, real in self.sources if real.is_dir()]
+        seen: set[Path] = set()
+        for given, real_source in self.sources:
+            if real_source.is_dir():
+                prefix = f"{given.name}/" if len(folders) > 1 else ""
+                for path in find_slides([real_source]):
+                    real = path.resolve()
+                    if not real.is_relative_to(real_source):
+                        continue  # a symlink pointing out of the folder: never served
+                    if real not in seen and (real.is_file() or real.is_dir()):
+                        seen.add(real)
+                        yield path, real, prefix + str(path.relative_to(real_source))
+            else:  # a file named on the command line: served as given (links included)
+                for path in find_slides([given]):  # one file of a DICOM series: the series
+                    real = path.resolve()
+                    if real not in seen and (real.is_file() or real.is_dir()):
+                        seen.add(real)
+                        yield path, real, str(given)
 
     def _entry(self, slide_id: str, path: Path, relative: str) -> SlideEntry:
         stamp = _stamp(path)

@@ -311,8 +311,10 @@ def test_serve_command_serves_on_localhost(folders, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # A slide file and a folder, as OpenSlide's deepzoom_server.py takes a file.
     process = subprocess.Popen(
-        [WSIFLOW, "serve", str(slides), "--heatmaps", str(out), "--port", str(port)],
+        [WSIFLOW, "serve", str(slides / "sub" / "tumor_a.tif"), str(slides / "sub"), "--heatmaps",
+         str(out), "--port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
@@ -325,14 +327,35 @@ def test_serve_command_serves_on_localhost(folders, tmp_path):
             except OSError:
                 assert time.monotonic() < deadline and process.poll() is None, process.stdout.read()
                 time.sleep(0.3)
-        assert {s["id"] for s in listed} == {"corrupt", "normal_a", "tumor_a"}
+        assert [(s["id"], s["heatmap"]) for s in listed] == [("tumor_a", True)]
     finally:
         process.terminate()
         process.wait(timeout=30)
     missing = subprocess.run(
         [WSIFLOW, "serve", str(tmp_path / "nope")], capture_output=True, text=True, check=False
     )
-    assert missing.returncode == 2 and "no such folder" in missing.stderr
+    assert missing.returncode == 2 and "no such file or folder" in missing.stderr
+
+
+def test_slide_files_and_several_folders_are_served_and_nothing_else(folders):
+    """Issue 27: `serve SLIDE.tif` was refused with "no such folder"."""
+    slides, out = folders
+    one = create_app(slides / "sub" / "tumor_a.tif", out).test_client()
+    assert [(s["id"], s["path"]) for s in one.get("/api/slides").get_json()] == [
+        ("tumor_a", str(slides / "sub" / "tumor_a.tif"))
+    ]
+    assert one.get("/slides/tumor_a.dzi").status_code == 200
+    assert one.get("/heatmaps/tumor_a.dzi").status_code == 200
+    assert one.get("/slides/normal_a.dzi").status_code == 404
+    # A file named on the command line is served even through a link; the same link found
+    # by scanning a folder is not (it points outside), and a slide named twice is listed once.
+    both = create_app([slides / "outside.tif", slides, slides / "sub" / "tumor_a.tif"])
+    listed = {s["id"]: s for s in both.test_client().get("/api/slides").get_json()}
+    assert sorted(listed) == ["corrupt", "normal_a", "outside", "tumor_a"]
+    assert listed["outside"]["readable"] and listed["tumor_a"]["path"] == "sub/tumor_a.tif"
+    assert not listed["corrupt"]["readable"]
+    page = both.test_client().get("/").get_data(as_text=True)
+    assert str(slides / "outside.tif") in page
 
 
 def test_real_aperio_slide_properties_and_associated_images(aperio_slide, tmp_path):
