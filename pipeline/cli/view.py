@@ -22,6 +22,14 @@ def serve(
         Path | None,
         typer.Option("--heatmaps", help="An output folder of `wsiflow infer` to overlay."),
     ] = None,
+    annotations: Annotated[
+        Path | None,
+        typer.Option(
+            "--annotations",
+            help="Folder of the slides' lesion annotations (ASAP XML or GeoJSON): ground truth "
+            "outlines, tumor and exclusion.",
+        ),
+    ] = None,
     color_map: Annotated[
         str,
         typer.Option(
@@ -46,6 +54,10 @@ def serve(
 ) -> None:
     """Browse slides with OpenSeadragon, with tumor heatmaps and detections as overlays.
 
+    With --annotations the ground truth is drawn as outlines; where the
+    --heatmaps folder holds an evaluation.json (wsiflow evaluate), detections
+    are coloured true or false positive and missed lesions are marked.
+
     Served by waitress: --threads requests at once, idle connections held
     without a thread each and closed after 2 minutes, requests not logged
     unless --verbose.
@@ -62,11 +74,13 @@ def serve(
             problems.append((str(path), "no such file or folder", None))
     if heatmaps is not None and not heatmaps.is_dir():
         problems.append(("--heatmaps", f"no such folder: {heatmaps}", None))
+    if annotations is not None and not annotations.is_dir():
+        problems.append(("--annotations", f"no such folder: {annotations}", None))
     if color_map not in COLOR_MAPS:
         problems.append(("--color-map", f"one of {', '.join(COLOR_MAPS)}; got {color_map!r}", None))
     if problems:
         _fail_usage(reporter, ConfigError("command-line options", problems), "serve")
-    application = create_app(slides, heatmaps, color_map=color_map)
+    application = create_app(slides, heatmaps, annotations_dir=annotations, color_map=color_map)
     if verbose:
         application.wsgi_app = log_requests(application.wsgi_app)
     else:  # "Task queue depth is N" under load: the requests are served all the same

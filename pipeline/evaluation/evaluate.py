@@ -30,6 +30,7 @@ from pipeline.evaluation.froc import (
     compute_froc,
     evaluation_mask,
     itc_labels,
+    review,
     roc,
     score_detections,
     tumor_mask,
@@ -168,6 +169,7 @@ def evaluate(
                 "itcs": slide_hits.itcs,
                 "lesions_found": int((slide_hits.tp_confidences > 0).sum()),
                 "false_positives": len(slide_hits.fp_confidences),
+                "review": review(slide_hits, confidences, level0_xy, labels, itcs, downsample),
             }
         )
     names = sorted(detections)

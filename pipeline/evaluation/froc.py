@@ -184,6 +184,54 @@ def score_detections(
     return SlideHits(fp, tp, n_labels - len(itcs), len(itcs), hit)
 
 
+def review(
+    hits: SlideHits,
+    confidences: np.ndarray,
+    level0_xy: np.ndarray,
+    labels: np.ndarray | None,
+    itcs: frozenset[int],
+    downsample: int,
+) -> dict[str, list]:
+    """What a reviewer looks at: each detection's outcome and each lesion, found or missed.
+
+    ``detections``: ``[x, y, confidence, outcome]`` per detection (level-0 px),
+    outcome ``tp`` (on a lesion), ``fp`` (on no lesion) or ``itc`` (on an
+    isolated tumor cell cluster: neither, the FROC ignores it). ``lesions``:
+    per lesion label of the evaluation mask (grown as the rules grow tumor),
+    its level-0 box ``[x0, y0, x1, y1]``, whether it is an ITC and the highest
+    confidence on it (0: missed).
+    """
+    outcomes = np.where(hits.hit == 0, "fp", "tp").astype(object)
+    outcomes[np.isin(hits.hit, list(itcs))] = "itc"
+    xy = np.asarray(level0_xy, dtype=np.int64).reshape(-1, 2)
+    detections = [
+        [int(x), int(y), float(c), str(o)]
+        for (x, y), c, o in zip(xy, np.asarray(confidences, float), outcomes, strict=True)
+    ]
+    lesions = []
+    if labels is not None:
+        best = np.zeros(int(labels.max(initial=0)) + 1)
+        np.maximum.at(best, hits.hit, np.asarray(confidences, float))
+        for label, box in enumerate(ndimage.find_objects(labels), start=1):
+            if box is None:
+                continue
+            rows, cols = box
+            lesions.append(
+                {
+                    "label": label,
+                    "box": [
+                        cols.start * downsample,
+                        rows.start * downsample,
+                        cols.stop * downsample,
+                        rows.stop * downsample,
+                    ],
+                    "itc": label in itcs,
+                    "confidence": float(best[label]),
+                }
+            )
+    return {"detections": detections, "lesions": lesions}
+
+
 @dataclass(frozen=True)
 class Froc:
     """The FROC curve (ascending false positives per slide), its score and operating points."""

@@ -7,6 +7,9 @@ slide). Routes::
     /view/<slide_id>                              OpenSeadragon page, heatmap overlay
     /api/slides                                   JSON list of slides
     /api/slides/<slide_id>/detections             JSON detections of the heatmap's run
+    /api/slides/<slide_id>/annotations            JSON ground truth outlines (--annotations)
+    /api/slides/<slide_id>/regions                JSON predicted tumor outlines
+    /api/slides/<slide_id>/review                 JSON evaluation: summary, outcomes, lesions
     /slides/<slide_id>.dzi                        Deep Zoom descriptor of the slide
     /slides/<slide_id>_files/<level>/<col>_<row>.jpeg
     /slides/<slide_id>/thumbnail.jpeg
@@ -25,6 +28,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from flask import Flask, Response, abort, jsonify, render_template
@@ -34,11 +38,13 @@ from pipeline.errors import WsiflowError
 from pipeline.inference.heatmap import COLOR_MAPS, DEFAULT_COLOR_MAP, colorize, sample_level0
 from pipeline.inference.results import read_detections
 from pipeline.slides.reader import READ_ERRORS
-from pipeline.viewer.catalog import Catalog, Handle
+from pipeline.viewer.catalog import EVALUATION, Catalog, Handle
 
 #: Deep Zoom tile side and overlap (OpenSlide's example server uses the same).
 TILE_PX = 254
 OVERLAP = 1
+#: What the slide list shows of a slide's evaluation record.
+REVIEW_KEYS = ("tumor", "lesions", "lesions_found", "itcs", "false_positives")
 #: Encoded tiles kept in memory (~20-60 kB each).
 CACHE_TILES = 2048
 JPEG_QUALITY = 80
@@ -48,12 +54,15 @@ def create_app(
     slides: Path | str | Sequence[Path | str],
     heatmaps_dir: Path | str | None = None,
     *,
+    annotations_dir: Path | str | None = None,
     color_map: str = DEFAULT_COLOR_MAP,
     cache_tiles: int = CACHE_TILES,
 ) -> Flask:
     """The viewer app for ``slides`` (files, and folders searched recursively) and heatmaps.
 
-    ``heatmaps_dir`` is an output folder of ``wsiflow infer``.
+    ``heatmaps_dir`` is an output folder of ``wsiflow infer`` (and of ``wsiflow
+    evaluate``: its ``evaluation.json`` colours the detections);
+    ``annotations_dir`` holds the slides' lesion annotations (ASAP XML or GeoJSON).
     Heatmap tiles are drawn in ``color_map`` (a key of ``COLOR_MAPS``), as the
     PNG overlays of ``wsiflow infer`` are with the same ``inference.color_map``.
     """
@@ -62,7 +71,9 @@ def create_app(
     app = Flask(__name__)
     sources = [slides] if isinstance(slides, str | Path) else list(slides)
     catalog = Catalog(
-        [Path(s) for s in sources], None if heatmaps_dir is None else Path(heatmaps_dir)
+        [Path(s) for s in sources],
+        None if heatmaps_dir is None else Path(heatmaps_dir),
+        None if annotations_dir is None else Path(annotations_dir),
     )
     app.extensions["wsiflow_catalog"] = catalog
     cache = _TileCache(cache_tiles)
@@ -87,12 +98,31 @@ def create_app(
             except ValueError:
                 abort(404)
 
+    def summaries() -> list[dict[str, Any]]:
+        """Each slide's heatmap, score and evaluation outcome, highest score first."""
+        rows = []
+        for e in catalog.refresh():
+            heatmap = None if e.error else catalog.heatmap(e.slide_id)
+            record = catalog.review(e.slide_id) if heatmap is not None else None
+            outcome = None
+            if record and "stale" not in record:
+                outcome = {k: record.get(k) for k in REVIEW_KEYS}
+            rows.append(
+                {
+                    "entry": e,
+                    "heatmap": heatmap is not None,
+                    "score": None if heatmap is None else heatmap.attrs.get("score"),
+                    "evaluation": outcome,
+                }
+            )
+        return sorted(
+            rows, key=lambda r: (r["score"] is None, -(r["score"] or 0), r["entry"].slide_id)
+        )
+
     @app.get("/")
     def index():
-        entries = catalog.refresh()
-        rows = [(e, e.error is None and catalog.heatmap(e.slide_id) is not None) for e in entries]
         sources = ", ".join(str(given) for given, _ in catalog.sources)
-        return render_template("index.html", rows=rows, sources=sources)
+        return render_template("index.html", rows=summaries(), sources=sources)
 
     @app.get("/view/<slide_id>")
     def view(slide_id: str):
@@ -105,22 +135,24 @@ def create_app(
             heatmap_attrs=None if heatmap is None else heatmap.attrs,
             legend=_legend_stops(color_map),
             color_map=color_map,
+            has_annotations=catalog.annotations_dir is not None,
         )
 
     @app.get("/api/slides")
     def api_slides():
-        entries = catalog.refresh()
         return jsonify(
             [
                 {
-                    "id": e.slide_id,
-                    "path": e.relative,
-                    "readable": e.error is None,
-                    "error": e.error,
-                    "heatmap": e.error is None and catalog.heatmap(e.slide_id) is not None,
-                    **e.info,
+                    "id": r["entry"].slide_id,
+                    "path": r["entry"].relative,
+                    "readable": r["entry"].error is None,
+                    "error": r["entry"].error,
+                    "heatmap": r["heatmap"],
+                    "score": r["score"],
+                    "evaluation": r["evaluation"],
+                    **r["entry"].info,
                 }
-                for e in entries
+                for r in summaries()
             ]
         )
 
@@ -139,6 +171,33 @@ def create_app(
                 {"confidence": float(c), "x": int(x), "y": int(y)}
                 for c, (x, y) in zip(confidences, level0_xy, strict=True)
             ]
+        )
+
+    @app.get("/api/slides/<slide_id>/annotations")
+    def api_annotations(slide_id: str):
+        catalog.entry(slide_id) or abort(404)
+        found = catalog.annotations(slide_id)
+        return jsonify(found) if found is not None else abort(404)
+
+    @app.get("/api/slides/<slide_id>/regions")
+    def api_regions(slide_id: str):
+        catalog.entry(slide_id) or abort(404)
+        return jsonify(catalog.regions(slide_id))
+
+    @app.get("/api/slides/<slide_id>/review")
+    def api_review(slide_id: str):
+        catalog.entry(slide_id) or abort(404)
+        record = catalog.review(slide_id)
+        if not record or "stale" in record:
+            return jsonify(record or {})
+        if "review" not in record:  # written by an earlier wsiflow
+            return jsonify({"stale": f"{EVALUATION} has no outcomes: evaluate again"})
+        return jsonify(
+            {
+                "summary": {k: record.get(k) for k in REVIEW_KEYS},
+                "detections": record.get("review", {}).get("detections", []),
+                "lesions": record.get("review", {}).get("lesions", []),
+            }
         )
 
     @app.get("/slides/<slide_id>.dzi")

@@ -16,6 +16,7 @@ under one.
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -27,11 +28,17 @@ import numpy as np
 
 from pipeline.errors import WsiflowError
 from pipeline.identity import file_identity, slide_id_of
+from pipeline.inference.heatmap import HeatmapGrid
 from pipeline.inference.results import MANIFEST, read_heatmap, read_manifest, slide_files
+from pipeline.slides.annotations import annotation_of, read_annotations
 from pipeline.slides.reader import SlideReader, find_slides, open_slide
 
 #: Open slides kept at once (each holds an OpenSlide handle and its tile cache).
 OPEN_SLIDES = 16
+#: How far predicted region outlines may be simplified (as ``wsiflow export``'s default).
+REGION_TOLERANCE_UM = 5.0
+#: The evaluation report ``wsiflow evaluate`` writes into the results folder.
+EVALUATION = "evaluation.json"
 
 
 @dataclass
@@ -77,11 +84,18 @@ class Handle:
 class Catalog:
     """Slide files and the slides under folders (``sources``), and heatmaps of one inference run."""
 
-    def __init__(self, sources: Path | Sequence[Path], heatmaps_dir: Path | None = None):
+    def __init__(
+        self,
+        sources: Path | Sequence[Path],
+        heatmaps_dir: Path | None = None,
+        annotations_dir: Path | None = None,
+    ):
         given = [sources] if isinstance(sources, str | Path) else list(sources)
         #: (as given, resolved): folders are scanned, files served as they are.
         self.sources = [(Path(s), Path(s).resolve()) for s in given]
         self.heatmaps_dir = None if heatmaps_dir is None else Path(heatmaps_dir).resolve()
+        self.annotations_dir = None if annotations_dir is None else Path(annotations_dir).resolve()
+        self._derived: dict[tuple, Any] = {}  # annotations, regions, evaluation: by file stamp
         self._lock = threading.RLock()
         self._entries: dict[str, SlideEntry] = {}
         self._stamps: dict[Path, tuple[int, int]] = {}
@@ -259,6 +273,110 @@ class Catalog:
         path = slide_files(self.heatmaps_dir, slide_id)["detections"]
         return path if path.is_file() and self._inside_heatmaps(path) else None
 
+    def annotations(self, slide_id: str) -> dict[str, Any] | None:
+        """The slide's ground truth outlines (None: no ``annotations_dir`` or unknown slide).
+
+        ``{"file", "polygons": [{"role", "name", "group", "exterior", "holes"}], "error"}``
+        in level-0 px; an unreadable file gives its reason in ``error``, never an exception.
+        """
+        if self.annotations_dir is None or self.entry(slide_id) is None:
+            return None
+        try:
+            path = annotation_of(slide_id, self.annotations_dir, any_case=True)
+        except WsiflowError as exc:
+            return {"file": None, "polygons": [], "error": _reason(exc)}
+        if path is None or not path.resolve().is_relative_to(self.annotations_dir):
+            return {"file": None, "polygons": [], "error": None}
+
+        def load() -> dict[str, Any]:
+            try:
+                polygons = read_annotations(path)
+            except WsiflowError as exc:
+                return {"file": path.name, "polygons": [], "error": _reason(exc)}
+            return {
+                "file": path.name,
+                "polygons": [
+                    {
+                        "role": p.role,
+                        "name": p.name,
+                        "group": p.group,
+                        "exterior": np.round(p.level0_xy, 1).tolist(),
+                        "holes": [np.round(h, 1).tolist() for h in p.holes],
+                    }
+                    for p in polygons
+                ],
+                "error": None,
+            }
+
+        return self._cached(("annotations", path), _stamp(path), load)
+
+    def regions(self, slide_id: str) -> list[dict[str, Any]]:
+        """Predicted tumor regions: the heatmap's outlines at its detection threshold."""
+        heatmap = self.heatmap(slide_id)
+        if heatmap is None:
+            return []
+
+        def load() -> list[dict[str, Any]]:
+            from pipeline.export.regions import tumor_regions
+
+            grid = HeatmapGrid(
+                heatmap.probability.shape,
+                heatmap.level0_cell_px,
+                int(heatmap.attrs.get("cells_per_patch", 1)),
+            )
+            threshold = float(heatmap.attrs.get("detection_threshold") or 0.5)
+            mpp = heatmap.attrs.get("mpp") or heatmap.attrs.get("mpp_assumed")
+            mpp = min(mpp) if isinstance(mpp, list) else mpp
+            tolerance = REGION_TOLERANCE_UM / mpp if mpp else min(heatmap.level0_cell_px) / 4
+            return [
+                {
+                    "threshold": r.threshold,
+                    "exterior": np.round(r.exterior, 1).tolist(),
+                    "holes": [np.round(h, 1).tolist() for h in r.holes],
+                    "max_probability": r.max_probability,
+                }
+                for r in tumor_regions(heatmap.probability, grid, threshold, tolerance_px=tolerance)
+            ]
+
+        return self._cached(("regions", slide_id), heatmap.stamp, load)
+
+    def review(self, slide_id: str) -> dict[str, Any] | None:
+        """The slide's record in the heatmaps folder's ``evaluation.json`` (None: none).
+
+        A record older than the slide's detections (inference ran again after
+        the evaluation) is not used: ``{"stale": reason}``.
+        """
+        if self.heatmap(slide_id) is None:
+            return None
+        path = self.heatmaps_dir / EVALUATION
+        if not path.is_file() or not self._inside_heatmaps(path):
+            return None
+
+        def load() -> dict[str, dict[str, Any]]:
+            try:
+                report = json.loads(path.read_text())
+                return {str(r["slide"]).casefold(): r for r in report["per_slide"]}
+            except (OSError, ValueError, KeyError, TypeError):
+                return {}
+
+        record = self._cached(("evaluation",), _stamp(path), load).get(slide_id.casefold())
+        if record is None:
+            return None
+        detections = self.detections_path(slide_id)
+        if detections is not None and detections.stat().st_mtime_ns > path.stat().st_mtime_ns:
+            return {"stale": f"{EVALUATION} is older than the detections: evaluate again"}
+        return record
+
+    def _cached(self, key: tuple, stamp: tuple[int, int], load: Any) -> Any:
+        with self._lock:
+            cached = self._derived.get(key)
+            if cached is not None and cached[0] == stamp:
+                return cached[1]
+        value = load()
+        with self._lock:
+            self._derived[key] = (stamp, value)
+        return value
+
     def _inside_heatmaps(self, path: Path) -> bool:
         """Whether ``path``, links resolved, lies in the heatmaps folder (never serve beyond)."""
         return path.resolve().is_relative_to(self.heatmaps_dir)
@@ -268,6 +386,10 @@ class Catalog:
             for handle in self._open.values():
                 self._retire(handle)
             self._open.clear()
+
+
+def _reason(exc: Exception) -> str:
+    return exc.reason if hasattr(exc, "reason") else str(exc)
 
 
 def _stamp(path: Path) -> tuple[int, int]:

@@ -11,6 +11,7 @@ from pipeline.evaluation.froc import (
     compute_froc,
     evaluation_mask,
     itc_labels,
+    review,
     roc,
     score_detections,
     tumor_mask,
@@ -93,6 +94,26 @@ def test_hits_count_once_per_lesion_at_their_highest_confidence_and_itcs_count_n
     np.testing.assert_array_equal(hits.fp_confidences, [0.8])
     assert hits.lesions == 2 and hits.itcs == 1
     np.testing.assert_array_equal(hits.hit, [1, 1, 3, 0])
+
+
+def test_review_gives_each_detection_its_outcome_and_each_lesion_its_box_found_or_missed():
+    labels, itcs = _labels_two_lesions_and_an_itc()
+    confidences = np.array([0.6, 0.9, 0.7, 0.8])
+    level0_xy = np.array([(10 * DS, 10 * DS), (20 * DS, 20 * DS), (41 * DS, 3 * DS), (48 * DS, 0)])
+    hits = score_detections(confidences, level0_xy, labels, itcs, DS)
+    found = review(hits, confidences, level0_xy, labels, itcs, DS)
+    assert [d[3] for d in found["detections"]] == ["tp", "tp", "itc", "fp"]
+    assert found["detections"][0] == [10 * DS, 10 * DS, 0.6, "tp"]
+    assert found["lesions"] == [
+        {"label": 1, "box": [5 * DS, 5 * DS, 25 * DS, 25 * DS], "itc": False, "confidence": 0.9},
+        {"label": 2, "box": [30 * DS, 30 * DS, 45 * DS, 45 * DS], "itc": False, "confidence": 0.0},
+        {"label": 3, "box": [40 * DS, 2 * DS, 42 * DS, 4 * DS], "itc": True, "confidence": 0.7},
+    ]
+    normal = score_detections(np.array([0.3]), np.array([[5, 5]]), None, frozenset(), DS)
+    assert review(normal, np.array([0.3]), np.array([[5, 5]]), None, frozenset(), DS) == {
+        "detections": [[5, 5, 0.3, "fp"]],
+        "lesions": [],
+    }
 
 
 def test_every_detection_on_a_normal_slide_is_a_false_positive():

@@ -52,7 +52,43 @@ def folders(small_cohort, tmp_path_factory):
         {"level0_wh": list(level0_wh), "score": 1.0},
     )  # fmt: skip
     write_manifest(out, {"slides": {"tumor_a": {"status": "done", "score": 1.0}}})
+    (out / "scores.csv").write_text("slide,score\ntumor_a,1.0\n")
     return slides, out
+
+
+# Ground truth of tumor_a: lesion 1 around the heatmap's blob and its detection (found),
+# lesion 2 below it (missed: nothing predicted there), an exclusion region top right.
+LESION_FOUND = (1000, 500, 2400, 1500)
+LESION_MISSED = (100, 1950, 1500, 2450)
+EXCLUDED = (2500, 200, 2900, 600)
+
+
+@pytest.fixture(scope="module")
+def reviewed(folders, tmp_path_factory):
+    """Annotations for tumor_a and a real `evaluate` of the heatmaps folder against them."""
+    from pipeline.config import EvaluationConfig
+    from pipeline.evaluation.evaluate import evaluate
+    from pipeline.slides.annotations import Polygon, write_asap_xml
+
+    slides, out = folders
+    root = tmp_path_factory.mktemp("review")
+    annotations = root / "annotations"
+    annotations.mkdir()
+
+    def box(name, group, x0, y0, x1, y1):
+        xy = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], dtype=np.float64)
+        return Polygon(name=name, group=group, level0_xy=xy)
+
+    write_asap_xml(
+        annotations / "tumor_a.xml",
+        [box("found", "_0", *LESION_FOUND), box("missed", "_0", *LESION_MISSED),
+         box("doubtful", "_2", *EXCLUDED)],
+    )  # fmt: skip
+    (annotations / "normal_a.xml").write_text("<ASAP_Annotations><Annotations>")  # truncated
+    reference = root / "reference.csv"
+    reference.write_text("tumor_a,Tumor,Macro,Primary\nnormal_a,Normal\n")
+    evaluate(out, reference, annotations, slides, EvaluationConfig())
+    return annotations
 
 
 @pytest.fixture(scope="module")
@@ -173,14 +209,15 @@ CHROMEDRIVER = "/usr/bin/chromedriver"
 
 
 @pytest.fixture
-def live_server(folders):
-    """The viewer on a real threaded HTTP server on 127.0.0.1 (a free port)."""
+def live_server(folders, reviewed):
+    """The viewer on a real threaded HTTP server on 127.0.0.1 (a free port), with ground truth."""
     import threading
 
     from werkzeug.serving import make_server
 
     slides, out = folders
-    server = make_server("127.0.0.1", 0, create_app(slides, out), threaded=True)
+    app = create_app(slides, out, annotations_dir=reviewed)
+    server = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_port}"
@@ -297,6 +334,82 @@ def test_browser_shows_tissue_and_the_overlay_toggle_changes_pixels(live_server,
     assert browser.find_element("id", "scalebar-text").text.endswith(("µm", "mm"))
 
 
+def _on_screen(driver, x: float, y: float) -> tuple[int, int]:
+    """Screenshot pixel of level-0 point (x, y)."""
+    return tuple(
+        round(v)
+        for v in driver.execute_script(
+            "const v = window.wsiflow.viewer, item = v.world.getItemAt(0);"
+            "const p = item.imageToViewerElementCoordinates(new OpenSeadragon.Point(arguments[0],"
+            " arguments[1])); const r = v.element.getBoundingClientRect();"
+            "return [(p.x + r.left) * devicePixelRatio, (p.y + r.top) * devicePixelRatio];",
+            x,
+            y,
+        )
+    )
+
+
+def _cyan_near(shot: np.ndarray, xy: tuple[int, int], reach: int = 4) -> bool:
+    x, y = xy
+    r, g, b = (
+        shot[y - reach : y + reach + 1, x - reach : x + reach + 1, i].astype(int) for i in range(3)
+    )
+    return bool(((r < 90) & (g > 170) & (b > 170)).any())
+
+
+@pytest.mark.slow
+def test_browser_draws_ground_truth_and_review_and_a_row_click_pans(live_server, browser):
+    browser.get(f"{live_server}/view/tumor_a")
+    _wait(
+        browser,
+        "const w = window.wsiflow; return !!(w && w.loaded.annotations && w.loaded.regions"
+        " && w.loaded.review && w.viewer.world.getItemCount() == 2"
+        " && w.viewer.world.getItemAt(0).getFullyLoaded() && !w.viewer.world.needsDraw());",
+        steady=1.0,
+    )
+    counts = browser.execute_script(
+        "return ['#gt-tumor path', '#gt-exclusion path', '#predicted path', '.marker.tp',"
+        " '.marker.missed', '#review-table tr.row'].map(q => document.querySelectorAll(q).length);"
+    )
+    assert counts == [2, 1, 1, 1, 1, 3]  # 2 lesions, 1 exclusion, 1 region, 1 TP, 1 missed, rows
+    x0, y0, x1, y1 = LESION_MISSED
+    edges = [((x0 + x1) / 2, y0), ((x0 + x1) / 2, y1), (x0, (y0 + y1) / 2), (x1, (y0 + y1) / 2)]
+    points = [_on_screen(browser, x, y) for x, y in edges]
+    shot = _settled_screenshot(browser)
+    assert all(_cyan_near(shot, p) for p in points), "lesion outline not where the polygon is"
+    middle = _on_screen(browser, (x0 + x1) / 2, (y0 + y1) / 2 - 100)
+    assert not _cyan_near(shot, middle), "the outline is filled"
+
+    browser.find_element("id", "show-annotations").click()
+    hidden = _settled_screenshot(browser)
+    assert not any(_cyan_near(hidden, p) for p in points), "the toggle left the outline"
+    browser.find_element("id", "show-annotations").click()
+
+    whole_slide = browser.execute_script(
+        "const v = window.wsiflow.viewer;"
+        "return v.world.getItemAt(0).viewportToImageZoom(v.viewport.getZoom(true));"
+    )
+    missed = next(
+        row for row in browser.find_elements("css selector", "#review-table tr.row")
+        if "missed" in row.text
+    )  # fmt: skip
+    missed.click()
+    _wait(
+        browser,
+        "const v = window.wsiflow.viewer, item = v.world.getItemAt(0);"
+        "const c = item.viewportToImageCoordinates(v.viewport.getCenter(true));"
+        f"return Math.abs(c.x - {(x0 + x1) / 2}) < 150 && Math.abs(c.y - {(y0 + y1) / 2}) < 150"
+        " && !v.world.needsDraw();",
+        timeout=30,
+        steady=0.5,
+    )
+    zoom = browser.execute_script(
+        "const v = window.wsiflow.viewer;"
+        "return v.world.getItemAt(0).viewportToImageZoom(v.viewport.getZoom(true));"
+    )
+    assert zoom > 1.2 * whole_slide  # zoomed in on the lesion
+
+
 def test_serve_command_serves_on_localhost(folders, tmp_path):
     """`wsiflow serve` as a user starts it: binds 127.0.0.1, answers, stops on SIGTERM."""
     import json
@@ -356,6 +469,55 @@ def test_slide_files_and_several_folders_are_served_and_nothing_else(folders):
     assert not listed["corrupt"]["readable"]
     page = both.test_client().get("/").get_data(as_text=True)
     assert str(slides / "outside.tif") in page
+
+
+def test_annotations_regions_and_review_over_the_api(folders, reviewed):
+    slides, out = folders
+    client = create_app(slides, out, annotations_dir=reviewed).test_client()
+    found = client.get("/api/slides/tumor_a/annotations").get_json()
+    assert found["file"] == "tumor_a.xml" and found["error"] is None
+    assert [(p["name"], p["role"]) for p in found["polygons"]] == [
+        ("found", "tumor"), ("missed", "tumor"), ("doubtful", "exclusion")
+    ]  # fmt: skip
+    assert found["polygons"][0]["exterior"][0] == [LESION_FOUND[0], LESION_FOUND[1]]
+    broken = client.get("/api/slides/normal_a/annotations").get_json()
+    assert broken["polygons"] == [] and "normal_a.xml" in broken["error"] + (broken["file"] or "")
+    # Predicted regions: the outline of the probability-1 blob (cells of 64 px).
+    regions = client.get("/api/slides/tumor_a/regions").get_json()
+    assert len(regions) == 1
+    xy = np.array(regions[0]["exterior"])
+    assert abs(xy[:, 0].min() - BLOB[0]) <= CELL and abs(xy[:, 0].max() - BLOB[2]) <= CELL
+    assert abs(xy[:, 1].min() - BLOB[1]) <= CELL and abs(xy[:, 1].max() - BLOB[3]) <= CELL
+    review = client.get("/api/slides/tumor_a/review").get_json()
+    assert review["summary"]["lesions_found"] == 1
+    assert review["detections"] == [[1600, 960, 0.99, "tp"]]
+    lesions = sorted(review["lesions"], key=lambda lesion: lesion["box"][1])
+    assert [(lesion["itc"], lesion["confidence"] > 0) for lesion in lesions] == [
+        (False, True), (False, False)
+    ]  # fmt: skip
+    assert client.get("/api/slides/normal_a/review").get_json() == {}  # no heatmap
+    listed = {s["id"]: s for s in client.get("/api/slides").get_json()}
+    assert listed["tumor_a"]["evaluation"] == {
+        "tumor": True, "lesions": 2, "lesions_found": 1, "itcs": 0, "false_positives": 0
+    }  # fmt: skip
+    assert client.get("/api/slides").get_json()[0]["id"] == "tumor_a"  # the highest score first
+    page = client.get("/").get_data(as_text=True)
+    assert "1/2 lesions found" in page and "1.000" in page
+    # Without --annotations there is no annotations route, and the page has no ground truth.
+    plain = create_app(slides, out).test_client()
+    assert plain.get("/api/slides/tumor_a/annotations").status_code == 404
+    assert 'id="show-annotations"' not in plain.get("/view/tumor_a").get_data(as_text=True)
+
+
+def test_review_older_than_the_detections_is_not_shown(folders, reviewed, tmp_path):
+    slides, out = folders
+    copy = tmp_path / "inference"
+    shutil.copytree(out, copy)
+    detections = next((copy / "detections").glob("tumor_a*"))
+    evaluation = (copy / "evaluation.json").stat().st_mtime_ns
+    os.utime(detections, ns=(evaluation + 10**9, evaluation + 10**9))  # inferred again later
+    review = create_app(slides, copy).test_client().get("/api/slides/tumor_a/review").get_json()
+    assert "stale" in review and "detections" not in review
 
 
 def test_real_aperio_slide_properties_and_associated_images(aperio_slide, tmp_path):
