@@ -31,6 +31,9 @@ from pipeline.cli._common import (
 )
 from pipeline.errors import ConfigError, WsiflowError
 
+#: ``infer --export``: how far simplifying may move an outline (``wsiflow export``'s default).
+EXPORT_TOLERANCE_UM = 5.0
+
 
 @app.command()
 def infer(
@@ -55,6 +58,14 @@ def infer(
         int | None,
         typer.Option("--workers", "-w", help="Local worker processes (default 1; one per GPU)."),
     ] = None,
+    export: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--export",
+            help="Then export the complete slides into OUT/export: geojson, asap or tiff; "
+            "repeat (regions at the detection threshold; `wsiflow export` for more).",
+        ),
+    ] = None,
     overwrite: RedoOption = False,
     config: ConfigOption = None,
     as_json: JsonOption = False,
@@ -64,6 +75,7 @@ def infer(
     Slides complete in --out for the same slide, model and settings are
     skipped; a slide that fails is reported and the others go on.
     """
+    from pipeline.export.driver import check_options
     from pipeline.slides.reader import find_slides
 
     reporter = Reporter(as_json)
@@ -81,6 +93,9 @@ def infer(
         )
         if cfg.orchestration.scheduler is None:
             _check_workers(reporter, cfg.inference.workers)
+        export_formats = list(dict.fromkeys(export or []))
+        if export_formats:
+            check_options(export_formats, [cfg.inference.detection_threshold], EXPORT_TOLERANCE_UM)
     except ConfigError as exc:
         _fail_usage(reporter, exc, "infer")
     paths = find_slides(slides)
@@ -94,6 +109,21 @@ def infer(
         _fail_data(reporter, exc, "infer")
     if summary.get("interrupted"):
         reporter.finish(summary, exit_code=summary.pop("exit_code"))
+    if export_formats:
+        try:
+            exported = run_export(
+                reporter,
+                out,
+                out / "export",
+                export_formats,
+                [cfg.inference.detection_threshold],
+                EXPORT_TOLERANCE_UM,
+                None,
+            )
+        except WsiflowError as exc:
+            _fail_data(reporter, exc, "infer")
+        summary["export"] = {k: exported[k] for k in ("out", "failed")}
+        summary["ok"] = summary["ok"] and exported["ok"]
     reporter.finish(summary, exit_code=0 if summary["ok"] else 1)
 
 
@@ -366,7 +396,7 @@ def export(
     ] = None,
     tolerance: Annotated[
         float, typer.Option("--tolerance-um", help="How far simplifying may move an outline.")
-    ] = 5.0,
+    ] = EXPORT_TOLERANCE_UM,
     slides: Annotated[
         list[str] | None, typer.Option("--slide", help="Export only this slide id; repeat.")
     ] = None,
@@ -376,7 +406,6 @@ def export(
 
     Default: every format, regions at probability 0.5, for every complete slide.
     """
-    from pipeline.export import export_results
     from pipeline.export.driver import FORMATS, check_options
 
     reporter = Reporter(as_json)
@@ -389,6 +418,28 @@ def export(
     except ConfigError as exc:
         _fail_usage(reporter, exc, "export")
     out = out if out is not None else results / "export"
+    try:
+        summary = run_export(reporter, results, out, chosen, levels, tolerance, slides)
+    except WsiflowError as exc:
+        _fail_data(reporter, exc, "export")
+    reporter.finish(summary, exit_code=0 if summary["ok"] else 1)
+
+
+def run_export(
+    reporter: Reporter,
+    results: Path,
+    out: Path,
+    formats: list[str],
+    thresholds: list[float],
+    tolerance: float,
+    slides: list[str] | None,
+) -> dict[str, Any]:
+    """Export with a per-slide table; return the summary (``wsiflow export``, ``infer --export``).
+
+    Raises :class:`WsiflowError` when ``results`` is not an inference folder.
+    """
+    from pipeline.export import export_results
+
     table = Table(title=f"export of {results}")
     for column in ("slide", "status", "regions", "detections"):
         table.add_column(column, no_wrap=column == "slide")
@@ -399,38 +450,32 @@ def export(
         regions = ", ".join(f"{n} at {t}" for t, n in result.regions.items())
         table.add_row(result.slide_id, result.status, regions or "-", str(result.detections))
 
-    try:
-        with output_lock(reporter, out, "export"):
-            exported = export_results(
-                results,
-                out,
-                formats=chosen,
-                thresholds=levels,
-                tolerance_um=tolerance,
-                slides=slides,
-                on_slide=on_slide,
-            )
-    except WsiflowError as exc:
-        _fail_data(reporter, exc, "export")
+    with output_lock(reporter, out, "export"):
+        exported = export_results(
+            results,
+            out,
+            formats=formats,
+            thresholds=thresholds,
+            tolerance_um=tolerance,
+            slides=slides,
+            on_slide=on_slide,
+        )
     reporter.console.print(table)
     failed = [r.slide_id for r in exported if r.status == "failed"]
     reporter.console.print(f"wrote {sum(len(r.files) for r in exported)} files to {out}")
-    reporter.finish(
-        {
-            "command": "export",
-            "ok": not failed,
-            "out": str(out),
-            "slides": {
-                r.slide_id: {
-                    "status": r.status,
-                    "files": list(r.files),
-                    "regions": r.regions,
-                    "detections": r.detections,
-                    "reason": r.reason,
-                }
-                for r in exported
-            },
-            "failed": failed,
+    return {
+        "command": "export",
+        "ok": not failed,
+        "out": str(out),
+        "slides": {
+            r.slide_id: {
+                "status": r.status,
+                "files": list(r.files),
+                "regions": r.regions,
+                "detections": r.detections,
+                "reason": r.reason,
+            }
+            for r in exported
         },
-        exit_code=1 if failed else 0,
-    )
+        "failed": failed,
+    }

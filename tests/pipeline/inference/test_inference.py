@@ -35,9 +35,12 @@ def slides(small_cohort):
 
 @pytest.fixture(scope="module")
 def inferred(trained_model, small_cohort, tmp_path_factory):
-    """``wsiflow infer`` over the whole cohort folder, as a user runs it."""
+    """``wsiflow infer`` over the whole cohort folder, as a user runs it, exporting GeoJSON."""
     out = tmp_path_factory.mktemp("infer") / "out"
-    result = run("infer", str(trained_model), str(small_cohort.root), "--out", str(out), "--json")
+    result = run(
+        "infer", str(trained_model), str(small_cohort.root), "--out", str(out), "--export",
+        "geojson", "--json",
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "oneDNN" not in result.stderr  # TensorFlow's banner, from the workers too
     return out, last_json(result)
@@ -64,6 +67,24 @@ def _tumor_cell_fraction(annotation, attrs):
     boxes = np.stack([jj * cx, ii * cy, (jj + 1) * cx, (ii + 1) * cy], axis=-1).reshape(-1, 4)
     placed = rasterize_tumor(read_asap_xml(annotation), 4.0, tuple(attrs["level0_wh"]))
     return placed.fractions(boxes).reshape(rows, cols)
+
+
+def test_infer_export_writes_qupath_geojson_of_every_complete_slide(
+    inferred, trained_model, tmp_path
+):
+    from pipeline.slides.annotations import read_geojson
+
+    out, summary = inferred
+    assert summary["export"] == {"out": str(out / "export"), "failed": []}
+    written = sorted(p.stem for p in (out / "export").glob("*.geojson"))
+    assert written == sorted(summary["scores"]) and not list((out / "export").glob("*.xml"))
+    for path in (out / "export").glob("*.geojson"):
+        read_geojson(path)  # wsiflow's own reader takes it back
+    # A format export does not know is refused before any slide is read.
+    bad = run(
+        "infer", str(trained_model), str(out), "--out", str(tmp_path / "o"), "--export", "shp"
+    )
+    assert bad.returncode == 2 and "shp" in bad.stderr and not (tmp_path / "o").exists()
 
 
 def test_heatmaps_are_high_inside_tumor_and_low_elsewhere(inferred, small_cohort):
