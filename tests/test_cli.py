@@ -20,6 +20,8 @@ COMMANDS = [
     "train",
     "infer",
     "evaluate",
+    "export",
+    "predict",
     "demo",
     "flow",
     "deploy",

@@ -479,3 +479,72 @@ def run_export(
         },
         "failed": failed,
     }
+
+
+@app.command()
+def predict(
+    model: Annotated[Path, typer.Argument(help="A model directory written by `wsiflow train`.")],
+    images: Annotated[
+        list[Path],
+        typer.Argument(help="Patch images (PNG, JPEG, TIFF...) and folders of them."),
+    ],
+    resize: Annotated[
+        bool,
+        typer.Option("--resize", help="Resample images that are not the model's patch size."),
+    ] = False,
+    threshold: Annotated[
+        float, typer.Option("--threshold", min=0.0, max=1.0, help="Probability called tumor.")
+    ] = 0.5,
+    as_json: JsonOption = False,
+) -> None:
+    """Tumor probability of single patch images, as fastai's learn.predict.
+
+    Each image must be the model's patch size (or --resize); a bad image is
+    one line naming it and the reason, and the others are predicted.
+    """
+    from pipeline.inference.single import find_images, predict_images
+
+    reporter = Reporter(as_json)
+    missing = [(str(p), "no such file or folder", None) for p in images if not p.exists()]
+    if missing:
+        _fail_usage(reporter, ConfigError("IMAGE_OR_DIR", missing), "predict")
+    paths = find_images(images)
+    if not paths:
+        _fail_usage(reporter, ValueError(f"no images in {', '.join(map(str, images))}"), "predict")
+    try:
+        results = predict_images(model, paths, resize=resize)
+    except WsiflowError as exc:  # the model directory
+        _fail_data(reporter, exc, "predict")
+    table = Table(title=f"{model}: tumor probability")
+    for column in ("image", "probability", "class"):
+        table.add_column(column, no_wrap=column == "image")
+    for r in results:
+        if r.ok:
+            label = "tumor" if r.probability >= threshold else "normal"
+            table.add_row(escape(r.path), f"{r.probability:.4f}", label)
+        else:
+            table.add_row(escape(r.path), "-", "[red]failed[/red]")
+            reporter.errors.print(f"[red]failed:[/red] {escape(r.path)}: {escape(r.reason)}")
+        for warning in r.warnings:
+            reporter.warn(f"{r.path}: {warning}")
+    reporter.console.print(table)
+    failed = [r.path for r in results if not r.ok]
+    reporter.finish(
+        {
+            "command": "predict",
+            "ok": not failed,
+            "threshold": threshold,
+            "images": [
+                {
+                    "path": r.path,
+                    "probability": r.probability,
+                    "tumor": None if r.probability is None else r.probability >= threshold,
+                    "reason": r.reason,
+                    "warnings": r.warnings,
+                }
+                for r in results
+            ],
+            "failed": failed,
+        },
+        exit_code=1 if failed else 0,
+    )

@@ -1,0 +1,114 @@
+"""Tumor probability of single patch images (``wsiflow predict``), as fastai's ``learn.predict``.
+
+Images are files (PNG, JPEG, TIFF, BMP, WebP) or folders of them (searched
+recursively). Each must be the model's patch size, unless ``resize`` is
+asked for (then it is resampled, with a warning). An unreadable image or one
+of the wrong size is one failed row naming the file and the reason; the
+others are predicted all the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+#: Suffixes searched for in folders (files given by name are tried whatever their suffix).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+#: Images predicted per batch (and at most this many held in memory at once).
+BATCH = 64
+
+
+@dataclass
+class ImagePrediction:
+    """One image's result: ``probability`` of tumor, or ``reason`` it could not be predicted."""
+
+    path: str
+    probability: float | None = None
+    reason: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.probability is not None
+
+
+def find_images(paths: Sequence[Path]) -> list[Path]:
+    """Files as given, and the images under folders (sorted, hidden ones skipped)."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found.extend(
+                p
+                for p in sorted(path.rglob("*"))
+                if p.suffix.lower() in IMAGE_SUFFIXES
+                and p.is_file()
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
+        else:
+            found.append(path)
+    return list(dict.fromkeys(found))
+
+
+def load_patch(path: Path, patch_px: int, *, resize: bool) -> tuple[np.ndarray, list[str]]:
+    """``(patch_px, patch_px, 3)`` uint8 RGB of ``path`` and its warnings.
+
+    Raises ``ValueError`` with the reason for an unreadable image or, without
+    ``resize``, one whose size is not the model's patch size.
+    """
+    warnings = []
+    try:
+        with Image.open(path) as image:
+            image.load()
+            size, mode = image.size, image.mode
+            rgb = image.convert("RGB")
+    except (OSError, Image.DecompressionBombError, ValueError) as exc:
+        raise ValueError(f"not a readable image ({exc})") from exc
+    if mode not in ("RGB", "RGBA", "P"):
+        warnings.append(f"{mode} image converted to RGB")
+    if size != (patch_px, patch_px):
+        if not resize:
+            raise ValueError(
+                f"Expected a {patch_px} x {patch_px} px patch (the model's). Got "
+                f"{size[0]} x {size[1]} px instead; --resize resamples it"
+            )
+        rgb = rgb.resize((patch_px, patch_px), Image.Resampling.LANCZOS)
+        warnings.append(f"resized from {size[0]} x {size[1]} px to {patch_px} x {patch_px} px")
+    return np.asarray(rgb, dtype=np.uint8), warnings
+
+
+def predict_images(
+    model_dir: Path | str, paths: Sequence[Path], *, resize: bool = False
+) -> list[ImagePrediction]:
+    """Predict every image in ``paths`` (in order) with the model in ``model_dir``.
+
+    Raises :class:`pipeline.errors.ModelError` for an unusable model directory.
+    """
+    from models.predict import cached_predictor  # the model side, as predict_block loads it
+    from pipeline.inference.predict import model_spec
+
+    spec = model_spec(model_dir)
+    predictor = None
+    results: list[ImagePrediction] = []
+    for start in range(0, len(paths), BATCH):
+        batch, waiting = [], []
+        for path in paths[start : start + BATCH]:
+            result = ImagePrediction(str(path))
+            results.append(result)
+            try:
+                patch, result.warnings = load_patch(Path(path), spec.patch_px, resize=resize)
+            except ValueError as exc:
+                result.reason = str(exc)
+                continue
+            batch.append(patch)
+            waiting.append(result)
+        if not batch:
+            continue
+        if predictor is None:
+            predictor = cached_predictor(model_dir, batch_size=min(BATCH, len(paths)))
+        for result, probability in zip(waiting, predictor(np.stack(batch)), strict=True):
+            result.probability = float(probability)
+    return results
