@@ -146,8 +146,10 @@ def test_demo_runs_every_stage_and_says_what_does_not_exist(tmp_path):
     assert report.count('src="data:image/') >= 4
     assert 'src="http' not in report and "<script" not in report
     assert summary["stages_not_available"] == []
+    testing = tmp_path / "out" / "cohort" / "testing"
     assert summary["serve_command"] == (
-        f"wsiflow serve {tmp_path / 'out' / 'cohort'} --heatmaps {tmp_path / 'out' / 'inference'}"
+        f"wsiflow serve {testing / 'images'} --heatmaps {tmp_path / 'out' / 'inference'} "
+        f"--annotations {testing / 'lesion_annotations'}"
     )
     assert "wsiflow demo results" in result.stderr and "slide AUC" in result.stderr
     assert "absent is not present" in result.stderr

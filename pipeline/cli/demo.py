@@ -105,8 +105,10 @@ def demo(
         reporter.console.print(f"Contact sheet of stored patches: {sheet}")
 
     if "infer" in summary:
+        testing = cohort_dir / "testing"  # CAMELYON16's layout: ground truth beside predictions
         summary["serve_command"] = (
-            f"wsiflow serve {cohort_dir} --heatmaps {summary['infer']['out']}"
+            f"wsiflow serve {testing / 'images'} --heatmaps {summary['infer']['out']} "
+            f"--annotations {testing / 'lesion_annotations'}"
         )
     summary["report"] = str(out / "report.html")
     shown = {k: v for k, v in stages.items() if k != "flow"}
