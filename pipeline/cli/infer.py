@@ -31,9 +31,6 @@ from pipeline.cli._common import (
 )
 from pipeline.errors import ConfigError, WsiflowError
 
-#: ``infer --export``: how far simplifying may move an outline (``wsiflow export``'s default).
-EXPORT_TOLERANCE_UM = 5.0
-
 
 @app.command()
 def infer(
@@ -76,6 +73,7 @@ def infer(
     skipped; a slide that fails is reported and the others go on.
     """
     from pipeline.export.driver import check_options
+    from pipeline.export.regions import DEFAULT_TOLERANCE_UM
     from pipeline.slides.reader import find_slides
 
     reporter = Reporter(as_json)
@@ -95,7 +93,7 @@ def infer(
             _check_workers(reporter, cfg.inference.workers)
         export_formats = list(dict.fromkeys(export or []))
         if export_formats:
-            check_options(export_formats, [cfg.inference.detection_threshold], EXPORT_TOLERANCE_UM)
+            check_options(export_formats, [cfg.inference.detection_threshold], DEFAULT_TOLERANCE_UM)
     except ConfigError as exc:
         _fail_usage(reporter, exc, "infer")
     paths = find_slides(slides)
@@ -117,7 +115,7 @@ def infer(
                 out / "export",
                 export_formats,
                 [cfg.inference.detection_threshold],
-                EXPORT_TOLERANCE_UM,
+                DEFAULT_TOLERANCE_UM,
                 None,
             )
         except WsiflowError as exc:
@@ -395,8 +393,11 @@ def export(
         typer.Option("--threshold", "-t", help="Probability outlining tumor regions; repeat."),
     ] = None,
     tolerance: Annotated[
-        float, typer.Option("--tolerance-um", help="How far simplifying may move an outline.")
-    ] = EXPORT_TOLERANCE_UM,
+        float | None,
+        typer.Option(
+            "--tolerance-um", help="How far simplifying may move an outline (default 5 µm)."
+        ),
+    ] = None,
     slides: Annotated[
         list[str] | None, typer.Option("--slide", help="Export only this slide id; repeat.")
     ] = None,
@@ -407,8 +408,10 @@ def export(
     Default: every format, regions at probability 0.5, for every complete slide.
     """
     from pipeline.export.driver import FORMATS, check_options
+    from pipeline.export.regions import DEFAULT_TOLERANCE_UM
 
     reporter = Reporter(as_json)
+    tolerance = DEFAULT_TOLERANCE_UM if tolerance is None else tolerance
     chosen = list(dict.fromkeys(formats or FORMATS))
     levels = list(dict.fromkeys(thresholds or [0.5]))
     try:

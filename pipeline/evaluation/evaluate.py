@@ -39,6 +39,7 @@ from pipeline.evaluation.plots import plot_froc, plot_roc
 from pipeline.evaluation.reference import read_reference
 from pipeline.identity import slide_id_of
 from pipeline.inference.results import (
+    EVALUATION,
     MANIFEST,
     SCORES,
     detections_path,
@@ -49,7 +50,7 @@ from pipeline.outputs import claim_folder
 from pipeline.slides.annotations import DEFAULT_GROUPS, Groups, annotation_of, read_annotations
 from pipeline.slides.reader import find_slides, open_slide
 
-REPORT = "evaluation.json"
+REPORT = EVALUATION  # evaluation.json
 MASK_SUFFIX = "_Mask.tif"
 
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from pipeline.errors import ConfigError, ResultsError, WsiflowError, failure_reason
 from pipeline.export.formats import asap_xml, geojson_collection
-from pipeline.export.regions import Region, tumor_regions
+from pipeline.export.regions import DEFAULT_TOLERANCE_UM, Region, tumor_regions
 from pipeline.inference.heatmap import HeatmapGrid, sample_level0
 from pipeline.inference.results import (
     MANIFEST,
@@ -37,6 +37,8 @@ from pipeline.inference.results import (
     read_detections,
     read_heatmap,
     read_manifest,
+    stored_grid,
+    stored_mpp,
 )
 from pipeline.outputs import atomic, claim_folder, write_atomic
 from pipeline.slides.pyramid import write_pyramid_tiff
@@ -63,7 +65,7 @@ def export_results(
     *,
     formats: Sequence[str] = FORMATS,
     thresholds: Sequence[float] = (0.5,),
-    tolerance_um: float = 5.0,
+    tolerance_um: float = DEFAULT_TOLERANCE_UM,
     slides: Sequence[str] | None = None,
     on_slide: Callable[[ExportResult], None] | None = None,
 ) -> list[ExportResult]:
@@ -136,15 +138,10 @@ def export_slide(
     """Write one slide's files (see the module); return what was written."""
     path = heatmap_path(results_dir, slide_id)
     heatmap, attrs = read_heatmap(path)
-    grid = HeatmapGrid(
-        shape=heatmap.shape,
-        level0_cell_px=tuple(float(v) for v in attrs["level0_cell_px"]),
-        cells_per_patch=int(attrs.get("cells_per_patch", 1)),
-    )
-    mpp = attrs.get("mpp") or attrs.get("mpp_assumed")
-    if not mpp:
+    grid = stored_grid(heatmap.shape, attrs)
+    mpp_xy = stored_mpp(attrs)
+    if mpp_xy is None:
         raise ResultsError(path, "records no µm/px: cannot state areas or a tolerance in µm")
-    mpp_xy = (float(mpp[0]), float(mpp[1])) if isinstance(mpp, list) else (float(mpp),) * 2
     level0_wh = (int(attrs["level0_wh"][0]), int(attrs["level0_wh"][1]))
     confidences, level0_xy = read_detections(detections_path(results_dir, slide_id))
     regions: list[Region] = []

@@ -24,6 +24,9 @@ from skimage import measure
 
 from pipeline.inference.heatmap import HeatmapGrid
 
+#: How far simplifying may move an outline by default (µm): ``wsiflow export``, the viewer.
+DEFAULT_TOLERANCE_UM = 5.0
+
 
 @dataclass(frozen=True)
 class Region:

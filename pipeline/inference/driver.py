@@ -26,6 +26,7 @@ from pipeline.engine import Task, drive, failures, worker_count
 from pipeline.errors import ModelError, failure_reason
 from pipeline.identity import file_identity, fingerprint, slide_id_of, split_repeated_ids
 from pipeline.inference.heatmap import (
+    DEFAULT_COLOR_MAP,
     HeatmapAccumulator,
     detect_lesions,
     heatmap_image,
@@ -89,7 +90,7 @@ def slide_fingerprint(path: Path, spec: ModelSpec, config: InferenceConfig) -> s
     }
     if config.slide_mpp is not None:  # unset: earlier outputs keep their fingerprint
         payload["slide_mpp"] = config.slide_mpp
-    if config.color_map != "tumor":  # likewise: the default keeps earlier fingerprints
+    if config.color_map != DEFAULT_COLOR_MAP:  # likewise: the default keeps earlier fingerprints
         payload["color_map"] = config.color_map
     return fingerprint(payload)
 

@@ -173,8 +173,8 @@ def colorize(heatmap: np.ndarray, color_map: str = DEFAULT_COLOR_MAP) -> np.ndar
         values = np.array([s[1][channel] for s in stops], dtype=np.float32)
         rgba[..., channel] = np.rint(np.interp(p, at, values))
     alpha = np.interp(p, at, np.array([s[2] for s in stops], dtype=np.float32))
+    rgba[..., 3] = np.rint(alpha * 255)
     visible = (p >= at[0]) & (p > 0)
-    rgba[..., 3] = np.where(visible, np.rint(alpha * 255), 0).astype(np.uint8)
     # Clear pixels are (0, 0, 0, 0): a drawer that blends as if premultiplied (OpenSeadragon's
     # WebGL one) would otherwise add their colour to the slide.
     rgba[~visible] = 0

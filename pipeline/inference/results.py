@@ -35,6 +35,8 @@ from pipeline.outputs import atomic, write_atomic
 
 MANIFEST = "inference.json"
 SCORES = "scores.csv"
+#: The report ``wsiflow evaluate`` writes (into the results folder unless told otherwise).
+EVALUATION = "evaluation.json"
 DETECTIONS_HEADER = ("Confidence", "X coordinate", "Y coordinate")
 
 
@@ -131,6 +133,23 @@ def read_heatmap(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
         return np.asarray(group["probability"][:]), dict(group.attrs)
     except Exception as exc:
         raise ResultsError(path, f"not a readable wsiflow heatmap: {exc}") from exc
+
+
+def stored_grid(shape: tuple[int, int], attrs: dict[str, Any]) -> HeatmapGrid:
+    """The grid of a heatmap :func:`read_heatmap` returned, from its shape and attributes."""
+    return HeatmapGrid(
+        shape=(int(shape[0]), int(shape[1])),
+        level0_cell_px=tuple(float(v) for v in attrs["level0_cell_px"]),
+        cells_per_patch=int(attrs.get("cells_per_patch", 1)),
+    )
+
+
+def stored_mpp(attrs: dict[str, Any]) -> tuple[float, float] | None:
+    """Level-0 µm/px (x, y) a heatmap records, measured or assumed; None if it records none."""
+    mpp = attrs.get("mpp") or attrs.get("mpp_assumed")
+    if not mpp:
+        return None
+    return (float(mpp[0]), float(mpp[1])) if isinstance(mpp, list) else (float(mpp),) * 2
 
 
 def detections_csv(detections: Detections) -> str:

@@ -36,9 +36,9 @@ from PIL import Image
 
 from pipeline.errors import WsiflowError
 from pipeline.inference.heatmap import COLOR_MAPS, DEFAULT_COLOR_MAP, colorize, sample_level0
-from pipeline.inference.results import read_detections
+from pipeline.inference.results import EVALUATION, read_detections
 from pipeline.slides.reader import READ_ERRORS
-from pipeline.viewer.catalog import EVALUATION, Catalog, Handle
+from pipeline.viewer.catalog import Catalog, Handle
 
 #: Deep Zoom tile side and overlap (OpenSlide's example server uses the same).
 TILE_PX = 254
@@ -195,8 +195,8 @@ def create_app(
         return jsonify(
             {
                 "summary": {k: record.get(k) for k in REVIEW_KEYS},
-                "detections": record.get("review", {}).get("detections", []),
-                "lesions": record.get("review", {}).get("lesions", []),
+                "detections": record["review"]["detections"],
+                "lesions": record["review"]["lesions"],
             }
         )
 

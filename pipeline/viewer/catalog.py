@@ -28,17 +28,20 @@ import numpy as np
 
 from pipeline.errors import WsiflowError
 from pipeline.identity import file_identity, slide_id_of
-from pipeline.inference.heatmap import HeatmapGrid
-from pipeline.inference.results import MANIFEST, read_heatmap, read_manifest, slide_files
+from pipeline.inference.results import (
+    EVALUATION,
+    MANIFEST,
+    read_heatmap,
+    read_manifest,
+    slide_files,
+    stored_grid,
+    stored_mpp,
+)
 from pipeline.slides.annotations import annotation_of, read_annotations
 from pipeline.slides.reader import SlideReader, find_slides, open_slide
 
 #: Open slides kept at once (each holds an OpenSlide handle and its tile cache).
 OPEN_SLIDES = 16
-#: How far predicted region outlines may be simplified (as ``wsiflow export``'s default).
-REGION_TOLERANCE_UM = 5.0
-#: The evaluation report ``wsiflow evaluate`` writes into the results folder.
-EVALUATION = "evaluation.json"
 
 
 @dataclass
@@ -122,24 +125,24 @@ class Catalog:
 
     def _candidates(self) -> Iterator[tuple[Path, Path, str]]:
         """``(path, real path, name shown)`` of every slide the sources offer, each once."""
-        folders = [(given, real) for given, real in self.sources if real.is_dir()]
+        several = sum(real.is_dir() for _, real in self.sources) > 1
         seen: set[Path] = set()
         for given, real_source in self.sources:
             if real_source.is_dir():
-                prefix = f"{given.name}/" if len(folders) > 1 else ""
-                for path in find_slides([real_source]):
-                    real = path.resolve()
-                    if not real.is_relative_to(real_source):
-                        continue  # a symlink pointing out of the folder: never served
-                    if real not in seen and (real.is_file() or real.is_dir()):
-                        seen.add(real)
-                        yield path, real, prefix + str(path.relative_to(real_source))
+                prefix = f"{given.name}/" if several else ""
+                offered = [
+                    (path, prefix + str(path.relative_to(real_source)))
+                    for path in find_slides([real_source])
+                    # a symlink pointing out of the folder: never served
+                    if path.resolve().is_relative_to(real_source)
+                ]
             else:  # a file named on the command line: served as given (links included)
-                for path in find_slides([given]):  # one file of a DICOM series: the series
-                    real = path.resolve()
-                    if real not in seen and (real.is_file() or real.is_dir()):
-                        seen.add(real)
-                        yield path, real, str(given)
+                offered = [(path, str(given)) for path in find_slides([given])]  # or its series
+            for path, shown in offered:
+                real = path.resolve()
+                if real not in seen and (real.is_file() or real.is_dir()):
+                    seen.add(real)
+                    yield path, real, shown
 
     def _entry(self, slide_id: str, path: Path, relative: str) -> SlideEntry:
         stamp = _stamp(path)
@@ -153,7 +156,7 @@ class Catalog:
             with open_slide(path) as reader:
                 info = reader.info
         except WsiflowError as exc:
-            entry.error = exc.reason if hasattr(exc, "reason") else str(exc)
+            entry.error = _reason(exc)
             return entry
         entry.info = {
             "vendor": info.vendor,
@@ -317,17 +320,14 @@ class Catalog:
             return []
 
         def load() -> list[dict[str, Any]]:
-            from pipeline.export.regions import tumor_regions
+            from pipeline.export.regions import DEFAULT_TOLERANCE_UM, tumor_regions
 
-            grid = HeatmapGrid(
-                heatmap.probability.shape,
-                heatmap.level0_cell_px,
-                int(heatmap.attrs.get("cells_per_patch", 1)),
-            )
+            grid = stored_grid(heatmap.probability.shape, heatmap.attrs)
             threshold = float(heatmap.attrs.get("detection_threshold") or 0.5)
-            mpp = heatmap.attrs.get("mpp") or heatmap.attrs.get("mpp_assumed")
-            mpp = min(mpp) if isinstance(mpp, list) else mpp
-            tolerance = REGION_TOLERANCE_UM / mpp if mpp else min(heatmap.level0_cell_px) / 4
+            mpp_xy = stored_mpp(heatmap.attrs)
+            tolerance = (
+                DEFAULT_TOLERANCE_UM / min(mpp_xy) if mpp_xy else min(heatmap.level0_cell_px) / 4
+            )
             return [
                 {
                     "threshold": r.threshold,
