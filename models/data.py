@@ -17,6 +17,7 @@ import numpy as np
 import zarr
 
 from pipeline.errors import StoreError
+from pipeline.importing.parts import SPLITS
 from pipeline.store.codecs import image_codec_of
 from pipeline.store.patch_store import join, location, open_store, read_encoded_chunk
 
@@ -40,6 +41,7 @@ class SlidePatches:
     patch_mpp: float | None
     chunk_patches: int
     fingerprint: str | None = None  # of the tiling inputs and config (resume, model metadata)
+    split: str | None = None  # training, validation or test when the store says (wsiflow import)
 
     @property
     def tumor(self) -> int:
@@ -82,6 +84,7 @@ def open_stores(paths: list[Path | str] | tuple[Path | str, ...]) -> list[SlideP
                     patch_mpp=group.attrs.get("patch_mpp"),
                     chunk_patches=int(patches.chunks[0]),
                     fingerprint=group.attrs.get("fingerprint"),
+                    split=_split_of(path, slide_id, group.attrs.get("split")),
                 )
             )
     sizes = {s.patch_px for s in slides}
@@ -93,6 +96,40 @@ def open_stores(paths: list[Path | str] | tuple[Path | str, ...]) -> list[SlideP
         which = "tumor" if tumor == 0 else "normal"
         raise StoreError(slides[0].store, f"has no {which} patch: a classifier needs both classes")
     return slides
+
+
+def _split_of(store: str, slide_id: str, split: object) -> str | None:
+    if split is None or split in SPLITS:
+        return split  # type: ignore[return-value]
+    raise StoreError(
+        store, f"group {slide_id!r}: Expected a split in {list(SPLITS)}. Got {split!r} instead."
+    )
+
+
+def split_slides(
+    slides: list[SlidePatches], validation_fraction: float, seed: int = 0
+) -> tuple[list[SlidePatches], list[SlidePatches], list[SlidePatches]]:
+    """Training, validation and held-out test groups.
+
+    Groups whose store gives their split (``wsiflow import``: PCam's train,
+    valid and test files, split folders) keep it; the others (tiled slides)
+    are split by slide (:func:`split_by_slide`), which needs two or more of
+    them.
+    """
+    given = {name: [s for s in slides if s.split == name] for name in SPLITS}
+    rest = [s for s in slides if s.split is None]
+    train, val = given["training"], given["validation"]
+    if rest:
+        more_train, more_val = split_by_slide(rest, validation_fraction, seed)
+        train, val = train + more_train, val + more_val
+    if not train or not val:
+        missing = "training" if not train else "validation"
+        raise StoreError(
+            slides[0].store,
+            f"no {missing} data: the stores give splits, and none is {missing} "
+            "(import a validation split, or add tiled slides to split by slide)",
+        )
+    return train, val, given["test"]
 
 
 def split_by_slide(

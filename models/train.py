@@ -31,11 +31,18 @@ from pipeline.identity import fingerprint
 from pipeline.store.patch_store import canonical
 
 from .classifier import WeightsError, build_classifier, check_backbone, preprocess_fn
-from .data import SlidePatches, make_dataset, open_stores, split_by_slide
+from .data import SlidePatches, make_dataset, open_stores, split_slides
 from .distribute import distribution_strategy, mixed_policy
 from .phases import Phase, better, enter_phase, phases_to_run, plan_phases
 from .rundir import HISTORY_COLUMNS, RunDir, RunState
-from .saved import CLASS_NAMES, METADATA_FILE, load_model_dir, model_dir_of, read_metadata
+from .saved import (
+    CLASS_NAMES,
+    METADATA_FILE,
+    MODEL_FILE,
+    load_model_dir,
+    model_dir_of,
+    read_metadata,
+)
 from .tracking import MlflowRun, tensorboard
 
 #: Fewest steps in an epoch when ``steps_per_epoch`` is left to the data (tiny cohorts).
@@ -85,6 +92,10 @@ class TrainResult:
             "val_auc": metrics["val_auc"],
             "val_loss": metrics["val_loss"],
             "val_accuracy": metrics["val_accuracy"],
+            "test_slides": [s["slide_id"] for s in meta["slides"].get("test", [])],
+            "test_auc": metrics.get("test_auc"),
+            "test_loss": metrics.get("test_loss"),
+            "test_accuracy": metrics.get("test_accuracy"),
             "best_epoch": metrics["best_epoch"],
             "epochs_run": metrics["epochs_run"],
             "history": meta["history"],
@@ -99,6 +110,7 @@ class _Inputs:
     slides: list[SlidePatches]
     train: list[SlidePatches]
     val: list[SlidePatches]
+    test: list[SlidePatches]  # held out (a store's given test split): scored once, at the end
     patch_px: int
     patch_mpp: float | None
     backbone: str
@@ -133,7 +145,7 @@ def _check_inputs(stores: list[Path] | tuple[Path, ...], cfg: TrainingConfig) ->
     # Something to protect from a fresh head's first gradients: a pretrained backbone.
     pretrained = backbone != "small_cnn" and (parent is not None or cfg.weights != "none")
     phases = plan_phases(cfg, pretrained)
-    train, val = split_by_slide(slides, cfg.validation_fraction, cfg.seed)
+    train, val, test = split_slides(slides, cfg.validation_fraction, cfg.seed)
     _check_split(train, val)
     digest = fingerprint(
         {
@@ -143,8 +155,8 @@ def _check_inputs(stores: list[Path] | tuple[Path, ...], cfg: TrainingConfig) ->
         }
     )
     return _Inputs(
-        slides, train, val, px, patch_mpp, backbone, spec.preprocessing, parent_dir, parent,
-        phases, digest,
+        slides, train, val, test, px, patch_mpp, backbone, spec.preprocessing, parent_dir,
+        parent, phases, digest,
     )  # fmt: skip
 
 
@@ -265,6 +277,9 @@ def train_classifier(
         finally:
             keras.mixed_precision.set_global_policy(previous_policy)
         metadata = _metadata(inputs, cfg, config, state, base_name, strategy, global_batch, steps)
+        metadata["metrics"].update(
+            _test_metrics(run.path / MODEL_FILE, inputs.test, global_batch, cfg.seed, preprocess)
+        )
         metadata["seconds"] = round(time.perf_counter() - started, 1)
         run.finish(metadata)
         if mlflow is not None:
@@ -314,6 +329,7 @@ def _metadata(
         "slides": {
             "train": [_slide_record(s) for s in inputs.train],
             "validation": [_slide_record(s) for s in inputs.val],
+            "test": [_slide_record(s) for s in inputs.test],
         },
         "metrics": {
             "best_epoch": state.best.get("epoch"),
@@ -423,6 +439,24 @@ def _common_mpp(slides: list[SlidePatches]) -> float | None:
     return float(np.median(values))
 
 
+def _test_metrics(
+    model_path: Path, test: list[SlidePatches], batch_size: int, seed: int, preprocess
+) -> dict[str, float | None]:
+    """AUC, loss and accuracy of the best model on the held-out test groups (None without).
+
+    Every test patch once, as stored, after training: the test split
+    chooses nothing (not the epoch, not the learning rate).
+    """
+    if not test:
+        return {"test_auc": None, "test_loss": None, "test_accuracy": None}
+    model = keras.models.load_model(model_path)  # compiled: its last phase's loss and metrics
+    dataset = make_dataset(
+        test, batch_size=batch_size, training=False, seed=seed, preprocess=preprocess
+    )
+    logs = model.evaluate(dataset, return_dict=True, verbose=0)
+    return {f"test_{k}": float(logs[k]) for k in ("auc", "loss", "accuracy")}
+
+
 def _check_split(train: list[SlidePatches], val: list[SlidePatches]) -> None:
     for name, side in (("training", train), ("validation", val)):
         tumor = sum(s.tumor for s in side)
@@ -431,7 +465,12 @@ def _check_split(train: list[SlidePatches], val: list[SlidePatches]) -> None:
             raise StoreError(
                 side[0].store,
                 f"the {name} slides ({', '.join(s.slide_id for s in side)}) have no {missing} "
-                "patch; a slide-level split needs at least two slides with tumor and one without",
+                + (
+                    f"patch; import a {name} split with both classes"
+                    if all(s.split for s in side)
+                    else "patch; a slide-level split needs at least two slides with tumor "
+                    "and one without"
+                ),
             )
 
 

@@ -206,24 +206,63 @@ def stop_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def deferred_stop() -> Iterator[Callable[[], None]]:
+    """Ctrl-C and SIGTERM noted while the block runs, raised by the ``check()`` it yields.
+
+    For work that a signal must not cut inside a library call: Zarr writes on
+    its own event loop, and a write cut short leaves tasks that print
+    tracebacks as the process exits. ``check()`` between blocks of work raises
+    ``KeyboardInterrupt`` (or :class:`Terminated`) there instead.
+    """
+    import signal
+
+    received: list[int] = []
+
+    def note(signum, frame):
+        received.append(signum)
+
+    def check() -> None:
+        if received:
+            raise Terminated() if received[0] == signal.SIGTERM else KeyboardInterrupt()
+
+    try:
+        previous = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread
+        yield lambda: None
+        return
+    try:
+        yield check
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def stop_exit_code(exc: KeyboardInterrupt) -> int:
     return TERMINATED_EXIT if isinstance(exc, Terminated) else INTERRUPTED_EXIT
 
 
 def stopped_summary(
-    reporter: Reporter, command: str, exit_code: int, total: int, finished: list, **where: str
+    reporter: Reporter,
+    command: str,
+    exit_code: int,
+    total: int,
+    finished: list,
+    unit: str = "slides",
+    **where: str,
 ) -> dict[str, Any]:
     """Ctrl-C or SIGTERM: one line on what is kept and how to go on; the slides finished.
 
-    ``where``: the output the command wrote (``store=...`` or ``out=...``).
+    ``where``: the output the command wrote (``store=...`` or ``out=...``);
+    ``unit``: what the command counts (slides, or an import's splits).
     """
     counts = {s: sum(r.status == s for r in finished) for s in ("done", "skipped", "failed")}
     what = "terminated" if exit_code == TERMINATED_EXIT else "interrupted"
     (location,) = where.values()
     reporter.errors.print(
-        f"[red]{what}:[/red] {len(finished)} of {total} slides finished "
+        f"[red]{what}:[/red] {len(finished)} of {total} {unit} finished "
         f"({counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed). "
-        f"{escape(location)} marks only whole slides complete: the same command resumes, "
+        f"{escape(location)} marks only whole {unit} complete: the same command resumes, "
         "skipping them."
     )
     return {

@@ -245,4 +245,11 @@ def run_train(
         f"best validation AUC {metrics['val_auc']:.4f} at epoch {metrics['best_epoch']} "
         f"of {metrics['epochs_run']}; model in {out / 'model.keras'}"
     )
+    if metrics.get("test_auc") is not None:
+        test = meta["slides"]["test"]
+        reporter.console.print(
+            f"held-out test split ({', '.join(s['slide_id'] for s in test)}, "
+            f"{sum(s['patches'] for s in test):,} patches): AUC {metrics['test_auc']:.4f}, "
+            f"accuracy {metrics['test_accuracy']:.4f}"
+        )
     return {"command": "train", "ok": True, **result.summary()}

@@ -1,4 +1,4 @@
-"""Commands about patch stores: tile, preview."""
+"""Commands about patch stores: tile, import, preview."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from pipeline.cli._common import (
@@ -22,6 +23,7 @@ from pipeline.cli._common import (
     _fail_usage,
     _load,
     app,
+    deferred_stop,
     output_lock,
     stop_exit_code,
     stop_on_sigterm,
@@ -221,6 +223,159 @@ def run_tile(
         **summary,
         "seconds": round(seconds, 2),
     }
+
+
+@app.command("import")
+def import_command(
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="A PCam folder (*_{train,valid,test}_{x,y}.h5) or a folder of class folders "
+            "(CLASS/*.png, or train|valid|test/CLASS/*.png)."
+        ),
+    ],
+    out: Annotated[
+        str,
+        typer.Option("--out", "-o", help="Zarr patch store to write (a path or an fsspec URL)."),
+    ],
+    dataset: Annotated[
+        str | None,
+        typer.Option("--format", help="pcam or folders (default: pcam if PCam files are there)."),
+    ] = None,
+    name: Annotated[
+        str | None,
+        typer.Option("--name", help="Groups NAME_<split> (default: pcam, or the folder name)."),
+    ] = None,
+    tumor_class: Annotated[
+        str | None,
+        typer.Option("--tumor-class", help="The class folder of tumor patches (default: tumor)."),
+    ] = None,
+    validation_fraction: Annotated[
+        float,
+        typer.Option(
+            "--validation-fraction",
+            min=0.0,
+            max=0.9,
+            help="Share of each class for validation, without split folders.",
+        ),
+    ] = 0.2,
+    seed: Annotated[int, typer.Option("--seed", help="Order and split seed.")] = 0,
+    mpp: Annotated[
+        float | None,
+        typer.Option("--mpp", help="µm/px of the patches (PCam: 0.972; inference needs it)."),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Redo splits already complete.")
+    ] = False,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Import a patch dataset (PatchCamelyon, class folders) into a patch store for `train`.
+
+    Each split becomes one group, kept as given: `train` trains on the
+    training split, validates on the validation split and scores the test
+    split once at the end.
+    """
+    from pipeline.importing.dataset import find_parts
+    from pipeline.importing.write import ImportSettings
+
+    reporter = Reporter(as_json)
+    try:
+        if dataset not in (None, "pcam", "folders"):
+            raise ConfigError("--format", [(str(dataset), "Expected pcam or folders.", None)])
+        if mpp is not None and mpp <= 0:
+            raise ConfigError("--mpp", [(str(mpp), "Expected a positive µm/px.", None)])
+        tiling = _load(config, {}).tiling
+        parts = find_parts(
+            source,
+            dataset=dataset,
+            name=name,
+            tumor_class=tumor_class,
+            validation_fraction=validation_fraction,
+            seed=seed,
+        )
+    except WsiflowError as exc:
+        _fail_usage(reporter, exc, "import")
+    settings = ImportSettings(tiling.codec, tiling.codec_quality, tiling.chunk_patches, mpp)
+    try:
+        summary = run_import(reporter, parts, out, settings, overwrite=overwrite)
+    except (StoreError, ForeignOutputError, OutputLockedError, OutputWriteError) as exc:
+        _fail_data(reporter, exc, "import")
+    reporter.finish(summary, exit_code=0 if summary["ok"] else 1)
+
+
+def run_import(reporter: Reporter, parts: list, out: str, settings, *, overwrite: bool) -> dict:
+    """Import ``parts`` into ``out`` with a progress bar and a table; return the summary."""
+    from pipeline.store.patch_store import open_root
+
+    started = time.perf_counter()
+    open_root(out)
+    finished = []
+    try:
+        with deferred_stop() as check, output_lock(reporter, out), reporter.progress() as bars:
+            results = _import_with_progress(
+                reporter, bars, parts, out, settings, overwrite, finished, check
+            )
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
+        summary = stopped_summary(
+            reporter, "import", stop_exit_code(exc), len(parts), finished, "splits", store=out
+        )
+        reporter.finish(summary, exit_code=summary.pop("exit_code"))
+
+    table = Table(title=f"Patch store {out}")
+    for column in ("group", "split", "status", "patches", "tumor", "left out", "s"):
+        table.add_column(column, no_wrap=column == "group")
+    for r in results:
+        colour = {"failed": "red", "skipped": "yellow"}.get(r.status, "green")
+        table.add_row(
+            r.group_id, r.split, f"[{colour}]{r.status}[/{colour}]", str(r.patches),
+            str(r.tumor_patches), str(len(r.warnings)), f"{r.seconds:.1f}",
+        )  # fmt: skip
+    reporter.console.print(table)
+    failed = [r for r in results if r.status == "failed"]
+    return {
+        "command": "import",
+        "ok": not failed,
+        "store": str(out),
+        "patch_px": next((p.patch_px for p in parts if p.patch_px), None),
+        "patches": sum(r.patches for r in results),
+        "tumor_patches": sum(r.tumor_patches for r in results),
+        "left_out": sum(len(r.warnings) for r in results),
+        "failures": [r.reason for r in failed],
+        "per_split": [r.summary_row() for r in results],
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def _import_with_progress(
+    reporter, progress, parts, out, settings, overwrite, finished, check
+) -> list:
+    """:func:`import_parts` with a bar of patches; warnings and failures one line each.
+
+    ``check()`` after every block raises a Ctrl-C noted meanwhile (:func:`deferred_stop`).
+    """
+    from pipeline.importing.write import import_parts
+
+    task = progress.add_task("patches", total=0, rate="")
+
+    def planned(n: int) -> None:
+        progress.update(task, total=(progress.tasks[task].total or 0) + n)
+
+    def advanced(n: int) -> None:
+        progress.update(task, advance=n)
+        check()
+
+    def on_part(result) -> None:
+        finished.append(result)
+        for warning in result.warnings:
+            reporter.warn(warning)
+        if result.status == "failed":
+            reporter.errors.print(f"[red]failed:[/red] {escape(result.reason)}")
+
+    return import_parts(
+        parts, out, settings, overwrite=overwrite,
+        on_planned=planned, on_patches=advanced, on_part=on_part,
+    )  # fmt: skip
 
 
 @app.command()

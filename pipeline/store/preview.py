@@ -30,9 +30,10 @@ def contact_sheet(
     """Write a PNG of up to ``per_class`` random tumor and normal patches; return the counts.
 
     Each patch is framed red (tumor) or green (normal) and captioned with its
-    slide id and level-0 coordinates. Patches are drawn uniformly from the
-    chosen slides without listing them: a cohort of millions of patches is
-    sampled from per-slide counts, one slide's labels in memory at a time.
+    slide id and level-0 coordinates (an imported dataset's patch: its
+    index). Patches are drawn uniformly from the chosen slides without
+    listing them: a cohort of millions of patches is sampled from per-slide
+    counts, one slide's labels in memory at a time.
     """
     if not 1 <= per_class <= MAX_PER_CLASS:
         raise ValueError(
@@ -87,7 +88,9 @@ def contact_sheet(
             x, y = (n % columns) * _CELL_PX, (n // columns) * (_CELL_PX + _CAPTION_PX)
             draw.rectangle([x, y, x + _CELL_PX - 1, y + _CELL_PX - 1], fill=_COLOURS[label])
             sheet.paste(patch, (x + 3, y + 3))
-            caption = f"{'tumor' if label else 'normal'} {sid}\n({int(cx)}, {int(cy)})"
+            # Imported datasets record no position (-1): the patch's index instead.
+            where = f"({int(cx)}, {int(cy)})" if cx >= 0 else f"#{cells[n][2]}"
+            caption = f"{'tumor' if label else 'normal'} {sid}\n{where}"
             draw.multiline_text((x + 3, y + _CELL_PX + 1), caption, fill=(0, 0, 0), spacing=1)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     partial = out_path.with_name(out_path.name + ".partial")

@@ -5,13 +5,25 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.data import all_patches, balanced_chunks, make_dataset, open_stores, split_by_slide
+from models.data import (
+    all_patches,
+    balanced_chunks,
+    make_dataset,
+    open_stores,
+    split_by_slide,
+    split_slides,
+)
 from pipeline.errors import StoreError
 from pipeline.store.patch_store import create_slide_group, mark_complete, open_patches, open_root
 
 
-def _store(path, slides: dict[str, int], n: int = 100, px: int = 16, codec: str = "zstd"):
-    """A real patch store: each slide gets ``n`` patches, the first ``tumor`` labelled 1."""
+def _store(
+    path, slides: dict[str, int], n: int = 100, px: int = 16, codec: str = "zstd", splits=None
+):
+    """A real patch store: each slide gets ``n`` patches, the first ``tumor`` labelled 1.
+
+    ``splits`` gives some groups a ``split`` attribute, as ``wsiflow import`` does.
+    """
     root = open_root(path)
     rng = np.random.default_rng(0)
     for slide_id, tumor in slides.items():
@@ -23,7 +35,10 @@ def _store(path, slides: dict[str, int], n: int = 100, px: int = 16, codec: str 
             chunk_patches=16,
             codec=codec,
             codec_quality=90,
-            attrs={"patch_mpp": 0.5},
+            attrs={
+                "patch_mpp": 0.5,
+                **({"split": splits[slide_id]} if slide_id in (splits or {}) else {}),
+            },
         )
         labels = np.zeros(n, dtype=np.int8)
         labels[:tumor] = 1
@@ -44,6 +59,48 @@ def test_open_and_split_by_slide(tmp_path):
         train_ids, val_ids = {s.slide_id for s in train}, {s.slide_id for s in val}
         assert not train_ids & val_ids and len(train_ids | val_ids) == 6
         assert any(s.tumor for s in train) and any(s.tumor for s in val)
+
+
+def test_given_splits_are_kept_and_the_rest_split_by_slide(tmp_path):
+    given = {"p_train": "training", "p_valid": "validation", "p_test": "test"}
+    store = _store(
+        tmp_path / "a.zarr",
+        {"p_train": 30, "p_valid": 10, "p_test": 10, "t1": 20, "t2": 5, "n1": 0, "n2": 0},
+        splits=given,
+    )
+    slides = open_stores([store])
+    assert {s.slide_id: s.split for s in slides if s.split} == given
+    for seed in range(3):
+        train, val, test = split_slides(slides, 0.34, seed=seed)
+        ids = [{s.slide_id for s in side} for side in (train, val, test)]
+        assert ids[2] == {"p_test"} and "p_train" in ids[0] and "p_valid" in ids[1]
+        assert not ids[0] & ids[1] and ids[0] | ids[1] == {
+            "p_train",
+            "p_valid",
+            "t1",
+            "t2",
+            "n1",
+            "n2",
+        }
+        assert any(s.tumor for s in train if not s.split) and any(
+            s.tumor for s in val if not s.split
+        )
+    # Only given splits: none of them is split again.
+    only = open_stores([_store(tmp_path / "b.zarr", {"p_train": 30, "p_valid": 10}, splits=given)])
+    train, val, test = split_slides(only, 0.5)
+    assert ([s.slide_id for s in train], [s.slide_id for s in val], test) == (
+        ["p_train"],
+        ["p_valid"],
+        [],
+    )
+    no_val = open_stores([_store(tmp_path / "c.zarr", {"p_train": 30, "p_test": 10}, splits=given)])
+    with pytest.raises(StoreError, match="no validation data"):
+        split_slides(no_val, 0.5)
+    with pytest.raises(
+        StoreError,
+        match=r"'odd': Expected a split in \['training', 'validation', 'test'\]. Got 'dev'",
+    ):
+        open_stores([_store(tmp_path / "d.zarr", {"odd": 5, "n": 0}, splits={"odd": "dev"})])
 
 
 def test_balanced_stream(tmp_path):
