@@ -19,6 +19,7 @@ from typing import Any
 import dask
 from distributed import Client, Future, LocalCluster
 
+from pipeline.allocator import worker_environ
 from pipeline.errors import ConfigError, SchedulerError, WsiflowError, write_error
 from pipeline.quiet import quiet_tensorflow_import
 
@@ -118,12 +119,14 @@ def local_cluster(
     ``silence_logs``: the level below which Dask's own log lines are dropped.
 
     Dask's nanny exports ``MALLOC_TRIM_THRESHOLD_=65536`` to workers, which makes
-    OpenSlide reads slower (BENCHMARKS.md, tiling), so it is not set.
+    OpenSlide reads slower (BENCHMARKS.md, tiling); the workers get wsiflow's
+    allocator settings instead (:mod:`pipeline.allocator`).
     The workers ignore Ctrl-C (see :func:`dask_setup`).
     """
     n_workers = workers or max(1, os.cpu_count() or 1)
     environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
     environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+    environ.update(worker_environ())
     with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
         return LocalCluster(
             n_workers=n_workers,

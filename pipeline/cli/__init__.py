@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 
+from pipeline.allocator import tune_this_process
 from pipeline.cli import demo, infer, learn, orchestrate, slides, tiles, view  # noqa: F401  (each module registers its commands)
 from pipeline.cli._common import app
 from pipeline.errors import WsiflowError, write_error
@@ -21,6 +22,7 @@ def main() -> None:
     So does an output that cannot be written (a full disk, no permission)
     wherever it surfaces.
     """
+    tune_this_process()  # large short-lived buffers: see pipeline.allocator
     try:
         app()
     except WsiflowError as exc:
