@@ -302,6 +302,12 @@ def _check_workers(reporter: Reporter, workers: int | None, option: str = "--wor
         reporter.warn(warning)
 
 
+def status_cell(status: str) -> str:
+    """A result table's status, coloured: failed red, skipped yellow, anything else green."""
+    colour = {"failed": "red", "skipped": "yellow"}.get(status, "green")
+    return f"[{colour}]{status}[/{colour}]"
+
+
 def _fail_usage(reporter: Reporter, error: Exception, command: str) -> None:
     for line in str(error).splitlines():
         reporter.errors.print(f"[red]error:[/red] {escape(line)}")

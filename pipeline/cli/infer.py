@@ -25,6 +25,7 @@ from pipeline.cli._common import (
     _load,
     app,
     output_lock,
+    status_cell,
     stop_exit_code,
     stop_on_sigterm,
     stopped_summary,
@@ -178,10 +179,9 @@ def run_infer(
     for column in ("slide", "status", "patches", "score", "detections", "s"):
         table.add_column(column, no_wrap=column == "slide")
     for r in results:
-        colour = {"failed": "red", "skipped": "yellow"}.get(r.status, "green")
         table.add_row(
             r.slide_id,
-            f"[{colour}]{r.status}[/{colour}]",
+            status_cell(r.status),
             str(r.patches),
             "-" if r.score is None else f"{r.score:.3f}",
             str(r.detections),
@@ -505,7 +505,8 @@ def predict(
     Each image must be the model's patch size (or --resize); a bad image is
     one line naming it and the reason, and the others are predicted.
     """
-    from pipeline.inference.single import find_images, predict_images
+    from pipeline.images import find_images
+    from pipeline.inference.single import predict_images
 
     reporter = Reporter(as_json)
     missing = [(str(p), "no such file or folder", None) for p in images if not p.exists()]

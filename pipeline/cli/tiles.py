@@ -25,6 +25,7 @@ from pipeline.cli._common import (
     app,
     deferred_stop,
     output_lock,
+    status_cell,
     stop_exit_code,
     stop_on_sigterm,
     stopped_summary,
@@ -191,10 +192,9 @@ def run_tile(
     for column in ("slide", "status", "patches", "tumor", "level", "read px", "s"):
         table.add_column(column, no_wrap=column == "slide")
     for r in results:
-        colour = {"failed": "red", "skipped": "yellow"}.get(r.status, "green")
         table.add_row(
             r.slide_id,
-            f"[{colour}]{r.status}[/{colour}]",
+            status_cell(r.status),
             str(r.patches),
             str(r.tumor_patches),
             "-" if r.level is None else str(r.level),
@@ -326,9 +326,8 @@ def run_import(reporter: Reporter, parts: list, out: str, settings, *, overwrite
     for column in ("group", "split", "status", "patches", "tumor", "left out", "s"):
         table.add_column(column, no_wrap=column == "group")
     for r in results:
-        colour = {"failed": "red", "skipped": "yellow"}.get(r.status, "green")
         table.add_row(
-            r.group_id, r.split, f"[{colour}]{r.status}[/{colour}]", str(r.patches),
+            r.group_id, r.split, status_cell(r.status), str(r.patches),
             str(r.tumor_patches), str(len(r.warnings)), f"{r.seconds:.1f}",
         )  # fmt: skip
     reporter.console.print(table)

@@ -10,12 +10,11 @@ import numpy as np
 from PIL import Image
 
 from pipeline.errors import DatasetError
+from pipeline.images import find_images
 from pipeline.importing.parts import SPLIT_NAMES, in_split_order
 
 #: Class folder names taken for the tumor class when --tumor-class is not given.
 TUMOR_NAMES = ("tumor", "tumour", "metastasis", "metastases", "positive", "1")
-#: Image files read from class folders (Keras' image_dataset_from_directory reads the first four).
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
 
 
 class FolderPart:
@@ -157,14 +156,7 @@ def _subfolders(folder: Path) -> list[Path]:
 
 def _class_files(folder: Path) -> dict[str, list[Path]]:
     """Image files under each class folder of ``folder`` (searched recursively), sorted."""
-    return {
-        cls.name: sorted(
-            p
-            for p in cls.rglob("*")
-            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith(".")
-        )
-        for cls in _subfolders(folder)
-    }
+    return {cls.name: find_images([cls]) for cls in _subfolders(folder)}
 
 
 def _tumor_and_normal(folder: Path, classes: list[str], tumor_class: str | None) -> tuple[str, str]:

@@ -1,10 +1,11 @@
 """Tumor probability of single patch images (``wsiflow predict``), as fastai's ``learn.predict``.
 
-Images are files (PNG, JPEG, TIFF, BMP, WebP) or folders of them (searched
-recursively). Each must be the model's patch size, unless ``resize`` is
-asked for (then it is resampled, with a warning). An unreadable image or one
-of the wrong size is one failed row naming the file and the reason; the
-others are predicted all the same.
+Images are files (PNG, JPEG, TIFF, BMP, GIF, WebP) or folders of them
+(searched recursively, :func:`pipeline.images.find_images`). Each must be
+the model's patch size, unless ``resize`` is asked for (then it is
+resampled, with a warning). An unreadable image or one of the wrong size is
+one failed row naming the file and the reason; the others are predicted all
+the same.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-#: Suffixes searched for in folders (files given by name are tried whatever their suffix).
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 #: Images predicted per batch (and at most this many held in memory at once).
 BATCH = 64
 
@@ -34,23 +33,6 @@ class ImagePrediction:
     @property
     def ok(self) -> bool:
         return self.probability is not None
-
-
-def find_images(paths: Sequence[Path]) -> list[Path]:
-    """Files as given, and the images under folders (sorted, hidden ones skipped)."""
-    found: list[Path] = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            found.extend(
-                p
-                for p in sorted(path.rglob("*"))
-                if p.suffix.lower() in IMAGE_SUFFIXES
-                and p.is_file()
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )
-        else:
-            found.append(path)
-    return list(dict.fromkeys(found))
 
 
 def load_patch(path: Path, patch_px: int, *, resize: bool) -> tuple[np.ndarray, list[str]]:
