@@ -10,13 +10,23 @@ from tests.conftest import last_json, run
 
 
 def _patches(patch_store, label: int, n: int) -> np.ndarray:
-    """``n`` stored patches of ``label`` (1 tumor, 0 normal) from the tumor slides."""
+    """``n`` stored patches of ``label`` from the tumor slides, clear cases only.
+
+    Tumor: the patches most covered by tumor; normal: patches with no tumor
+    at all. A patch labelled by a lesion's edge (half tumor) is ambiguous by
+    definition, and a model's score on it says little.
+    """
     root = open_store(patch_store)
     found = []
     for slide_id in sorted(root.group_keys()):
         labels = np.asarray(root[slide_id]["labels"][:])
         if (labels == 1).any():
-            index = np.flatnonzero(labels == label)[:n]
+            fraction = np.asarray(root[slide_id]["tumor_fraction"][:])
+            if label == 1:
+                index = np.flatnonzero(labels == 1)
+                index = np.sort(index[np.argsort(-fraction[index], kind="stable")[:n]])
+            else:
+                index = np.flatnonzero((labels == 0) & (fraction == 0))[:n]
             found.append(
                 np.asarray(open_patches(patch_store, slide_id).get_orthogonal_selection(index))
             )
