@@ -18,9 +18,16 @@ from typing import Any
 
 import dask
 from distributed import Client, Future, LocalCluster
+from distributed.scheduler import KilledWorker
 
 from pipeline.allocator import worker_environ
-from pipeline.errors import ConfigError, SchedulerError, WsiflowError, write_error
+from pipeline.errors import (
+    ConfigError,
+    SchedulerError,
+    WorkerLostError,
+    WsiflowError,
+    write_error,
+)
 from pipeline.quiet import quiet_tensorflow_import
 
 
@@ -183,8 +190,26 @@ def task_error(future: Future, outcome: Any) -> BaseException | None:
     ``(type, exception, traceback)``.
     """
     if future.status == "error":
-        return outcome[1]
+        return _worker_lost(outcome[1])
     return outcome.error if isinstance(outcome, TaskFailed) else None
+
+
+def _worker_lost(exc: BaseException) -> BaseException:
+    """Dask's KilledWorker as a one-line :class:`WorkerLostError`; other errors as they are.
+
+    The scheduler gives up on a task after its worker died running it more
+    times than ``distributed.scheduler.allowed-failures``: a slide that kills
+    workers (out of memory) or workers killed from outside. The slide fails,
+    the others go on, and a rerun resumes it.
+    """
+    if not isinstance(exc, KilledWorker):
+        return exc
+    task = str(exc.task).split("-")[0]
+    times = "once" if exc.allowed_failures == 0 else f"{exc.allowed_failures + 1} times"
+    return WorkerLostError(
+        f"the Dask worker running its task {task} died, {times} (killed, or out of memory: "
+        "see the workers' logs); run again to resume it"
+    )
 
 
 def _returning_failures(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

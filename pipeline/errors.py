@@ -73,6 +73,10 @@ class SchedulerError(FileError):
     """The Dask scheduler at an address (``location``) cannot be reached."""
 
 
+class WorkerLostError(WsiflowError):
+    """Dask workers died (killed, out of memory) while running a task, as often as allowed."""
+
+
 class AnnotationError(FileError, ValueError):
     """An annotation file is missing, malformed or inconsistent with its slide."""
 
@@ -101,6 +105,8 @@ def failure_reason(path: Path | str, exc: BaseException) -> str:
     """One line naming the file and the reason; typed errors already name their file."""
     if isinstance(exc, FileError):
         return str(exc)
+    if isinstance(exc, WsiflowError):  # says what happened, not which file: this one
+        return f"{path}: {exc}"
     return f"{path}: {type(exc).__name__}: {exc}"
 
 
