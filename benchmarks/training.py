@@ -1,6 +1,7 @@
 """Patch-classifier training and prediction speed, and whether the input pipeline keeps up.
 
     .venv/bin/python benchmarks/training.py [--repeats 3] [--steps 15] [--batch 32]
+        [--mixed-precision]
 
 Generates a 6-slide CAMELYON16-format cohort (8192 px slides at 0.243 µm/px)
 and tiles it at 0.5 µm/px into a 96 px and a 224 px JPEG patch store. For
@@ -45,11 +46,24 @@ def main() -> None:
         default=",".join(f"{b}:{px}" for b, px in MODELS),
         help="comma-separated BACKBONE:PX (default: all three)",
     )
+    parser.add_argument(
+        "--mixed-precision",
+        action="store_true",
+        help="float16 compute on GPUs, bfloat16 on CPUs (training.mixed_precision)",
+    )
     args = parser.parse_args()
 
+    from models.distribute import mixed_policy
     from models.train import distribution_strategy
 
-    strategy = distribution_strategy(1)  # before anything starts TensorFlow's runtime
+    # Every visible GPU, else one CPU device; before anything starts TensorFlow's runtime.
+    strategy = distribution_strategy(1)
+    print(f"{strategy.num_replicas_in_sync} replica(s): {list(strategy.extended.worker_devices)}")
+    if args.mixed_precision:
+        import keras
+
+        keras.mixed_precision.set_global_policy(mixed_policy())
+        print(f"mixed precision: {keras.mixed_precision.global_policy().name}")
     work = args.work or Path(tempfile.mkdtemp(prefix="wsiflow-bench-train-"))
     try:
         stores = _stores(work)

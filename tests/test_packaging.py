@@ -111,3 +111,18 @@ def test_nothing_outside_tests_and_the_demo_points_outside_the_repository():
         and re.search(r"\.\./shared|PERF_NOTES|STYLE\.md", p.read_text(errors="ignore"))
     ]
     assert len(files) > 50 and not offenders, offenders
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has a GPU")
+def test_gpu_script_says_in_one_line_that_there_is_no_gpu(tmp_path):
+    """benchmarks/gpu.sh stops before installing or writing anything where no GPU is."""
+    results = tmp_path / "gpu-results.txt"
+    done = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu.sh"), str(results)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr == (
+        "error: no NVIDIA GPU here (nvidia-smi finds none); run this on a machine with one\n"
+    )
+    assert not results.exists()
