@@ -82,6 +82,16 @@ class RunDir:
                 elif target.exists():
                     target.unlink()
         out_dir.mkdir(parents=True, exist_ok=True)
+        return self.read_state()
+
+    def read_state(self) -> RunState | dict[str, Any]:
+        """What :meth:`prepare` finds, without writing: for the workers beside a chief.
+
+        The chief of a multi-worker run prepares the directory; the other
+        workers read the same state from it (and resume from its checkpoint)
+        but write elsewhere.
+        """
+        out_dir, digest = self.path, self.fingerprint
         other = ModelError(
             out_dir,
             "holds a model trained on other stores or settings; "

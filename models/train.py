@@ -14,6 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
+import shutil
+import sys
+import tempfile
+import textwrap
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -26,13 +31,13 @@ import numpy as np
 
 from pipeline import __version__
 from pipeline.config import TrainingConfig
-from pipeline.errors import ModelError, StoreError
+from pipeline.errors import ModelError, StoreError, TrainingClusterError
 from pipeline.identity import fingerprint
 from pipeline.store.patch_store import canonical
 
 from .classifier import WeightsError, build_classifier, check_backbone, preprocess_fn
 from .data import SlidePatches, make_dataset, open_stores, split_slides
-from .distribute import distribution_strategy, mixed_policy
+from .distribute import TrainingCluster, distribution_strategy, mixed_policy
 from .phases import Phase, better, enter_phase, phases_to_run, plan_phases
 from .rundir import HISTORY_COLUMNS, RunDir, RunState
 from .saved import (
@@ -85,6 +90,7 @@ class TrainResult:
             "patch_px": meta["patch_px"],
             "patch_mpp": meta["patch_mpp"],
             "replicas": meta["replicas"],
+            "workers": meta.get("workers", 1),
             "global_batch": meta["global_batch"],
             "steps_per_epoch": meta["steps_per_epoch"],
             "train_slides": [s["slide_id"] for s in meta["slides"]["train"]],
@@ -121,8 +127,14 @@ class _Inputs:
     fingerprint: str
 
 
-def _check_inputs(stores: list[Path] | tuple[Path, ...], cfg: TrainingConfig) -> _Inputs:
-    """Stores, labels, classes, backbone, patch size and weights; typed errors otherwise."""
+def _check_inputs(
+    stores: list[Path] | tuple[Path, ...], cfg: TrainingConfig, workers: int = 1
+) -> _Inputs:
+    """Stores, labels, classes, backbone, patch size and weights; typed errors otherwise.
+
+    ``workers``: the processes of a multi-worker run (their number changes
+    the global batch, so it is part of the fingerprint).
+    """
     slides = open_stores(stores)
     px = slides[0].patch_px
     patch_mpp = _common_mpp(slides)
@@ -147,13 +159,14 @@ def _check_inputs(stores: list[Path] | tuple[Path, ...], cfg: TrainingConfig) ->
     phases = plan_phases(cfg, pretrained)
     train, val, test = split_slides(slides, cfg.validation_fraction, cfg.seed)
     _check_split(train, val)
-    digest = fingerprint(
-        {
-            "slides": [[canonical(s.store), s.slide_id, s.fingerprint, len(s)] for s in slides],
-            "training": cfg.model_dump(mode="json", exclude=set(_NOT_FINGERPRINTED)),
-            "parent": parent.get("fingerprint") if parent else None,
-        }
-    )
+    identity = {
+        "slides": [[canonical(s.store), s.slide_id, s.fingerprint, len(s)] for s in slides],
+        "training": cfg.model_dump(mode="json", exclude=set(_NOT_FINGERPRINTED)),
+        "parent": parent.get("fingerprint") if parent else None,
+    }
+    if workers > 1:  # one machine's runs keep the fingerprints they always had
+        identity["workers"] = workers
+    digest = fingerprint(identity)
     return _Inputs(
         slides, train, val, test, px, patch_mpp, backbone, spec.preprocessing, parent_dir,
         parent, phases, digest,
@@ -171,6 +184,7 @@ def train_classifier(
     on_epoch: Callable[[EpochRecord], None] | None = None,
     on_batch: Callable[[int, int, int], None] | None = None,
     hold: Callable[[], AbstractContextManager] | None = None,
+    cluster: TrainingCluster | None = None,
 ) -> TrainResult:
     """Train on the complete slides of ``stores`` and write the model directory ``out_dir``.
 
@@ -186,33 +200,55 @@ def train_classifier(
     ``hold()`` is entered once the inputs are checked, before ``out_dir`` is
     read or made, and held to the end (the CLI claims and locks it there, so
     a bad input leaves no folder behind).
+
+    With a ``cluster``, this process is one worker of a multi-worker run
+    (every worker runs this with the same arguments). The chief (worker 0)
+    alone holds, writes and finishes ``out_dir``; the others read the state
+    to resume from it and write their own epochs' commits, which the
+    strategy needs from every worker, to a temporary folder removed at the end.
     """
     started = time.perf_counter()
-    inputs = _check_inputs(stores, cfg)
-    mlflow = MlflowRun(cfg) if cfg.mlflow else None
-    run = RunDir(Path(out_dir), inputs.fingerprint)
+    chief = cluster is None or cluster.is_chief
+    inputs = _check_inputs(stores, cfg, workers=len(cluster.workers) if cluster else 1)
+    mlflow = MlflowRun(cfg) if cfg.mlflow and chief else None
+    run = source = RunDir(Path(out_dir), inputs.fingerprint)
     with contextlib.ExitStack() as held:
-        if hold is not None:
-            held.enter_context(hold())  # claim and lock out_dir: inputs are good
-        state = run.prepare(overwrite=overwrite, replace_different=replace_different)
+        if chief:
+            if hold is not None:
+                held.enter_context(hold())  # claim and lock out_dir: inputs are good
+            state = run.prepare(overwrite=overwrite, replace_different=replace_different)
+        else:
+            state = RunState(inputs.fingerprint) if overwrite else source.read_state()
+            # One place per run and worker: a killed worker's leftovers go when it resumes.
+            scratch = Path(tempfile.gettempdir()) / (
+                f"wsiflow-train-{inputs.fingerprint[:16]}-worker{cluster.index}"
+            )
+            shutil.rmtree(scratch, ignore_errors=True)
+            scratch.mkdir(parents=True)
+            held.callback(shutil.rmtree, scratch, ignore_errors=True)
+            run = RunDir(scratch, inputs.fingerprint)
         if isinstance(state, dict):  # finished with the same inputs and settings
-            return TrainResult(run.path, state, reused=True, seconds=time.perf_counter() - started)
+            return TrainResult(
+                source.path, state, reused=True, seconds=time.perf_counter() - started
+            )
         resumed_at = state.epoch
 
-        strategy = distribution_strategy(cfg.replicas)
+        strategy = distribution_strategy(cfg.replicas, cluster)
         global_batch = cfg.batch_per_replica * strategy.num_replicas_in_sync
         train_tumor = sum(s.tumor for s in inputs.train)
         steps = cfg.steps_per_epoch or max(MIN_STEPS, math.ceil(2 * train_tumor / global_batch))
         preprocess = preprocess_fn(inputs.preprocessing)
         # Datasets outside the strategy scope: their random generators live on the host.
         train_ds = make_dataset(
-            inputs.train, batch_size=global_batch, training=True, seed=cfg.seed,
-            preprocess=preprocess,
+            inputs.train, batch_size=global_batch, training=True,
+            seed=cfg.seed + (cluster.index if cluster else 0), preprocess=preprocess,
         )  # fmt: skip
         val_ds = make_dataset(
             inputs.val, batch_size=global_batch, training=False, seed=cfg.seed,
             preprocess=preprocess, max_patches=cfg.validation_max_patches,
         )  # fmt: skip
+        if cluster is not None:
+            train_ds, val_ds = _whole_on_each_worker(train_ds), _whole_on_each_worker(val_ds)
         previous_policy = keras.mixed_precision.global_policy()
         if cfg.mixed_precision:
             keras.mixed_precision.set_global_policy(mixed_policy())
@@ -222,7 +258,7 @@ def train_classifier(
         try:
             with strategy.scope():
                 if state.epoch:
-                    model = run.load_last()
+                    model = source.load_last()
                 elif inputs.parent_dir is not None:
                     model, _ = load_model_dir(inputs.parent_dir)
                 else:
@@ -259,16 +295,17 @@ def train_classifier(
                         on_batch=on_batch,
                     ),
                 ]
-                model.fit(
-                    train_ds,
-                    steps_per_epoch=steps,
-                    epochs=end,
-                    initial_epoch=state.epoch,
-                    validation_data=val_ds,
-                    callbacks=callbacks,
-                    shuffle=False,  # the stream is shuffled; Keras cannot shuffle a dataset
-                    verbose=0,
-                )
+                with _cluster_errors(cluster, source.path, state):
+                    model.fit(
+                        train_ds,
+                        steps_per_epoch=steps,
+                        epochs=end,
+                        initial_epoch=state.epoch,
+                        validation_data=val_ds,
+                        callbacks=callbacks,
+                        shuffle=False,  # the stream is shuffled; Keras cannot shuffle a dataset
+                        verbose=0,
+                    )
                 state.phase_done = True
         except BaseException:
             if mlflow is not None:
@@ -277,15 +314,20 @@ def train_classifier(
         finally:
             keras.mixed_precision.set_global_policy(previous_policy)
         metadata = _metadata(inputs, cfg, config, state, base_name, strategy, global_batch, steps)
+        metadata["workers"] = len(cluster.workers) if cluster else 1
+        metadata["cluster"] = list(cluster.workers) if cluster else None
         metadata["metrics"].update(
-            _test_metrics(run.path / MODEL_FILE, inputs.test, global_batch, cfg.seed, preprocess)
-        )
+            _test_metrics(
+                run.path / MODEL_FILE, inputs.test if chief else [], global_batch, cfg.seed,
+                preprocess,
+            )
+        )  # fmt: skip
         metadata["seconds"] = round(time.perf_counter() - started, 1)
         run.finish(metadata)
         if mlflow is not None:
             mlflow.end(metadata["metrics"], run.path / METADATA_FILE)
         return TrainResult(
-            run.path,
+            source.path,
             metadata,
             resumed_at_epoch=resumed_at,
             seconds=time.perf_counter() - started,
@@ -414,6 +456,72 @@ class _EpochCommit(keras.callbacks.Callback):
                     epoch + 1, self.total_epochs, self.phase.name, record, improved, stopped
                 )
             )
+
+
+def _whole_on_each_worker(dataset):
+    """``dataset`` as each worker of a multi-worker run reads it: whole, not sharded by Keras.
+
+    Training: each worker draws its own stream (its own seed); Keras gives
+    each replica per-replica batches of it, so a step still takes one global
+    batch over all workers. Validation: every worker reads the same whole
+    set, so the metrics agree on every worker and none runs out of batches
+    before the others (uneven input hangs the all-reduce).
+    """
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    return dataset.with_options(options)
+
+
+@contextlib.contextmanager
+def _cluster_errors(cluster: TrainingCluster | None, out_dir: Path, state: RunState):
+    """A worker lost mid-run as one :class:`TrainingClusterError` saying how to resume."""
+    if cluster is None:
+        yield
+        return
+    import tensorflow as tf
+
+    failed = None
+    try:
+        yield
+    except (
+        tf.errors.UnavailableError,
+        tf.errors.DeadlineExceededError,
+        tf.errors.CancelledError,
+        tf.errors.AbortedError,
+    ) as exc:
+        # TensorFlow's message: the op that saw it ({{...}}), then the cause over a few lines.
+        reason = " ".join(re.sub(r"\{\{.*?\}\}", "", exc.message or "").split())
+        reason = textwrap.shorten(reason, 240, placeholder=" ...") or type(exc).__name__
+        failed = TrainingClusterError(
+            out_dir,
+            f"a worker of the training cluster ({', '.join(cluster.workers)}) stopped or cannot "
+            f"be reached ({reason}); start every worker again with the same command to resume "
+            f"after epoch {state.epoch}",
+        )
+    if failed is not None:
+        _quiet_pool_teardown()
+        raise failed
+
+
+def _quiet_pool_teardown() -> None:
+    """Drop the one error TensorFlow's failed all-reduce leaves for the interpreter's exit.
+
+    Its thread pool (``cross_device_ops``, one thread per device) is never
+    closed when a peer is lost; torn down at exit, ``Pool.__del__`` writes to
+    a pipe already closed and Python prints that as a traceback after the
+    one-line error. Other unraisable errors are reported as before.
+    """
+    import multiprocessing.pool
+
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if unraisable.object is not multiprocessing.pool.Pool.__del__:
+            previous(unraisable)
+
+    sys.unraisablehook = hook
 
 
 def _base_name(model, backbone: str) -> str | None:

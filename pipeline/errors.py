@@ -73,6 +73,10 @@ class SchedulerError(FileError):
     """The Dask scheduler at an address (``location``) cannot be reached."""
 
 
+class TrainingClusterError(FileError):
+    """A worker of a multi-worker training run stopped or cannot be reached (path: the model)."""
+
+
 class WorkerLostError(WsiflowError):
     """Dask workers died (killed, out of memory) while running a task, as often as allowed."""
 

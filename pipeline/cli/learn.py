@@ -117,6 +117,20 @@ def train(
             "--replicas", min=1, help="Logical CPU devices for MirroredStrategy (no GPUs)."
         ),
     ] = None,
+    cluster: Annotated[
+        str | None,
+        typer.Option(
+            "--cluster",
+            help="HOST:PORT,HOST:PORT,...: train as one worker of a multi-worker run "
+            "(MultiWorkerMirroredStrategy), with --worker-index; TF_CONFIG works too.",
+        ),
+    ] = None,
+    worker_index: Annotated[
+        int | None,
+        typer.Option(
+            "--worker-index", min=0, help="This process's worker in --cluster (0: the chief)."
+        ),
+    ] = None,
     epochs: Annotated[
         int | None,
         typer.Option(
@@ -150,8 +164,10 @@ def train(
     """Train a patch classifier (transfer learning, MirroredStrategy) on patch stores.
 
     A finished run with the same stores and settings is reused; an interrupted
-    one resumes from its last epoch; --overwrite starts afresh.
+    one resumes from its last epoch; --overwrite starts afresh. With
+    --cluster, run the same command on every worker: worker 0 writes --out.
     """
+    from models.distribute import training_cluster
     from pipeline.config import with_overrides
 
     reporter = Reporter(as_json)
@@ -172,10 +188,11 @@ def train(
             cfg = with_overrides(
                 cfg, {"training.head_epochs": head, "training.fine_tune_epochs": epochs - head}
             )
+        workers = training_cluster(cluster, worker_index)
     except ConfigError as exc:
         _fail_usage(reporter, exc, "train")
     try:
-        summary = run_train(reporter, stores, out, cfg, overwrite=overwrite)
+        summary = run_train(reporter, stores, out, cfg, overwrite=overwrite, cluster=workers)
     except WsiflowError as exc:  # a store, model directory or weights file: named
         _fail_data(reporter, exc, "train")
     except ValueError as exc:  # unknown backbone, patch too small, no epochs, ...
@@ -191,8 +208,11 @@ def run_train(
     *,
     overwrite: bool,
     replace_different: bool = False,
+    cluster=None,
 ) -> dict:
     """Train with a per-step progress bar and one line per epoch; return the summary.
+
+    ``cluster``: a :class:`models.distribute.TrainingCluster` this process is a worker of.
 
     Bad inputs raise (:class:`WsiflowError` naming the file, ``ValueError``)
     before ``out`` is made or locked, and before the first step.
@@ -227,6 +247,7 @@ def run_train(
             on_epoch=on_epoch,
             on_batch=on_batch,
             hold=lambda: output_lock(reporter, out, "model"),
+            cluster=cluster,
         )
         progress.remove_task(steps_task)
     meta = result.metadata
@@ -239,8 +260,12 @@ def run_train(
     reporter.console.print(
         f"{meta['backbone']} on {meta['patch_px']} px patches; "
         f"{len(train_slides)} training / {len(val_slides)} validation slides; "
-        f"{meta['replicas']} replica(s), global batch {meta['global_batch']}"
+        f"{meta['replicas']} replica(s)"
+        + (f" on {meta['workers']} workers" if meta.get("workers", 1) > 1 else "")
+        + f", global batch {meta['global_batch']}"
     )
+    if cluster is not None and not cluster.is_chief:
+        reporter.console.print(f"worker {cluster.index}: worker 0 writes the model to {out}")
     reporter.console.print(
         f"best validation AUC {metrics['val_auc']:.4f} at epoch {metrics['best_epoch']} "
         f"of {metrics['epochs_run']}; model in {out / 'model.keras'}"
