@@ -114,6 +114,16 @@ def _problem(key: str, message: str):
     )
 
 
+def check_cluster_replicas(cluster: TrainingCluster | None, replicas: int) -> None:
+    """A worker of a cluster mirrors over its own GPUs, or its CPU: ``replicas`` stays 1."""
+    if cluster is not None and replicas != 1:
+        _problem(
+            "--replicas",
+            "Expected 1 replica per worker of a --cluster (each worker mirrors over its "
+            f"own GPUs, or its CPU). Got {replicas} instead.",
+        )
+
+
 def distribution_strategy(replicas: int = 1, cluster: TrainingCluster | None = None):
     """MirroredStrategy over all GPUs, or over ``replicas`` logical CPU devices.
 
@@ -126,12 +136,7 @@ def distribution_strategy(replicas: int = 1, cluster: TrainingCluster | None = N
     import tensorflow as tf
 
     if cluster is not None:
-        if replicas != 1:
-            _problem(
-                "--replicas",
-                "Expected 1 replica per worker of a --cluster (each worker mirrors over its "
-                f"own GPUs, or its CPU). Got {replicas} instead.",
-            )
+        check_cluster_replicas(cluster, replicas)
         os.environ["TF_CONFIG"] = cluster.tf_config()
         _keras_multi_worker_fixes()
         return tf.distribute.MultiWorkerMirroredStrategy()

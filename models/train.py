@@ -37,7 +37,12 @@ from pipeline.store.patch_store import canonical
 
 from .classifier import WeightsError, build_classifier, check_backbone, preprocess_fn
 from .data import SlidePatches, make_dataset, open_stores, split_slides
-from .distribute import TrainingCluster, distribution_strategy, mixed_policy
+from .distribute import (
+    TrainingCluster,
+    check_cluster_replicas,
+    distribution_strategy,
+    mixed_policy,
+)
 from .phases import Phase, better, enter_phase, phases_to_run, plan_phases
 from .rundir import HISTORY_COLUMNS, RunDir, RunState
 from .saved import (
@@ -208,6 +213,7 @@ def train_classifier(
     strategy needs from every worker, to a temporary folder removed at the end.
     """
     started = time.perf_counter()
+    check_cluster_replicas(cluster, cfg.replicas)  # before any file is read or made
     chief = cluster is None or cluster.is_chief
     inputs = _check_inputs(stores, cfg, workers=len(cluster.workers) if cluster else 1)
     mlflow = MlflowRun(cfg) if cfg.mlflow and chief else None

@@ -55,6 +55,17 @@ def test_a_bad_cluster_is_one_line_naming_the_option(workers, index, environ, ex
     assert expected in str(error.value) and "\n" not in str(error.value)
 
 
+def test_a_cluster_worker_keeps_one_replica_and_nothing_is_made_otherwise(tmp_path):
+    from models.train import train_classifier
+    from pipeline.config import TrainingConfig
+
+    cluster = TrainingCluster(("127.0.0.1:1", "127.0.0.1:2"), 0)
+    with pytest.raises(ConfigError, match="--replicas: Expected 1 replica per worker"):
+        train_classifier([tmp_path / "s.zarr"], tmp_path / "m", TrainingConfig(replicas=2),
+                         cluster=cluster)  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
+
+
 def _start(args: list[str], index: int, cluster: str, log_dir) -> subprocess.Popen:
     """``wsiflow train ARGS`` as worker ``index``; its own TMPDIR, so leftovers would show."""
     tmp = log_dir / f"tmp{index}"
