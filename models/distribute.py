@@ -172,13 +172,6 @@ def mixed_policy() -> str:
     return "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16"
 
 
-def multi_worker(strategy) -> bool:
-    """Whether ``strategy`` spans several worker processes (Keras's own test)."""
-    from keras.src.backend.tensorflow.trainer import _collective_all_reduce_multi_worker
-
-    return bool(_collective_all_reduce_multi_worker(strategy))
-
-
 def _keras_multi_worker_fixes() -> None:
     """Let Keras 3's ``fit`` run under MultiWorkerMirroredStrategy (keras-team/keras#20585).
 
@@ -196,9 +189,10 @@ def _keras_multi_worker_fixes() -> None:
         return
     original_reduce = trainer.reduce_per_replica
     original_build = trainer.TensorFlowTrainer._maybe_symbolic_build
+    multi_worker = trainer._collective_all_reduce_multi_worker  # Keras's own test
 
     def reduce_per_replica(values, strategy, reduction):
-        if reduction in ("auto", "mean") and trainer._collective_all_reduce_multi_worker(strategy):
+        if reduction in ("auto", "mean") and multi_worker(strategy):
             return tree.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), values)
         return original_reduce(values, strategy, reduction)
 

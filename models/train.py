@@ -319,9 +319,9 @@ def train_classifier(
             raise
         finally:
             keras.mixed_precision.set_global_policy(previous_policy)
-        metadata = _metadata(inputs, cfg, config, state, base_name, strategy, global_batch, steps)
-        metadata["workers"] = len(cluster.workers) if cluster else 1
-        metadata["cluster"] = list(cluster.workers) if cluster else None
+        metadata = _metadata(
+            inputs, cfg, config, state, base_name, strategy, global_batch, steps, cluster
+        )
         metadata["metrics"].update(
             _test_metrics(
                 run.path / MODEL_FILE, inputs.test if chief else [], global_batch, cfg.seed,
@@ -350,6 +350,7 @@ def _metadata(
     strategy,
     global_batch: int,
     steps: int,
+    cluster: TrainingCluster | None,
 ) -> dict[str, Any]:
     """``wsiflow_model.json``: how to use the model, what it was trained on, how well it did."""
     return {
@@ -367,7 +368,9 @@ def _metadata(
         "class_names": list(CLASS_NAMES),
         "output": "sigmoid probability of the tumor class",
         "replicas": strategy.num_replicas_in_sync,
-        "devices": list(strategy.extended.worker_devices),
+        "devices": list(strategy.extended.worker_devices),  # this worker's
+        "workers": len(cluster.workers) if cluster else 1,
+        "cluster": list(cluster.workers) if cluster else None,
         "global_batch": global_batch,
         "steps_per_epoch": steps,
         "phases": [p.__dict__ for p in inputs.phases],
