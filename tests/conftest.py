@@ -164,6 +164,18 @@ def trained_model(patch_store, tmp_path_factory) -> Path:
     return out
 
 
+def wait_for(check, timeout: float, what: str, logs: list[Path], interval: float = 1.0):
+    """Poll ``check()`` until it returns something truthy; fail with the logs after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(interval)
+    tails = "\n".join(f"--- {log}\n{log.read_text()[-3000:]}" for log in logs if log.exists())
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{tails}")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -6,38 +6,18 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from pipeline.inference.results import read_scores
-from tests.conftest import REPO_ROOT, WSIFLOW
+from tests.conftest import REPO_ROOT, WSIFLOW, free_port, wait_for
 
 pytestmark = pytest.mark.slow
 PREFECT = str(Path(sys.executable).parent / "prefect")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(check, timeout: float, what: str, logs: list[Path]):
-    """Poll ``check()`` until it returns something truthy; fail with the logs after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(1)
-    tails = "\n".join(f"--- {log}\n{log.read_text()[-3000:]}" for log in logs if log.exists())
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{tails}")
 
 
 def stop(process: subprocess.Popen) -> None:

@@ -8,19 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from tests.conftest import wait_for
+
 BIN = Path(sys.executable).parent
-
-
-def _wait(condition, what: str, logs: list[Path], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}:\n" + "\n".join(p.read_text()[-3000:] for p in logs))
-        time.sleep(0.2)
 
 
 @contextlib.contextmanager
@@ -54,7 +47,7 @@ def dask_cli_cluster(
              "--scheduler-file", str(scheduler_file)],
             logs[0], scheduler_env,
         )  # fmt: skip
-        _wait(scheduler_file.is_file, "the scheduler did not start", logs[:1])
+        wait_for(scheduler_file.is_file, 120, "dask scheduler", logs[:1], interval=0.2)
         address = json.loads(scheduler_file.read_text())["address"]
         for i in range(workers):
             start(
