@@ -35,11 +35,14 @@ def model_complete(model_dir: Path | str) -> bool:
 
 def _train_key(context: Any, parameters: dict[str, Any]) -> str:
     cfg: WsiflowConfig = parameters["cfg"]
+    workers = cfg.orchestration.training_workers
     return cache_key(
         "train",
         [store_identity(s) for s in parameters["stores"]],
         str(Path(parameters["model_dir"]).resolve()),
         cfg.training.model_dump(mode="json"),
+        # Part of the model's fingerprint when > 1; one-process keys stay as they were.
+        *([{"training_workers": workers}] if workers > 1 else []),
     )
 
 
@@ -84,6 +87,35 @@ def train_task(
     return result.summary()
 
 
+@task(
+    task_run_name="train-{cfg.training.backbone}-on-{cfg.orchestration.training_workers}-workers",
+    cache_key_fn=_train_key,
+    cache_expiration=CACHE_EXPIRATION,
+    persist_result=True,
+)
+def train_workers_task(
+    stores: list[str], model_dir: str, cfg: WsiflowConfig, replace_different: bool = False
+) -> dict[str, Any]:
+    """Train with one process per Dask worker (:mod:`flows.train_workers`); the chief's summary."""
+    from prefect.runtime import flow_run
+
+    from flows.train_workers import train_on_dask
+    from pipeline.cluster import dask_client
+    from pipeline.store.patch_store import canonical
+
+    orchestration = cfg.orchestration
+    with dask_client(orchestration.scheduler, workers=orchestration.training_workers) as client:
+        return train_on_dask(
+            client,
+            [canonical(s) for s in stores],
+            str(Path(model_dir).resolve()),
+            cfg,
+            replace_different=replace_different,
+            command=f"prefect flow run {flow_run.flow_name}/{flow_run.name}",
+            log=get_run_logger().info,
+        )
+
+
 @flow(name="train", log_prints=True)
 def train_flow(
     stores: list[str],
@@ -95,13 +127,17 @@ def train_flow(
     """Train a patch classifier on patch stores; the ``train-summary`` artifact has its metrics.
 
     Training runs in the flow's own process (TensorFlow spreads it over the
-    cores or GPUs with MirroredStrategy). Served from Prefect's cache when the
-    stores' slides, the training settings and the model directory are
-    unchanged and the model is still there.
+    cores or GPUs with MirroredStrategy), or, with
+    ``orchestration.training_workers`` N > 1, in one process per worker of
+    the Dask cluster (``orchestration.scheduler``, else a local one of N
+    workers) under MultiWorkerMirroredStrategy. Served from Prefect's cache
+    when the stores' slides, the training settings and the model directory
+    are unchanged and the model is still there.
     """
     cfg = load(config, settings)
     options = task_options(cfg.orchestration, io=False, refresh=not model_complete(model_dir))
-    summary = train_task.with_options(**options)(stores, model_dir, cfg, replace_different)
+    train = train_task if cfg.orchestration.training_workers == 1 else train_workers_task
+    summary = train.with_options(**options)(stores, model_dir, cfg, replace_different)
     artifacts.summary_markdown(
         "train-summary",
         f"Model {model_dir}",

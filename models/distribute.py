@@ -32,6 +32,8 @@ class TrainingCluster:
 
     workers: tuple[str, ...]
     index: int
+    #: What the one-line error of a lost worker tells the user to do to resume.
+    resume_hint: str = "start every worker again with the same command"
 
     @property
     def is_chief(self) -> bool:

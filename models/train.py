@@ -506,7 +506,7 @@ def _cluster_errors(cluster: TrainingCluster | None, out_dir: Path, state: RunSt
         failed = TrainingClusterError(
             out_dir,
             f"a worker of the training cluster ({', '.join(cluster.workers)}) stopped or cannot "
-            f"be reached ({reason}); start every worker again with the same command to resume "
+            f"be reached ({reason}); {cluster.resume_hint} to resume "
             f"after epoch {state.epoch}",
         )
     if failed is not None:

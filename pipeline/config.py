@@ -230,6 +230,9 @@ class OrchestrationConfig(_Section):
     retries: int = Field(2, ge=0)
     retry_delay_s: float = Field(5.0, ge=0)
     cache: bool = True
+    training_workers: int = Field(
+        1, ge=1, description="training processes of the train flow, one per Dask worker"
+    )
 
     @field_validator("scheduler")
     @classmethod

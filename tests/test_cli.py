@@ -441,6 +441,9 @@ def test_flow_parameters_keep_store_urls_and_resolve_paths(tmp_path, monkeypatch
     train = BUILDERS["train"](common, ["s3://bucket/c.zarr/", "local.zarr"], out="m")
     assert train["stores"] == ["s3://bucket/c.zarr", str(tmp_path / "local.zarr")]
     assert train["model_dir"] == str(tmp_path / "m")
+    assert train["settings"] is None
+    workers = BUILDERS["train"](common, ["local.zarr"], out="m", training_workers=2)
+    assert workers["settings"] == {"orchestration.training_workers": 2}
     camelyon = BUILDERS["camelyon"](common, "root", out="o", store="gs://b/c.zarr")
     assert camelyon["store"] == "gs://b/c.zarr" and camelyon["out_dir"] == str(tmp_path / "o")
     default = BUILDERS["camelyon"](common, "root", out="o")

@@ -94,6 +94,14 @@ DataOption = Annotated[
     Path | None, typer.Option("--data", help="Folder of mnist.npz or IDX files.")
 ]
 EpochsOption = Annotated[int, typer.Option("--epochs", min=1, help="Epochs.")]
+TrainingWorkersOption = Annotated[
+    int | None,
+    typer.Option(
+        "--training-workers",
+        min=1,
+        help="Training processes, one per Dask worker (MultiWorkerMirroredStrategy).",
+    ),
+]
 WorkersOption = Annotated[
     int | None, typer.Option("--workers", "-w", min=1, help="Local Dask worker processes.")
 ]
@@ -151,9 +159,14 @@ def tile_parameters(
 
 
 def train_parameters(
-    common: Common, stores: StoreInputs = None, out: ModelOut = None
+    common: Common,
+    stores: StoreInputs = None,
+    out: ModelOut = None,
+    training_workers: TrainingWorkersOption = None,
 ) -> dict[str, Any]:
-    """Train a patch classifier on patch stores."""
+    """Train a patch classifier on patch stores (on several Dask workers: --training-workers)."""
+    if training_workers is not None:
+        common = common.with_settings({"orchestration.training_workers": training_workers})
     return {
         "stores": [_text(p) for p in _need("train", "STORES", stores)],
         "model_dir": _text(_need("train", "--out", out)),

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -226,6 +230,121 @@ def test_train_flow_reports_metrics_and_is_cached(prefect_api, patch_store, tmp_
     again = run_flow("train", parameters, return_state=True)
     assert list(task_states(again.state_details.flow_run_id).values()) == ["Cached"]
     assert again.result()["val_auc"] == summary["val_auc"]
+
+
+def test_train_flow_runs_one_training_process_per_worker_of_a_dask_cluster(
+    prefect_api, patch_store, tmp_path
+):
+    """``orchestration.training_workers`` 2 on a cluster started from Dask's command lines.
+
+    More training workers than Dask workers is refused in one line before
+    anything is made; 2 train one model (global batch 2 x 16) whose epochs
+    reach the flow's log; the cluster is left as it was, no temporary
+    folder of wsiflow's is left behind, and a second run is cached. A
+    training process killed mid-run fails the flow in one line, and the
+    next run resumes.
+    """
+    from distributed import Client
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    from flows.runtime import run_flow
+    from pipeline.errors import ConfigError, TrainingClusterError
+    from tests.scaleout.conftest import dask_cli_cluster
+
+    config = write_config(
+        tmp_path / "train.yaml",
+        "training:\n  backbone: small_cnn\n  head_epochs: 2\n  fine_tune_epochs: 0\n"
+        "  steps_per_epoch: 10\n  batch_per_replica: 16\n  validation_max_patches: 256\n",
+    )
+    model = tmp_path / "m"
+    worker_tmp = tmp_path / "worker-tmp"
+    worker_tmp.mkdir()
+    with dask_cli_cluster(
+        tmp_path / "dask", workers=2, worker_env={"TMPDIR": str(worker_tmp)}
+    ) as address:
+        with Client(address, set_as_default=False) as client:
+            workers = sorted(client.scheduler_info()["workers"])
+
+        def train(n: int):
+            settings = {"orchestration.scheduler": address, "orchestration.training_workers": n}
+            parameters = {"stores": [str(patch_store)], "model_dir": str(model),
+                          "config": config, "settings": settings}  # fmt: skip
+            return run_flow("train", parameters, return_state=True)
+
+        state = train(3)
+        assert state.is_failed()
+        with pytest.raises(ConfigError) as error:
+            state.result()
+        assert str(error.value) == (
+            f"{address}: orchestration.training_workers: Expected at most 2: one training "
+            "process per Dask worker, and the cluster has 2. Got 3 instead."
+        )
+        assert not model.exists()
+
+        state = train(2)
+        assert state.is_completed(), state.message
+        summary = state.result()
+        assert (summary["workers"], summary["replicas"], summary["global_batch"]) == (2, 2, 32)
+        assert summary["epochs_run"] == 2 and 0.5 < summary["val_auc"] <= 1
+        metadata = json.loads((model / "wsiflow_model.json").read_text())
+        assert metadata["workers"] == 2
+        assert [w.split(":")[0] for w in metadata["cluster"]] == ["127.0.0.1", "127.0.0.1"]
+        with get_client(sync_client=True) as api:
+            logs = api.read_logs(
+                log_filter=LogFilter(
+                    flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])
+                )
+            )
+        messages = [log.message for log in logs]
+        assert any(m.startswith("training on 2 Dask workers as a cluster of") for m in messages)
+        assert any(m.startswith("epoch 2/2 full: loss") for m in messages), messages
+        with Client(address, set_as_default=False) as client:
+            assert sorted(client.scheduler_info()["workers"]) == workers  # left running
+        assert [p for p in worker_tmp.iterdir() if p.name.startswith("wsiflow")] == []
+
+        again = train(2)
+        assert list(task_states(again.state_details.flow_run_id).values()) == ["Cached"]
+        assert again.result()["val_auc"] == summary["val_auc"]
+
+        # Worker 1's training process SIGKILLed after the first epoch: one line, then a resume.
+        model = tmp_path / "m2"
+        config = write_config(
+            tmp_path / "longer.yaml",
+            "training:\n  backbone: small_cnn\n  head_epochs: 6\n  fine_tune_epochs: 0\n"
+            "  steps_per_epoch: 20\n  batch_per_replica: 16\n  validation_max_patches: 256\n",
+        )
+        killer = threading.Thread(target=_kill_training_worker, args=(1, model), daemon=True)
+        killer.start()
+        state = train(2)
+        killer.join()
+        assert state.is_failed()
+        with pytest.raises(TrainingClusterError) as error:
+            state.result()
+        assert re.fullmatch(
+            rf"{model}: a worker of the training cluster \(127\.0\.0\.1:\d+, 127\.0\.0\.1:\d+\) "
+            r"stopped or cannot be reached \(.*\); run the flow again to resume after epoch \d",
+            str(error.value),
+        ), str(error.value)
+        assert not (model / "wsiflow_model.json").exists()  # nothing looks finished
+        resumed = train(2).result()
+        assert resumed["resumed_at_epoch"] >= 1 and resumed["epochs_run"] == 6
+        assert [p for p in worker_tmp.iterdir() if p.name.startswith("wsiflow")] == []
+
+
+def _kill_training_worker(index: int, model: Path) -> None:
+    """SIGKILL training process ``index`` once the chief has committed an epoch to ``model``."""
+    import psutil
+
+    deadline = time.monotonic() + 300
+    while not (model / "checkpoints" / "state.json").is_file():
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if "flows.train_workers" in cmdline and cmdline[-1] == str(index):
+            process.kill()
 
 
 def test_tile_and_train_flows_on_an_object_store(

@@ -18,7 +18,11 @@ BIN = Path(sys.executable).parent
 
 @contextlib.contextmanager
 def dask_cli_cluster(
-    folder: Path, *, workers: int = 2, scheduler_env: dict[str, str] | None = None
+    folder: Path,
+    *,
+    workers: int = 2,
+    scheduler_env: dict[str, str] | None = None,
+    worker_env: dict[str, str] | None = None,
 ) -> Iterator[str]:
     """``dask scheduler`` and ``workers`` ``dask worker`` processes on 127.0.0.1; yields the address.
 
@@ -53,7 +57,7 @@ def dask_cli_cluster(
             start(
                 ["worker", address, "--nworkers", "1", "--nthreads", "1", "--no-dashboard",
                  "--name", f"worker{i}", "--local-directory", str(folder / f"worker{i}")],
-                logs[1 + i],
+                logs[1 + i], worker_env,
             )  # fmt: skip
         from distributed import Client
 
