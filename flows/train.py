@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,25 +56,18 @@ def _train_key(context: Any, parameters: dict[str, Any]) -> str:
 def train_task(
     stores: list[str], model_dir: str, cfg: WsiflowConfig, replace_different: bool = False
 ) -> dict[str, Any]:
-    """Train (or reuse, or resume) the model in ``model_dir``; its summary."""
-    from models.train import train_classifier
+    """Train (or reuse, or resume) the model in ``model_dir``; its summary.
+
+    In this process, or with ``orchestration.training_workers`` N > 1 as N
+    processes on the Dask cluster (:mod:`flows.train_workers`).
+    """
+    from flows.train_workers import epoch_line
 
     logger = get_run_logger()
+    if cfg.orchestration.training_workers > 1:
+        return _train_on_dask(stores, model_dir, cfg, replace_different, logger.info)
 
-    def on_epoch(record: Any) -> None:
-        logs = record.logs
-        logger.info(
-            "epoch %d/%d %s: loss %.4f auc %.4f val_loss %.4f val_auc %.4f (%.0f s)%s",
-            record.epoch,
-            record.total_epochs,
-            record.phase,
-            logs["loss"],
-            logs["auc"],
-            logs["val_loss"],
-            logs["val_auc"],
-            logs["seconds"],
-            " best" if record.improved else "",
-        )
+    from models.train import train_classifier
 
     result = train_classifier(
         list(stores),  # paths or store URLs (Path would mangle s3://)
@@ -81,22 +75,19 @@ def train_task(
         cfg.training,
         config=cfg.model_dump(mode="json"),
         replace_different=replace_different,
-        on_epoch=on_epoch,
+        on_epoch=lambda record: logger.info(epoch_line(record)),
         hold=lambda: locked(model_dir, "model"),
     )
     return result.summary()
 
 
-@task(
-    task_run_name="train-{cfg.training.backbone}-on-{cfg.orchestration.training_workers}-workers",
-    cache_key_fn=_train_key,
-    cache_expiration=CACHE_EXPIRATION,
-    persist_result=True,
-)
-def train_workers_task(
-    stores: list[str], model_dir: str, cfg: WsiflowConfig, replace_different: bool = False
+def _train_on_dask(
+    stores: list[str],
+    model_dir: str,
+    cfg: WsiflowConfig,
+    replace_different: bool,
+    log: Callable[[str], None],
 ) -> dict[str, Any]:
-    """Train with one process per Dask worker (:mod:`flows.train_workers`); the chief's summary."""
     from prefect.runtime import flow_run
 
     from flows.train_workers import train_on_dask
@@ -112,7 +103,7 @@ def train_workers_task(
             cfg,
             replace_different=replace_different,
             command=f"prefect flow run {flow_run.flow_name}/{flow_run.name}",
-            log=get_run_logger().info,
+            log=log,
         )
 
 
@@ -136,8 +127,7 @@ def train_flow(
     """
     cfg = load(config, settings)
     options = task_options(cfg.orchestration, io=False, refresh=not model_complete(model_dir))
-    train = train_task if cfg.orchestration.training_workers == 1 else train_workers_task
-    summary = train.with_options(**options)(stores, model_dir, cfg, replace_different)
+    summary = train_task.with_options(**options)(stores, model_dir, cfg, replace_different)
     artifacts.summary_markdown(
         "train-summary",
         f"Model {model_dir}",

@@ -251,6 +251,16 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def epoch_line(record: Any) -> str:
+    """The log line of a finished epoch (a ``models.train.EpochRecord``)."""
+    logs = record.logs
+    return (
+        f"epoch {record.epoch}/{record.total_epochs} {record.phase}: loss {logs['loss']:.4f} "
+        f"auc {logs['auc']:.4f} val_loss {logs['val_loss']:.4f} val_auc {logs['val_auc']:.4f} "
+        f"({logs['seconds']:.0f} s)" + (" best" if record.improved else "")
+    )
+
+
 def _report(**fields: Any) -> None:
     print(json.dumps(fields), flush=True)
 
@@ -264,15 +274,6 @@ def main() -> int:
     spec = WorkerSpec(**json.load(sys.stdin))
     model_dir = Path(spec.model_dir)
 
-    def on_epoch(record: Any) -> None:
-        logs = record.logs
-        _report(
-            log=f"epoch {record.epoch}/{record.total_epochs} {record.phase}: "
-            f"loss {logs['loss']:.4f} auc {logs['auc']:.4f} val_loss {logs['val_loss']:.4f} "
-            f"val_auc {logs['val_auc']:.4f} ({logs['seconds']:.0f} s)"
-            + (" best" if record.improved else "")
-        )
-
     try:
         cfg = WsiflowConfig.model_validate(spec.config)
         result = train_classifier(
@@ -281,7 +282,7 @@ def main() -> int:
             cfg.training,
             config=spec.config,
             replace_different=spec.replace_different,
-            on_epoch=on_epoch,
+            on_epoch=lambda record: _report(log=epoch_line(record)),
             hold=lambda: held(model_dir, spec.command, lambda line: _report(log=line), "model"),
             cluster=dataclasses.replace(
                 training_cluster(spec.cluster, spec.index), resume_hint="run the flow again"
