@@ -59,13 +59,14 @@ from pipeline.tiling.plan import SlideJob, plan_slide
 TILE = 256
 
 
-def make_slide(path: Path, size: int) -> None:
-    """A size x size slide whose tissue tiles cycle through 64 distinct rendered tiles.
+def make_slide(path: Path, size: int, height: int | None = None) -> None:
+    """A size x size (or size x height) slide whose tissue tiles cycle through 64 rendered tiles.
 
     Rendering every tile of a 40k slide procedurally would take minutes; the
     JPEG content (what decoding costs) is real H&E-like texture either way.
     """
-    scene = make_scene(size, size, 0.243, seed=4, tumor=True)
+    height = size if height is None else height
+    scene = make_scene(size, height, 0.243, seed=4, tumor=True)
     donor = make_scene(4096, 4096, 0.243, seed=4, tumor=True)
     pool = []
     cx, cy = donor.pieces[0].center_xy
@@ -80,7 +81,7 @@ def make_slide(path: Path, size: int) -> None:
             return background[:h, :w]
         return pool[((x0 // TILE) * 7 + (y0 // TILE) * 13) % len(pool)][:h, :w]
 
-    write_pyramid_tiff(path, size, size, render, mpp=0.243, tile_px=TILE, jpeg_quality=80)
+    write_pyramid_tiff(path, size, height, render, mpp=0.243, tile_px=TILE, jpeg_quality=80)
 
 
 def stored_tile(fd: int, page: tifffile.TiffPage, x: int, y: int) -> tuple[int, bytes]:
