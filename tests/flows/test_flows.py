@@ -241,8 +241,8 @@ def test_train_flow_runs_one_training_process_per_worker_of_a_dask_cluster(
     anything is made; 2 train one model (global batch 2 x 16) whose epochs
     reach the flow's log; the cluster is left as it was, no temporary
     folder of wsiflow's is left behind, and a second run is cached. A
-    training process killed mid-run fails the flow in one line, and the
-    next run resumes.
+    killed chief fails the flow in one line (from worker 1), and the next
+    run takes over its lock and resumes.
     """
     from distributed import Client
     from prefect import get_client
@@ -307,14 +307,14 @@ def test_train_flow_runs_one_training_process_per_worker_of_a_dask_cluster(
         assert list(task_states(again.state_details.flow_run_id).values()) == ["Cached"]
         assert again.result()["val_auc"] == summary["val_auc"]
 
-        # Worker 1's training process SIGKILLed after the first epoch: one line, then a resume.
+        # The chief's training process SIGKILLed after the first epoch: one line, then a resume.
         model = tmp_path / "m2"
         config = write_config(
             tmp_path / "longer.yaml",
             "training:\n  backbone: small_cnn\n  head_epochs: 6\n  fine_tune_epochs: 0\n"
             "  steps_per_epoch: 20\n  batch_per_replica: 16\n  validation_max_patches: 256\n",
         )
-        killer = threading.Thread(target=_kill_training_worker, args=(1, model), daemon=True)
+        killer = threading.Thread(target=_kill_training_worker, args=(0, model), daemon=True)
         killer.start()
         state = train(2)
         killer.join()
