@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from distributed import Client, Event, as_completed
+from distributed import Client, Event
 
 from pipeline.config import WsiflowConfig
 from pipeline.errors import ConfigError, FileError, TrainingClusterError, WsiflowError
@@ -53,6 +53,7 @@ class WorkerSpec:
     cluster: str  # HOST:PORT,HOST:PORT,... in worker order
     index: int
     command: str  # names the run in the model directory's lock
+    parent_pid: int = 0  # the Dask worker's process, set by the task that starts this one
 
 
 def train_on_dask(
@@ -116,41 +117,58 @@ def train_on_dask(
     ]
     outcomes: dict[int, dict[str, Any]] = {}
     try:
-        for future in as_completed(futures, loop=client.loop):
-            outcome = _outcome(futures.index(future), future)
-            outcomes[outcome["index"]] = outcome
-            if outcome["error"] is not None:
-                break
+        while len(outcomes) < len(futures) and not _failed(outcomes):
+            _collect(client, futures, chosen, outcomes)
+            time.sleep(1)
         if len(outcomes) < len(futures):
-            # One failed: the others fail on their own (the chief names the lost worker) or
+            # One failed: the others fail on their own (a survivor names the lost worker) or
             # wait for its all-reduce, so they are stopped after a grace period.
-            pending = [f for i, f in enumerate(futures) if i not in outcomes]
-            _wait(pending, STOP_GRACE_S)
+            deadline = time.monotonic() + STOP_GRACE_S
+            while len(outcomes) < len(futures) and time.monotonic() < deadline:
+                _collect(client, futures, chosen, outcomes)
+                time.sleep(1)
             stop.set()
-            _wait(pending, STOP_GRACE_S)
-            for future in pending:
-                if future.done():
-                    outcome = _outcome(futures.index(future), future)
-                    outcomes[outcome["index"]] = outcome
+            deadline = time.monotonic() + STOP_GRACE_S
+            while len(outcomes) < len(futures) and time.monotonic() < deadline:
+                _collect(client, futures, chosen, outcomes)
+                time.sleep(1)
     finally:
         stop.set()
         client.unsubscribe_topic(topic)
         client.cancel([f for f in futures if not f.done()])
     # The line a process gave (the chief's first) says more than an exit code.
-    failed = sorted(
-        (o for o in outcomes.values() if o["error"] is not None),
-        key=lambda o: (o["path"] is None, o["index"]),
-    )
+    failed = sorted(_failed(outcomes), key=lambda o: (o["path"] is None, o["index"]))
     if failed:
         raise TrainingClusterError(failed[0]["path"] or model_dir, failed[0]["error"])
     return outcomes[0]["summary"]
 
 
-def _wait(futures: list[Any], timeout_s: float) -> None:
-    """Until every future is done or ``timeout_s`` has passed (no default client needed)."""
-    deadline = time.monotonic() + timeout_s
-    while not all(f.done() for f in futures) and time.monotonic() < deadline:
-        time.sleep(0.5)
+def _failed(outcomes: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    return [o for o in outcomes.values() if o["error"] is not None]
+
+
+def _collect(
+    client: Client, futures: list[Any], chosen: list[str], outcomes: dict[int, dict[str, Any]]
+) -> None:
+    """Add the outcome of every finished task, and a lost one for a Dask worker that left.
+
+    A task pinned to a worker that died (and came back under another
+    address) would wait for it forever: its training process died with it.
+    """
+    present = set(client.scheduler_info()["workers"])
+    for index, future in enumerate(futures):
+        if index in outcomes:
+            continue
+        if future.done():
+            outcomes[index] = _outcome(index, future)
+        elif chosen[index] not in present:
+            outcomes[index] = {
+                "index": index,
+                "summary": None,
+                "path": None,
+                "error": f"training worker {index}'s Dask worker ({chosen[index]}) left the "
+                "cluster (killed, or out of memory); run the flow again to resume",
+            }
 
 
 def _outcome(index: int, future: Any) -> dict[str, Any]:
@@ -205,10 +223,9 @@ def run_training_process(spec: WorkerSpec, stop_name: str, topic: str) -> dict[s
             stderr=err,
             env=env,
             text=True,
-            preexec_fn=_die_with_parent,
         )
         stdin: Any = process.stdin  # a pipe: stdin=PIPE
-        stdin.write(json.dumps(dataclasses.asdict(spec)))
+        stdin.write(json.dumps(dataclasses.asdict(spec) | {"parent_pid": os.getpid()}))
         stdin.close()  # the spec, then end of input
         reports, position, stopped = [], 0, False
         while True:
@@ -242,13 +259,19 @@ def run_training_process(spec: WorkerSpec, stop_name: str, topic: str) -> dict[s
     return {"index": spec.index, "summary": summary, "path": path, "error": error}
 
 
-def _die_with_parent() -> None:
-    """The training process gets SIGKILL if its Dask worker dies (Linux), not left orphaned."""
+def _die_with_parent(parent_pid: int) -> None:
+    """This process gets SIGKILL when its Dask worker dies (Linux), not left orphaned.
+
+    Set here rather than in ``preexec_fn``, which can deadlock a threaded
+    parent; a worker already gone by now is checked by its pid.
+    """
     if sys.platform.startswith("linux"):
         import ctypes
 
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def epoch_line(record: Any) -> str:
@@ -272,6 +295,7 @@ def main() -> int:
     from pipeline.outputs import held
 
     spec = WorkerSpec(**json.load(sys.stdin))
+    _die_with_parent(spec.parent_pid)
     model_dir = Path(spec.model_dir)
 
     try:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import threading
 import time
 from pathlib import Path
@@ -241,8 +243,9 @@ def test_train_flow_runs_one_training_process_per_worker_of_a_dask_cluster(
     anything is made; 2 train one model (global batch 2 x 16) whose epochs
     reach the flow's log; the cluster is left as it was, no temporary
     folder of wsiflow's is left behind, and a second run is cached. A
-    killed chief fails the flow in one line (from worker 1), and the next
-    run takes over its lock and resumes.
+    killed Dask worker takes its training process (the chief) with it, the
+    flow fails in one line from worker 1, and the next run takes over the
+    dead chief's lock and resumes.
     """
     from distributed import Client
     from prefect import get_client
@@ -307,14 +310,18 @@ def test_train_flow_runs_one_training_process_per_worker_of_a_dask_cluster(
         assert list(task_states(again.state_details.flow_run_id).values()) == ["Cached"]
         assert again.result()["val_auc"] == summary["val_auc"]
 
-        # The chief's training process SIGKILLed after the first epoch: one line, then a resume.
+        # The chief's Dask worker SIGKILLed after the first epoch (a machine lost): its
+        # training process dies with it, worker 1 says so in one line, the next run resumes.
         model = tmp_path / "m2"
         config = write_config(
             tmp_path / "longer.yaml",
             "training:\n  backbone: small_cnn\n  head_epochs: 6\n  fine_tune_epochs: 0\n"
-            "  steps_per_epoch: 20\n  batch_per_replica: 16\n  validation_max_patches: 256\n",
+            "  steps_per_epoch: 20\n  batch_per_replica: 16\n  validation_max_patches: 256\n"
+            "  early_stopping_patience: 6\n",  # all 6 epochs run, whatever validation does
         )
-        killer = threading.Thread(target=_kill_training_worker, args=(0, model), daemon=True)
+        with Client(address, set_as_default=False) as client:
+            chief_worker = client.run(os.getpid, workers=workers[:1])[workers[0]]
+        killer = threading.Thread(target=_kill_when_committed, args=(chief_worker, model))
         killer.start()
         state = train(2)
         killer.join()
@@ -327,24 +334,31 @@ def test_train_flow_runs_one_training_process_per_worker_of_a_dask_cluster(
             str(error.value),
         ), str(error.value)
         assert not (model / "wsiflow_model.json").exists()  # nothing looks finished
+        assert _training_processes() == []  # none orphaned, none left waiting
+        with Client(address, set_as_default=False) as client:
+            client.wait_for_workers(2, timeout=120)  # the nanny restarted the killed one
         resumed = train(2).result()
         assert resumed["resumed_at_epoch"] >= 1 and resumed["epochs_run"] == 6
         assert [p for p in worker_tmp.iterdir() if p.name.startswith("wsiflow")] == []
 
 
-def _kill_training_worker(index: int, model: Path) -> None:
-    """SIGKILL training process ``index`` once the chief has committed an epoch to ``model``."""
+def _training_processes() -> list:
     import psutil
 
+    return [
+        p for p in psutil.process_iter(["cmdline"])
+        if "flows.train_workers" in (p.info["cmdline"] or [])
+    ]  # fmt: skip
+
+
+def _kill_when_committed(pid: int, model: Path) -> None:
+    """SIGKILL process ``pid`` once the chief has committed an epoch to ``model``."""
     deadline = time.monotonic() + 300
     while not (model / "checkpoints" / "state.json").is_file():
         if time.monotonic() > deadline:
             return
         time.sleep(0.05)
-    for process in psutil.process_iter(["cmdline"]):
-        cmdline = process.info["cmdline"] or []
-        if "flows.train_workers" in cmdline and cmdline[-1] == str(index):
-            process.kill()
+    os.kill(pid, signal.SIGKILL)
 
 
 def test_tile_and_train_flows_on_an_object_store(
