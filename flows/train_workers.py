@@ -235,6 +235,8 @@ def run_training_process(spec: WorkerSpec, stop_name: str, topic: str) -> dict[s
             complete = lines if finished else lines[: lines.rfind("\n") + 1]
             position += len(complete)
             for line in complete.splitlines():
+                if not line.startswith('{"'):  # a library's own print, not a report
+                    continue
                 report = json.loads(line)
                 reports.append(report)
                 if "log" in report and spec.index == 0:
