@@ -126,3 +126,24 @@ def test_gpu_script_says_in_one_line_that_there_is_no_gpu(tmp_path):
         "error: no NVIDIA GPU here (nvidia-smi finds none); run this on a machine with one\n"
     )
     assert not results.exists()
+
+
+def test_the_stages_reach_models_through_one_seam():
+    """Only pipeline/inference/predict.py imports ``models`` (the CLI, a front end, may too)."""
+    import ast
+
+    importers = set()
+    for path in sorted((ROOT / "pipeline").rglob("*.py")):
+        if "cli" in path.relative_to(ROOT / "pipeline").parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = (
+                [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and node.level == 0
+                else [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else []
+            )
+            if any(n == "models" or n.startswith("models.") for n in names):
+                importers.add(str(path.relative_to(ROOT)))
+    assert importers == {"pipeline/inference/predict.py"}

@@ -4,6 +4,11 @@ Tasks receive a slide path, the model directory and plain numbers, and open
 the slide and the model inside the worker: each worker process loads the
 model once (:func:`models.predict.cached_predictor`) and each worker thread
 keeps its slides open (:mod:`pipeline.tiling.extract`).
+
+The one seam between the stages and ``models``: :func:`model_spec` reads a
+model directory's metadata and :func:`load_predictor` loads its model, both
+through ``models`` (imported lazily: tiling and evaluation never load
+TensorFlow). No other module of ``pipeline``'s stages imports ``models``.
 """
 
 from __future__ import annotations
@@ -182,12 +187,23 @@ def predict_block(block: Block) -> np.ndarray:
     this thread predicts, so decoding overlaps the model and at most
     ``queue_batches + reader_threads + 1`` batches are in memory.
     """
-    from models.predict import cached_predictor
-
-    predictor = cached_predictor(
+    predictor = load_predictor(
         block.model_dir, batch_size=block.batch_size, threads=block.tf_threads
     )
     return predict_streamed(predictor, block)
+
+
+def load_predictor(
+    model_dir: Path | str, *, batch_size: int, threads: int | None = None
+) -> Callable[[np.ndarray], np.ndarray]:
+    """This process's predictor of ``model_dir``: ``(N, px, px, 3)`` uint8 -> ``(N,)`` float32.
+
+    Loaded once per process (:func:`models.predict.cached_predictor`);
+    :class:`ModelError` for a model that cannot be loaded.
+    """
+    from models.predict import cached_predictor
+
+    return cached_predictor(model_dir, batch_size=batch_size, threads=threads)
 
 
 def predict_streamed(predictor: Callable[[np.ndarray], np.ndarray], block: Block) -> np.ndarray:

@@ -69,8 +69,7 @@ def predict_images(
 
     Raises :class:`pipeline.errors.ModelError` for an unusable model directory.
     """
-    from models.predict import cached_predictor  # the model side, as predict_block loads it
-    from pipeline.inference.predict import model_spec
+    from pipeline.inference.predict import load_predictor, model_spec
 
     spec = model_spec(model_dir)
     predictor = None
@@ -90,7 +89,7 @@ def predict_images(
         if not batch:
             continue
         if predictor is None:
-            predictor = cached_predictor(model_dir, batch_size=min(BATCH, len(paths)))
+            predictor = load_predictor(model_dir, batch_size=min(BATCH, len(paths)))
         for result, probability in zip(waiting, predictor(np.stack(batch)), strict=True):
             result.probability = float(probability)
     return results
