@@ -191,6 +191,15 @@ class InferenceConfig(_Section):
         1, ge=1, le=64, description="threads reading patches per worker (2-4 to feed a GPU)"
     )
     detection_threshold: float = Field(0.5, gt=0, lt=1)
+    detection: Literal["regions", "maxima"] = Field(
+        "regions",
+        description="regions: one detection per connected region above the threshold; "
+        "maxima: local maxima at least detection_min_distance_um apart (non-maximum "
+        "suppression, as the CAMELYON16 winners)",
+    )
+    detection_min_distance_um: float = Field(
+        200.0, gt=0, description="maxima: the closest two detections may be, in µm"
+    )
     min_tissue_fraction: float | None = Field(
         None, ge=0, le=1, description="None: the value the model's patches were tiled with"
     )

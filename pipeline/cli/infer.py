@@ -48,6 +48,18 @@ def infer(
     threshold: Annotated[
         float | None, typer.Option("--threshold", help="Heatmap probability for detections.")
     ] = None,
+    detection: Annotated[
+        str | None,
+        typer.Option(
+            "--detection",
+            help="regions (one per connected region) or maxima (local maxima at least "
+            "--min-distance-um apart).",
+        ),
+    ] = None,
+    min_distance_um: Annotated[
+        float | None,
+        typer.Option("--min-distance-um", help="maxima: closest two detections, in µm."),
+    ] = None,
     batch_size: Annotated[
         int | None, typer.Option("--batch-size", help="Patches per prediction batch.")
     ] = None,
@@ -85,6 +97,8 @@ def infer(
                 "inference.stride_px": stride,
                 "inference.slide_mpp": slide_mpp,
                 "inference.detection_threshold": threshold,
+                "inference.detection": detection,
+                "inference.detection_min_distance_um": min_distance_um,
                 "inference.batch_size": batch_size,
                 "inference.workers": workers,
                 "orchestration.scheduler": scheduler,

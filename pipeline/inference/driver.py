@@ -23,12 +23,14 @@ import numpy as np
 from pipeline import __version__
 from pipeline.config import InferenceConfig
 from pipeline.engine import Task, drive, failures, worker_count
-from pipeline.errors import ModelError, failure_reason
+from pipeline.errors import ModelError, SlideError, failure_reason
 from pipeline.identity import file_identity, fingerprint, slide_id_of, split_repeated_ids
 from pipeline.inference.heatmap import (
     DEFAULT_COLOR_MAP,
+    Detections,
     HeatmapAccumulator,
     detect_lesions,
+    detect_local_maxima,
     heatmap_image,
     overlay,
     slide_score,
@@ -92,6 +94,8 @@ def slide_fingerprint(path: Path, spec: ModelSpec, config: InferenceConfig) -> s
         payload["slide_mpp"] = config.slide_mpp
     if config.color_map != DEFAULT_COLOR_MAP:  # likewise: the default keeps earlier fingerprints
         payload["color_map"] = config.color_map
+    if config.detection != "regions":  # likewise
+        payload["detection"] = [config.detection, config.detection_min_distance_um]
     return fingerprint(payload)
 
 
@@ -386,13 +390,33 @@ class _Stitching:
     accumulator: HeatmapAccumulator
 
 
+def _detect(heatmap: np.ndarray, plan: InferencePlan, config: InferenceConfig) -> Detections:
+    """The slide's detections by ``config.detection``: connected regions or local maxima."""
+    if config.detection == "regions":
+        return detect_lesions(heatmap, plan.grid, config.detection_threshold)
+    res = plan.resolution
+    if res.level_mpp is None:
+        raise SlideError(
+            plan.path,
+            "lesion detection by local maxima needs the slide's µm/px, which it does not "
+            "record: give --slide-mpp, or use inference.detection: regions",
+        )
+    level0_mpp = res.level_mpp / res.downsample
+    return detect_local_maxima(
+        heatmap,
+        plan.grid,
+        config.detection_threshold,
+        config.detection_min_distance_um / level0_mpp,
+    )
+
+
 def _write_slide(
     out_dir: Path, stitching: _Stitching, spec: ModelSpec, config: InferenceConfig, seconds: float
 ) -> SlideInference:
     """Write a stitched slide's heatmap, detections, images and score; its result."""
     plan = stitching.plan
     heatmap = stitching.accumulator.heatmap()
-    detections = detect_lesions(heatmap, plan.grid, config.detection_threshold)
+    detections = _detect(heatmap, plan, config)
     score = slide_score(heatmap)
     size = plan.thumbnail.shape[1], plan.thumbnail.shape[0]
     heatmap_png = heatmap_image(heatmap, plan.grid, plan.level0_wh, size, config.color_map)
@@ -402,6 +426,12 @@ def _write_slide(
         "model": spec.identity,
         "score": score,
         "detection_threshold": config.detection_threshold,
+        "detection": config.detection,
+        **(
+            {"detection_min_distance_um": config.detection_min_distance_um}
+            if config.detection == "maxima"
+            else {}
+        ),
         "wsiflow_version": __version__,
     }
     write_slide_outputs(

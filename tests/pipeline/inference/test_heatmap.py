@@ -10,6 +10,7 @@ from pipeline.inference.heatmap import (
     HeatmapAccumulator,
     colorize,
     detect_lesions,
+    detect_local_maxima,
     heatmap_grid,
     heatmap_image,
     overlay,
@@ -57,6 +58,31 @@ def test_one_detection_per_connected_region_at_its_peak():
     assert len(detect_lesions(np.zeros((3, 3)), grid, threshold=0.5)) == 0
     with pytest.raises(ValueError, match="threshold in"):
         detect_lesions(heat, grid, threshold=1.0)
+
+
+def test_non_maximum_suppression_splits_touching_lesions_and_spaces_plateaus():
+    grid = heatmap_grid((100, 100), (1000, 1000), read_px=10, read_stride_px=10)  # 100 px cells
+    heat = np.zeros(grid.shape, dtype=np.float32)
+    heat[2, 1:7] = [0.9, 0.8, 0.7, 0.6, 0.85, 0.6]  # two peaks, one region
+    heat[9, 0:7] = 0.7  # a plateau 7 cells wide
+    heat[0, 9] = 0.4  # below the threshold
+    assert len(detect_lesions(heat, grid, threshold=0.5)) == 2  # regions: one per region
+    found = detect_local_maxima(heat, grid, threshold=0.5, min_distance_level0_px=250)
+    # 0.9 at (2, 1); 0.85 at (2, 5), 400 px away; the plateau from its first cell, every 300 px.
+    np.testing.assert_allclose(found.confidence, [0.9, 0.85, 0.7, 0.7, 0.7], rtol=1e-6)
+    np.testing.assert_array_equal(
+        found.level0_xy, [[150, 250], [550, 250], [50, 950], [350, 950], [650, 950]]
+    )
+    np.testing.assert_array_equal(found.area_cells, [6, 6, 7, 7, 7])
+    # Farther than the peaks are apart (400 px) and the plateau is wide (600 px), nearer
+    # than the regions (707 px): one detection per region is left.
+    wide = detect_local_maxima(heat, grid, threshold=0.5, min_distance_level0_px=650)
+    np.testing.assert_array_equal(wide.level0_xy, [[150, 250], [50, 950]])
+    assert len(detect_local_maxima(np.zeros((3, 3)), grid, 0.5, 100)) == 0
+    with pytest.raises(ValueError, match="threshold in"):
+        detect_local_maxima(heat, grid, threshold=0.0, min_distance_level0_px=100)
+    with pytest.raises(ValueError, match="min_distance_level0_px=-1"):
+        detect_local_maxima(heat, grid, threshold=0.5, min_distance_level0_px=-1)
 
 
 def test_slide_score_is_the_highest_cell():

@@ -253,6 +253,33 @@ def test_overlapping_stride_doubles_the_grid_and_averages(trained_model, slides,
     assert heat.min() >= 0 and heat.max() <= 1
 
 
+def test_maxima_detection_is_recorded_and_redoes_slides_detected_by_regions(
+    trained_model, small_cohort, tmp_path
+):
+    """``--detection maxima``: the stored heatmap's NMS, at the distance in level-0 px."""
+    from pipeline.inference.heatmap import detect_local_maxima
+    from pipeline.inference.results import stored_grid
+
+    tumor = next(r for r in small_cohort.slides if r.label == "Tumor")
+    slide = small_cohort.root / tumor.image
+    out = tmp_path / "o"
+    result = run("infer", str(trained_model), str(slide), "--out", str(out), "--json")
+    assert result.returncode == 0, result.stderr
+    regions, _ = read_detections(out / "detections" / f"{slide.stem}.csv")
+    result = run("infer", str(trained_model), str(slide), "--out", str(out), "--json",
+                 "--detection", "maxima", "--min-distance-um", "60")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (row,) = last_json(result)["per_slide"]
+    assert row["status"] == "done"  # not skipped: another detection, another fingerprint
+    heat, attrs = read_heatmap(out / "heatmaps" / f"{slide.stem}.zarr")
+    assert (attrs["detection"], attrs["detection_min_distance_um"]) == ("maxima", 60.0)
+    grid = stored_grid(heat.shape, attrs)
+    expected = detect_local_maxima(heat, grid, 0.5, 60 / float(np.mean(attrs["mpp"])))
+    confidences, xy = read_detections(out / "detections" / f"{slide.stem}.csv")
+    assert len(confidences) == len(expected) > len(regions) >= 1
+    np.testing.assert_array_equal(xy, expected.level0_xy)
+
+
 def test_model_errors_name_the_directory(trained_model, slides, tmp_path):
     slide = str(next(iter(slides.values())))
     missing = run("infer", str(tmp_path / "no-model"), slide, "--out", str(tmp_path / "o"))
