@@ -117,21 +117,13 @@ def train_on_dask(
     ]
     outcomes: dict[int, dict[str, Any]] = {}
     try:
-        while len(outcomes) < len(futures) and not _failed(outcomes):
-            _collect(client, futures, chosen, outcomes)
-            time.sleep(1)
+        _collect(client, futures, chosen, outcomes, until_failure=True)
         if len(outcomes) < len(futures):
             # One failed: the others fail on their own (a survivor names the lost worker) or
             # wait for its all-reduce, so they are stopped after a grace period.
-            deadline = time.monotonic() + STOP_GRACE_S
-            while len(outcomes) < len(futures) and time.monotonic() < deadline:
-                _collect(client, futures, chosen, outcomes)
-                time.sleep(1)
+            _collect(client, futures, chosen, outcomes, timeout_s=STOP_GRACE_S)
             stop.set()
-            deadline = time.monotonic() + STOP_GRACE_S
-            while len(outcomes) < len(futures) and time.monotonic() < deadline:
-                _collect(client, futures, chosen, outcomes)
-                time.sleep(1)
+            _collect(client, futures, chosen, outcomes, timeout_s=STOP_GRACE_S)
     finally:
         stop.set()
         client.unsubscribe_topic(topic)
@@ -148,27 +140,40 @@ def _failed(outcomes: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _collect(
-    client: Client, futures: list[Any], chosen: list[str], outcomes: dict[int, dict[str, Any]]
+    client: Client,
+    futures: list[Any],
+    chosen: list[str],
+    outcomes: dict[int, dict[str, Any]],
+    *,
+    until_failure: bool = False,
+    timeout_s: float | None = None,
 ) -> None:
-    """Add the outcome of every finished task, and a lost one for a Dask worker that left.
+    """Add outcomes, once a second, until every task has one (or one failed, or time is up).
 
-    A task pinned to a worker that died (and came back under another
-    address) would wait for it forever: its training process died with it.
+    A finished task gives its own; a task whose Dask worker left the cluster
+    a lost one at once: pinned to a worker that died (and came back under
+    another address), it would wait forever, its training process died with it.
     """
-    present = set(client.scheduler_info()["workers"])
-    for index, future in enumerate(futures):
-        if index in outcomes:
-            continue
-        if future.done():
-            outcomes[index] = _outcome(index, future)
-        elif chosen[index] not in present:
-            outcomes[index] = {
-                "index": index,
-                "summary": None,
-                "path": None,
-                "error": f"training worker {index}'s Dask worker ({chosen[index]}) left the "
-                "cluster (killed, or out of memory); run the flow again to resume",
-            }
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while len(outcomes) < len(futures):
+        if until_failure and _failed(outcomes):
+            return
+        if deadline is not None and time.monotonic() >= deadline:
+            return
+        present = set(client.scheduler_info()["workers"])
+        for index, future in enumerate(futures):
+            if index in outcomes:
+                continue
+            if future.done():
+                outcomes[index] = _outcome(index, future)
+            elif chosen[index] not in present:
+                outcomes[index] = _lost(
+                    index,
+                    f"training worker {index}'s Dask worker ({chosen[index]}) left the cluster "
+                    "(killed, or out of memory); run the flow again to resume",
+                )
+        if len(outcomes) < len(futures):
+            time.sleep(1)
 
 
 def _outcome(index: int, future: Any) -> dict[str, Any]:
@@ -176,13 +181,16 @@ def _outcome(index: int, future: Any) -> dict[str, Any]:
     try:
         return future.result()
     except Exception as exc:  # its Dask worker died, or the task itself failed
-        return {
-            "index": index,
-            "summary": None,
-            "path": None,
-            "error": f"training worker {index}'s Dask task failed ({type(exc).__name__}: "
-            f"{exc}); run the flow again to resume",
-        }
+        return _lost(
+            index,
+            f"training worker {index}'s Dask task failed ({type(exc).__name__}: {exc}); "
+            "run the flow again to resume",
+        )
+
+
+def _lost(index: int, error: str) -> dict[str, Any]:
+    """The outcome of a training process that gave no line of its own."""
+    return {"index": index, "summary": None, "path": None, "error": error}
 
 
 def _free_endpoint(dask_worker: Any) -> str:
@@ -225,7 +233,9 @@ def run_training_process(spec: WorkerSpec, stop_name: str, topic: str) -> dict[s
             text=True,
         )
         stdin: Any = process.stdin  # a pipe: stdin=PIPE
-        stdin.write(json.dumps(dataclasses.asdict(spec) | {"parent_pid": os.getpid()}))
+        stdin.write(
+            json.dumps(dataclasses.asdict(dataclasses.replace(spec, parent_pid=os.getpid())))
+        )
         stdin.close()  # the spec, then end of input
         reports, position, stopped = [], 0, False
         while True:

@@ -153,7 +153,7 @@ def detect_local_maxima(
     rows, cols = np.nonzero(values >= threshold)
     order = np.lexsort((cols, rows, -values[rows, cols]))  # highest first, then row-major
     rows, cols = rows[order], cols[order]
-    centers = grid.cell_centers_level0(rows, cols).astype(np.float64)
+    centers = grid.cell_centers_level0(rows, cols)
     kept: list[int] = []
     for i in range(len(rows)):
         if kept and np.hypot(*(centers[kept] - centers[i]).T).min() < min_distance_level0_px:
@@ -164,7 +164,7 @@ def detect_local_maxima(
     area = np.bincount(regions.ravel(), minlength=int(regions.max()) + 1)
     return Detections(
         values[rows, cols],
-        grid.cell_centers_level0(rows, cols).reshape(-1, 2),
+        centers[kept].reshape(-1, 2),
         area[regions[rows, cols]].astype(np.int64),
     )
 
