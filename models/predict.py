@@ -3,7 +3,10 @@
 A :class:`Predictor` wraps the model and its own preprocessing in one traced
 function of fixed batch shape that takes uint8 patches (the cast and the
 preprocessing run inside TensorFlow, so no float copy is made in NumPy, and
-the last short batch is padded rather than retraced).
+the last short batch is padded rather than retraced). With ``tta`` it
+averages the probabilities of the 8 flips and rotations of each patch
+(test-time augmentation), one model call per view, so memory stays that of
+one batch and time is 8 times the model's.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import numpy as np
 from .saved import MODEL_FILE, load_model_dir
 
 _cache_lock = threading.Lock()
-_cache: dict[tuple[str, int, int, int], Predictor] = {}
+_cache: dict[tuple[str, int, int, int, bool], Predictor] = {}
 
 
 def configure_threads(threads: int | None) -> None:
@@ -52,10 +55,20 @@ def _pin_worker_gpu(tf) -> None:
     tf.config.set_visible_devices(gpus[index % len(gpus)], "GPU")
 
 
-class Predictor:
-    """Tumor probability of ``(n, P, P, 3)`` uint8 patches; ``metadata`` of the model directory."""
+def dihedral_views(x):
+    """The 8 symmetries of the square of ``(n, P, P, C)`` images: 4 rotations, each mirrored."""
+    import tensorflow as tf
 
-    def __init__(self, model_dir: Path | str, *, batch_size: int = 64):
+    return [tf.image.rot90(view, k) for view in (x, tf.reverse(x, axis=[2])) for k in range(4)]
+
+
+class Predictor:
+    """Tumor probability of ``(n, P, P, 3)`` uint8 patches; ``metadata`` of the model directory.
+
+    ``tta``: the mean probability of the patch's 8 flips and rotations.
+    """
+
+    def __init__(self, model_dir: Path | str, *, batch_size: int = 64, tta: bool = False):
         import tensorflow as tf
 
         from .classifier import preprocess_fn
@@ -64,6 +77,7 @@ class Predictor:
         self.model, self.metadata = load_model_dir(self.model_dir)
         self.patch_px = int(self.metadata["patch_px"])
         self.batch_size = batch_size
+        self.tta = tta
         preprocess = preprocess_fn(self.metadata["preprocessing"])
         model = self.model
         spec = tf.TensorSpec([batch_size, self.patch_px, self.patch_px, 3], tf.uint8)
@@ -71,7 +85,9 @@ class Predictor:
         @tf.function(input_signature=[spec])
         def probabilities(patches):
             x = preprocess(tf.cast(patches, tf.float32))
-            return tf.reshape(tf.cast(model(x, training=False), tf.float32), [-1])
+            views = dihedral_views(x) if tta else [x]
+            total = tf.add_n([tf.cast(model(v, training=False), tf.float32) for v in views])
+            return tf.reshape(total / len(views), [-1])
 
         self._fn = probabilities
 
@@ -91,21 +107,21 @@ class Predictor:
 
 
 def cached_predictor(
-    model_dir: Path | str, *, batch_size: int = 64, threads: int | None = None
+    model_dir: Path | str, *, batch_size: int = 64, threads: int | None = None, tta: bool = False
 ) -> Predictor:
     """This process's :class:`Predictor` of ``model_dir`` (loaded once; reloaded if it changed)."""
     path = Path(model_dir).resolve()
     try:
         stat = (path / MODEL_FILE).stat()
-        key = (str(path), stat.st_size, stat.st_mtime_ns, batch_size)
+        key = (str(path), stat.st_size, stat.st_mtime_ns, batch_size, tta)
     except OSError:
-        key = (str(path), -1, -1, batch_size)  # load_model_dir reports what is missing
+        key = (str(path), -1, -1, batch_size, tta)  # load_model_dir reports what is missing
     with _cache_lock:
         predictor = _cache.get(key)
         if predictor is None:
             configure_threads(threads)
             _cache.clear()  # one model per process: a changed model replaces the old one
-            predictor = _cache[key] = Predictor(path, batch_size=batch_size)
+            predictor = _cache[key] = Predictor(path, batch_size=batch_size, tta=tta)
     return predictor
 
 

@@ -203,6 +203,11 @@ class InferenceConfig(_Section):
     min_tissue_fraction: float | None = Field(
         None, ge=0, le=1, description="None: the value the model's patches were tiled with"
     )
+    tta: bool = Field(
+        False,
+        description="test-time augmentation: each patch's probability is the mean over its "
+        "8 flips and rotations (8x the model's time)",
+    )
     color_map: Literal["tumor", "redgreen"] = Field(
         "tumor",
         description="heatmap PNGs and overlays: tumor (clear, then amber to red) or redgreen "

@@ -32,6 +32,15 @@ from pipeline.cli._common import (
 )
 from pipeline.errors import ConfigError, WsiflowError
 
+TtaOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--tta/--no-tta",
+        help="Test-time augmentation: the mean over each patch's 8 flips and rotations "
+        "(8x the model's time).",
+    ),
+]
+
 
 @app.command()
 def infer(
@@ -63,6 +72,7 @@ def infer(
     batch_size: Annotated[
         int | None, typer.Option("--batch-size", help="Patches per prediction batch.")
     ] = None,
+    tta: TtaOption = None,
     scheduler: SchedulerOption = None,
     workers: Annotated[
         int | None,
@@ -100,6 +110,7 @@ def infer(
                 "inference.detection": detection,
                 "inference.detection_min_distance_um": min_distance_um,
                 "inference.batch_size": batch_size,
+                "inference.tta": tta,
                 "inference.workers": workers,
                 "orchestration.scheduler": scheduler,
             },
@@ -512,6 +523,7 @@ def predict(
     threshold: Annotated[
         float, typer.Option("--threshold", min=0.0, max=1.0, help="Probability called tumor.")
     ] = 0.5,
+    tta: TtaOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Tumor probability of single patch images, as fastai's learn.predict.
@@ -530,7 +542,7 @@ def predict(
     if not paths:
         _fail_usage(reporter, ValueError(f"no images in {', '.join(map(str, images))}"), "predict")
     try:
-        results = predict_images(model, paths, resize=resize)
+        results = predict_images(model, paths, resize=resize, tta=bool(tta))
     except WsiflowError as exc:  # the model directory
         _fail_data(reporter, exc, "predict")
     table = Table(title=f"{model}: tumor probability")

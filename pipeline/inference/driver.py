@@ -96,6 +96,8 @@ def slide_fingerprint(path: Path, spec: ModelSpec, config: InferenceConfig) -> s
         payload["color_map"] = config.color_map
     if config.detection != "regions":  # likewise
         payload["detection"] = [config.detection, config.detection_min_distance_um]
+    if config.tta:  # likewise
+        payload["tta"] = True
     return fingerprint(payload)
 
 
@@ -252,6 +254,7 @@ class _Inferring:
                 queue_batches=config.queue_batches,
                 reader_threads=config.reader_threads,
                 tf_threads=self.tf_threads,
+                tta=config.tta,
             )
             for start in range(0, n, step)
         ]
@@ -427,6 +430,7 @@ def _write_slide(
         "score": score,
         "detection_threshold": config.detection_threshold,
         "detection": config.detection,
+        "tta": config.tta,
         **(
             {"detection_min_distance_um": config.detection_min_distance_um}
             if config.detection == "maxima"

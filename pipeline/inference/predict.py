@@ -178,6 +178,7 @@ class Block:
     queue_batches: int
     reader_threads: int = 1
     tf_threads: int | None = None  # None: TensorFlow's own default
+    tta: bool = False  # the mean of each patch's 8 flips and rotations
 
 
 def predict_block(block: Block) -> np.ndarray:
@@ -188,22 +189,23 @@ def predict_block(block: Block) -> np.ndarray:
     ``queue_batches + reader_threads + 1`` batches are in memory.
     """
     predictor = load_predictor(
-        block.model_dir, batch_size=block.batch_size, threads=block.tf_threads
+        block.model_dir, batch_size=block.batch_size, threads=block.tf_threads, tta=block.tta
     )
     return predict_streamed(predictor, block)
 
 
 def load_predictor(
-    model_dir: Path | str, *, batch_size: int, threads: int | None = None
+    model_dir: Path | str, *, batch_size: int, threads: int | None = None, tta: bool = False
 ) -> Callable[[np.ndarray], np.ndarray]:
     """This process's predictor of ``model_dir``: ``(N, px, px, 3)`` uint8 -> ``(N,)`` float32.
 
     Loaded once per process (:func:`models.predict.cached_predictor`);
-    :class:`ModelError` for a model that cannot be loaded.
+    :class:`ModelError` for a model that cannot be loaded. ``tta``: each
+    probability is the mean over the patch's 8 flips and rotations.
     """
     from models.predict import cached_predictor
 
-    return cached_predictor(model_dir, batch_size=batch_size, threads=threads)
+    return cached_predictor(model_dir, batch_size=batch_size, threads=threads, tta=tta)
 
 
 def predict_streamed(predictor: Callable[[np.ndarray], np.ndarray], block: Block) -> np.ndarray:

@@ -63,9 +63,11 @@ def load_patch(path: Path, patch_px: int, *, resize: bool) -> tuple[np.ndarray, 
 
 
 def predict_images(
-    model_dir: Path | str, paths: Sequence[Path], *, resize: bool = False
+    model_dir: Path | str, paths: Sequence[Path], *, resize: bool = False, tta: bool = False
 ) -> list[ImagePrediction]:
     """Predict every image in ``paths`` (in order) with the model in ``model_dir``.
+
+    ``tta``: each probability is the mean over the image's 8 flips and rotations.
 
     Raises :class:`pipeline.errors.ModelError` for an unusable model directory.
     """
@@ -89,7 +91,7 @@ def predict_images(
         if not batch:
             continue
         if predictor is None:
-            predictor = load_predictor(model_dir, batch_size=min(BATCH, len(paths)))
+            predictor = load_predictor(model_dir, batch_size=min(BATCH, len(paths)), tta=tta)
         for result, probability in zip(waiting, predictor(np.stack(batch)), strict=True):
             result.probability = float(probability)
     return results

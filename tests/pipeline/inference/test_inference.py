@@ -280,6 +280,39 @@ def test_maxima_detection_is_recorded_and_redoes_slides_detected_by_regions(
     np.testing.assert_array_equal(xy, expected.level0_xy)
 
 
+def test_tta_cells_are_the_mean_of_the_eight_flips_and_rotations(
+    inferred, slides, trained_model, tmp_path
+):
+    """``--tta``: each cell averages the model over the patch's dihedral group, order-free."""
+    slide_id = "tumor_001" if "tumor_001" in slides else sorted(slides)[0]
+    out = tmp_path / "o"
+    result = run("infer", str(trained_model), str(slides[slide_id]), "--out", str(out), "--json",
+                 "--tta")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    heat, attrs = read_heatmap(out / "heatmaps" / f"{slide_id}.zarr")
+    plain, _ = read_heatmap(inferred[0] / "heatmaps" / f"{slide_id}.zarr")
+    assert attrs["tta"] is True and np.array_equal(heat > 0, plain > 0)
+    rows, cols = np.nonzero(heat)
+    pick = np.random.default_rng(1).choice(len(rows), size=8, replace=False)
+    cell_x, cell_y = attrs["level0_cell_px"]
+    with open_slide(slides[slide_id], direct=False) as reader:
+        patches = np.stack(
+            [
+                reader.read_region((round(cols[i] * cell_x), round(rows[i] * cell_y)), 0, (64, 64))
+                for i in pick
+            ]
+        )
+    views = [np.rot90(p, k, axes=(1, 2)) for p in (patches, patches[:, :, ::-1]) for k in range(4)]
+    plain_predictor = Predictor(trained_model, batch_size=8)
+    expected = np.mean([plain_predictor(np.ascontiguousarray(v)) for v in views], axis=0)
+    np.testing.assert_allclose(heat[rows[pick], cols[pick]], expected, atol=1e-5)
+    assert not np.allclose(expected, plain[rows[pick], cols[pick]], atol=1e-3)
+    # The 8 views are a group: any of them as input gives the same mean.
+    tta = Predictor(trained_model, batch_size=8, tta=True)
+    for view in views[1:]:
+        np.testing.assert_allclose(tta(np.ascontiguousarray(view)), expected, atol=1e-5)
+
+
 def test_model_errors_name_the_directory(trained_model, slides, tmp_path):
     slide = str(next(iter(slides.values())))
     missing = run("infer", str(tmp_path / "no-model"), slide, "--out", str(tmp_path / "o"))
