@@ -21,6 +21,7 @@ from flows import artifacts
 from flows.evaluate import evaluate_flow
 from flows.infer import infer_flow
 from flows.runtime import load
+from flows.slide_classifier import slide_classifier_flow
 from flows.tile import tile_flow
 from flows.train import train_flow
 from pipeline.store.patch_store import location
@@ -37,6 +38,10 @@ def camelyon_flow(
 ) -> dict[str, Any]:
     """Tile the training slides, train, infer the test slides (heatmaps) and evaluate them.
 
+    With ``slide_classifier.enabled``, a slide classifier fitted on
+    out-of-fold heatmaps of the training slides (:mod:`flows.slide_classifier`)
+    scores the test slides.
+
     Each stage is a subflow (its own Dask cluster where it maps over
     slides); every stage skips or serves from cache what an earlier run
     finished. ``extra_slides`` (e.g. real slides without a reference) are
@@ -46,7 +51,7 @@ def camelyon_flow(
     path or an fsspec URL (``s3://bucket/cohort.zarr``).
     """
     logger = get_run_logger()
-    load(config, settings)  # a bad config fails here, before any stage runs
+    cfg = load(config, settings)  # a bad config fails here, before any stage runs
     root_dir, out = Path(root), Path(out_dir)
     training, testing = root_dir / "training", root_dir / "testing"
     for needed in (training, testing / "images"):
@@ -75,10 +80,20 @@ def camelyon_flow(
         raise ValueError(f"{store}: no tumor patches, so no classifier can be trained")
     model_dir = str(out / "model")
     stage("train", lambda: train_flow([store], model_dir, config, settings, True))
+    test_settings = settings
+    if cfg.slide_classifier.enabled:
+        labelled = _labelled(tiled["per_slide"], training)
+        stage(
+            "slide_classifier",
+            lambda: slide_classifier_flow(
+                store, model_dir, labelled, str(out / "slide_classifier"), config, settings
+            ),
+        )
+        test_settings = {**(settings or {}), "inference.slide_score": "classifier"}
     inference = str(out / "inference")
     inferred = stage(
         "infer",
-        lambda: infer_flow(model_dir, [str(testing / "images")], inference, config, settings),
+        lambda: infer_flow(model_dir, [str(testing / "images")], inference, config, test_settings),
     )
     reference = testing / "reference.csv"
     if inferred["done"] + inferred["skipped"] and reference.is_file():
@@ -107,6 +122,23 @@ def camelyon_flow(
     return summary
 
 
+def _labelled(per_slide: list[dict[str, Any]], training: Path) -> list[dict[str, Any]]:
+    """The tiled training slides under ``tumor/`` or ``normal/``, labelled by that folder."""
+    labelled = []
+    for row in per_slide:
+        if row["status"] == "failed":
+            continue
+        try:
+            folder = Path(row["path"]).relative_to(training).parts[0].lower()
+        except ValueError:
+            continue
+        if folder in ("tumor", "normal"):
+            labelled.append(
+                {"slide_id": row["slide_id"], "path": row["path"], "tumor": folder == "tumor"}
+            )
+    return labelled
+
+
 def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     """What a user looks for after a run, and where the files are."""
     rows = []
@@ -123,6 +155,15 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
             "model",
             f"{train['backbone']}, validation AUC {train['val_auc']:.4f} "
             f"(epoch {train['best_epoch']}) in {train['model_dir']}",
+        ))  # fmt: skip
+    classifier = summary.get("slide_classifier")
+    if classifier:
+        auc = classifier["out_of_fold_auc"]
+        rows.append((
+            "slide classifier",
+            f"{classifier['kind']} on {classifier['slides']} heatmaps of training slides "
+            f"({classifier['folds']} folds, {classifier['in_sample']} in-sample); its own "
+            f"out-of-fold AUC {'undefined' if auc is None else f'{auc:.4f}'}",
         ))  # fmt: skip
     infer = summary.get("infer")
     if infer:

@@ -90,7 +90,8 @@ def infer_slides_flow(
 
     logger = get_run_logger()
     inference = cfg.inference
-    spec = model_spec(model_dir, inference.min_tissue_fraction)  # ModelError: the flow fails
+    # ModelError: the flow fails
+    spec = model_spec(model_dir, inference.min_tissue_fraction, inference.slide_score)
     out = claim_folder(out_dir, "inference")  # never a folder of the user's
     threads = tf_threads(inference, cfg.orchestration)
     submitted, duplicates = unique_slides(find_slides([Path(s) for s in slides]))

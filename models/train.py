@@ -31,7 +31,7 @@ import numpy as np
 
 from pipeline import __version__
 from pipeline.config import TrainingConfig
-from pipeline.errors import ModelError, StoreError, TrainingClusterError
+from pipeline.errors import ConfigError, ModelError, StoreError, TrainingClusterError
 from pipeline.identity import fingerprint
 from pipeline.store.patch_store import canonical
 
@@ -58,7 +58,8 @@ from .tracking import MlflowRun, tensorboard
 #: Fewest steps in an epoch when ``steps_per_epoch`` is left to the data (tiny cohorts).
 MIN_STEPS = 25
 #: Settings that change nothing about the trained model (not part of its fingerprint).
-_NOT_FINGERPRINTED = ("mlflow", "mlflow_tracking_uri")
+#: exclude_slides: the slides' list in the fingerprint already says which slides were used.
+_NOT_FINGERPRINTED = ("mlflow", "mlflow_tracking_uri", "exclude_slides")
 
 
 @dataclass
@@ -140,7 +141,7 @@ def _check_inputs(
     ``workers``: the processes of a multi-worker run (their number changes
     the global batch, so it is part of the fingerprint).
     """
-    slides = open_stores(stores)
+    slides = _without(open_stores(stores), cfg.exclude_slides, stores)
     px = slides[0].patch_px
     patch_mpp = _common_mpp(slides)
     parent_dir = model_dir_of(cfg.weights) if cfg.weights not in ("none", "imagenet") else None
@@ -176,6 +177,22 @@ def _check_inputs(
         slides, train, val, test, px, patch_mpp, backbone, spec.preprocessing, parent_dir,
         parent, phases, digest,
     )  # fmt: skip
+
+
+def _without(
+    slides: list[SlidePatches], excluded: tuple[str, ...], stores: list[Path] | tuple[Path, ...]
+) -> list[SlidePatches]:
+    """``slides`` less those named in ``training.exclude_slides`` (each must be there)."""
+    if not excluded:
+        return slides
+    unknown = sorted(set(excluded) - {s.slide_id for s in slides})
+    if unknown:
+        raise ConfigError(
+            None,
+            [("training.exclude_slides", f"not a slide of {', '.join(map(str, stores))}: "
+              f"{', '.join(unknown)}", None)],
+        )  # fmt: skip
+    return [s for s in slides if s.slide_id not in set(excluded)]
 
 
 def train_classifier(

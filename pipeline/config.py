@@ -1,10 +1,11 @@
 """Configuration: frozen pydantic models mirroring the YAML files in ``configs/``.
 
-Sections: ``slides``, ``tiling``, ``training``, ``inference``, ``evaluation``,
-``orchestration``. Every section and key is optional (defaults below) but an
-unknown key or a value of the wrong type is a :class:`ConfigError` naming the
-file, the line, the key and what was expected. Command-line flags override
-values through :func:`with_overrides`, validated the same way.
+Sections: ``slides``, ``tiling``, ``training``, ``inference``,
+``slide_classifier``, ``evaluation``, ``orchestration``. Every section and
+key is optional (defaults below) but an unknown key or a value of the wrong
+type is a :class:`ConfigError` naming the file, the line, the key and what
+was expected. Command-line flags override values through
+:func:`with_overrides`, validated the same way.
 """
 
 from __future__ import annotations
@@ -174,6 +175,9 @@ class TrainingConfig(_Section):
         False, description="float16 compute on GPUs (bfloat16 on CPUs), float32 weights"
     )
     seed: int = Field(0, ge=0)
+    exclude_slides: tuple[str, ...] = Field(
+        (), description="slides of the stores left out of training and validation"
+    )
     mlflow: bool = False
     mlflow_tracking_uri: str | None = None
 
@@ -203,6 +207,11 @@ class InferenceConfig(_Section):
     min_tissue_fraction: float | None = Field(
         None, ge=0, le=1, description="None: the value the model's patches were tiled with"
     )
+    slide_score: Literal["max", "classifier"] = Field(
+        "max",
+        description="scores.csv: the heatmap's maximum, or the model's slide classifier "
+        "on heatmap features (wsiflow slide-classifier)",
+    )
     tta: bool = Field(
         False,
         description="test-time augmentation: each patch's probability is the mean over its "
@@ -216,6 +225,34 @@ class InferenceConfig(_Section):
     workers: int | None = Field(
         None, ge=1, description="None: one (TensorFlow uses every core); N GPUs: N, one each"
     )
+
+
+class SlideClassifierConfig(_Section):
+    """The slide-level classifier on heatmap features (Wang et al. 2016, HMS-MIT)."""
+
+    enabled: bool = Field(False, description="the camelyon flow fits one and scores with it")
+    kind: Literal["random_forest", "gradient_boosting"] = "random_forest"
+    thresholds: tuple[float, ...] = Field(
+        (0.5, 0.9), min_length=1, description="heatmap probabilities the features are taken at"
+    )
+    trees: int = Field(500, ge=1, le=100000)
+    folds: int = Field(
+        3,
+        ge=1,
+        le=20,
+        description="camelyon flow: K patch models, each trained without 1/K of the training "
+        "slides, give out-of-fold heatmaps; 1: the model's own (in-sample) heatmaps",
+    )
+    seed: int = Field(0, ge=0)
+
+    @field_validator("thresholds")
+    @classmethod
+    def _probabilities(cls, thresholds: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0 < t < 1 for t in thresholds) or len(set(thresholds)) < len(thresholds):
+            raise ValueError(
+                f"Expected distinct probabilities between 0 and 1. Got {list(thresholds)} instead."
+            )
+        return tuple(sorted(thresholds))
 
 
 class EvaluationConfig(_Section):
@@ -278,6 +315,7 @@ class WsiflowConfig(_Section):
     tiling: TilingConfig = TilingConfig()
     training: TrainingConfig = TrainingConfig()
     inference: InferenceConfig = InferenceConfig()
+    slide_classifier: SlideClassifierConfig = SlideClassifierConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
 

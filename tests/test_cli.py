@@ -111,6 +111,8 @@ def test_demo_runs_every_stage_and_says_what_does_not_exist(tmp_path):
         "tiling:\n  patch_px: 48\n"
         "training:\n  backbone: small_cnn\n  head_epochs: 1\n  fine_tune_epochs: 0\n"
         "  steps_per_epoch: 5\n"
+        # The test slides scored by a slide classifier on the training slides' own heatmaps.
+        "slide_classifier:\n  enabled: true\n  folds: 1\n  trees: 20\n"
     )
     env = {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": ""}
     args = ["demo", "--out", str(tmp_path / "out"), "--config", str(config), "--json"]
@@ -122,7 +124,8 @@ def test_demo_runs_every_stage_and_says_what_does_not_exist(tmp_path):
     infer_real = ["infer_real"] if expected_real else []
     # tile -> train -> infer -> evaluate ran as the camelyon Prefect flow and its subflows.
     assert summary["stages_run"] == [
-        "synth", "inspect", "tile", "train", "infer", "evaluate", *infer_real, "preview"
+        "synth", "inspect", "tile", "train", "slide_classifier", "infer", "evaluate", *infer_real,
+        "preview",
     ]  # fmt: skip
     assert "Beginning flow run" in result.stderr and "for flow 'camelyon'" in result.stderr
     # Dask's and TensorFlow's own logs only with --verbose.
@@ -133,6 +136,14 @@ def test_demo_runs_every_stage_and_says_what_does_not_exist(tmp_path):
     assert (tmp_path / "out" / "model" / "wsiflow_model.json").is_file()
     # The 2 testing slides are inferred and evaluated against the cohort's reference.
     assert summary["infer"]["slides"] == 2 and summary["infer"]["done"] == 2
+    # folds: 1 infers the 4 training slides with the model itself, and says so.
+    classifier = summary["slide_classifier"]
+    assert (classifier["slides"], classifier["in_sample"], classifier["folds"]) == (4, 4, 1)
+    from pipeline.inference.results import read_heatmap
+
+    for slide_id in ("test_001", "test_002"):
+        _, attrs = read_heatmap(tmp_path / "out" / "inference" / "heatmaps" / f"{slide_id}.zarr")
+        assert attrs["slide_score"] == "classifier"
     scores = (tmp_path / "out" / "inference" / "scores.csv").read_text().splitlines()
     assert scores[0] == "slide,score" and len(scores) == 3
     assert 0 <= summary["evaluate"]["slide_auc"] <= 1
@@ -168,6 +179,7 @@ def test_demo_runs_every_stage_and_says_what_does_not_exist(tmp_path):
     assert again["tile"]["skipped"] == again["tile"]["slides"]
     assert again["infer"]["skipped"] == again["infer"]["slides"] == 2
     assert again["train"]["val_auc"] == summary["train"]["val_auc"]
+    assert again["slide_classifier"]["reused"] is True
     assert again["evaluate"]["slide_auc"] == summary["evaluate"]["slide_auc"]
 
 

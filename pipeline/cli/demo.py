@@ -91,7 +91,7 @@ def demo(
     stages["flow"] = time.perf_counter() - t0
     failures += flow_failures
     stages.update(flow_summary.get("seconds", {}))
-    for stage in ("tile", "train", "infer", "evaluate", "infer_real"):
+    for stage in ("tile", "train", "slide_classifier", "infer", "evaluate", "infer_real"):
         if stage in flow_summary:
             summary[stage] = flow_summary[stage]
     if summary.get("tile", {}).get("patches"):

@@ -72,6 +72,13 @@ def infer(
     batch_size: Annotated[
         int | None, typer.Option("--batch-size", help="Patches per prediction batch.")
     ] = None,
+    slide_score: Annotated[
+        str | None,
+        typer.Option(
+            "--slide-score",
+            help="max (the heatmap's highest cell) or classifier (`wsiflow slide-classifier`).",
+        ),
+    ] = None,
     tta: TtaOption = None,
     scheduler: SchedulerOption = None,
     workers: Annotated[
@@ -111,6 +118,7 @@ def infer(
                 "inference.detection_min_distance_um": min_distance_um,
                 "inference.batch_size": batch_size,
                 "inference.tta": tta,
+                "inference.slide_score": slide_score,
                 "inference.workers": workers,
                 "orchestration.scheduler": scheduler,
             },
@@ -162,7 +170,8 @@ def run_infer(
     from pipeline.inference.driver import infer_slides, summarize
     from pipeline.inference.predict import model_spec
 
-    model_spec(model)  # a missing or unfinished model fails here, before a cluster starts
+    # A missing or unfinished model (or slide classifier) fails here, before a cluster starts.
+    model_spec(model, slide_score=cfg.inference.slide_score)
     started = time.perf_counter()
     inference = cfg.inference
     n_workers = inference.workers or 1

@@ -1,4 +1,4 @@
-"""Commands that train models: mnist, train."""
+"""Commands that train models: mnist, train, slide-classifier."""
 
 from __future__ import annotations
 
@@ -278,3 +278,74 @@ def run_train(
             f"accuracy {metrics['test_accuracy']:.4f}"
         )
     return {"command": "train", "ok": True, **result.summary()}
+
+
+@app.command("slide-classifier")
+def slide_classifier(
+    model: Annotated[Path, typer.Argument(help="A model directory written by `wsiflow train`.")],
+    results: Annotated[
+        list[Path],
+        typer.Argument(
+            help="`wsiflow infer` output folders whose heatmaps it learns from (not the "
+            "slides you will evaluate it on)."
+        ),
+    ],
+    labels: Annotated[
+        Path,
+        typer.Option(
+            "--labels", "-l", help="CSV of name,Tumor|Normal per slide (reference.csv's format)."
+        ),
+    ],
+    kind: Annotated[
+        str | None,
+        typer.Option("--kind", help="random_forest (default, as HMS-MIT) or gradient_boosting."),
+    ] = None,
+    trees: Annotated[
+        int | None, typer.Option("--trees", help="Trees (or boosting rounds).")
+    ] = None,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Fit a slide classifier on heatmap features and keep it with the model.
+
+    `wsiflow infer --slide-score classifier` then scores slides with it. Fit
+    it on heatmaps of slides the patch model did not train on: those it
+    trained on are counted and warned about.
+    """
+    from pipeline.evaluation.reference import read_reference
+    from pipeline.inference.slide_classifier import fit_from_results
+
+    reporter = Reporter(as_json)
+    try:
+        cfg = _load(config, {"slide_classifier.kind": kind, "slide_classifier.trees": trees})
+        missing = [(str(p), "no such folder", None) for p in results if not p.is_dir()]
+        if missing:
+            raise ConfigError("RESULTS", missing)
+        if not labels.is_file():
+            raise ConfigError("--labels", [(str(labels), "no such file", None)])
+    except ConfigError as exc:
+        _fail_usage(reporter, exc, "slide-classifier")
+    try:
+        summary = fit_from_results(model, results, read_reference(labels), cfg.slide_classifier)
+    except (WsiflowError, ValueError) as exc:
+        _fail_data(reporter, exc, "slide-classifier")
+    if summary["in_sample"]:
+        reporter.warn(
+            f"{summary['in_sample']} of {summary['slides']} heatmaps are of slides the patch "
+            "model trained or validated on: they are more confident than a new slide's, and "
+            "the classifier learns from that (recorded in slide_classifier.json)"
+        )
+    if summary["unlabelled"]:
+        reporter.warn("not in --labels, so not used: " + ", ".join(summary["unlabelled"]))
+    auc = summary["out_of_fold_auc"]
+    if summary["reused"]:
+        reporter.console.print(
+            f"{summary['classifier']}: already fitted on these heatmaps with these settings"
+        )
+    reporter.console.print(
+        f"{summary['kind']} on {summary['slides']} slides ({summary['tumor']} tumor, "
+        f"{summary['normal']} normal); its own out-of-fold AUC "
+        + ("undefined (too few slides)" if auc is None else f"{auc:.4f}")
+        + f"; in {summary['classifier']}"
+    )
+    reporter.finish({"command": "slide-classifier", "ok": True, **summary})

@@ -52,6 +52,8 @@ from pipeline.inference.results import (
     write_scores,
     write_slide_outputs,
 )
+from pipeline.inference.slide_classifier import METADATA_FILE as CLASSIFIER_METADATA
+from pipeline.inference.slide_classifier import cached_slide_classifier
 from pipeline.outputs import claim_folder
 
 #: Batches per predict task: long enough (~5 s on a CPU) that the queue's fill-up and
@@ -98,6 +100,8 @@ def slide_fingerprint(path: Path, spec: ModelSpec, config: InferenceConfig) -> s
         payload["detection"] = [config.detection, config.detection_min_distance_um]
     if config.tta:  # likewise
         payload["tta"] = True
+    if spec.slide_classifier is not None:  # likewise
+        payload["slide_classifier"] = spec.slide_classifier
     return fingerprint(payload)
 
 
@@ -122,7 +126,7 @@ def infer_slides(
     the file). ``on_planned(n)`` is called with each slide's patch count,
     ``on_patches(n)`` per predicted block and ``on_slide(result)`` per slide.
     """
-    spec = model_spec(model_dir, config.min_tissue_fraction)
+    spec = model_spec(model_dir, config.min_tissue_fraction, config.slide_score)
     out_dir = claim_folder(out_dir, "inference")
     stage = _Inferring(out_dir, spec, config, tf_threads, manifest=_manifest(out_dir, spec, config))
     stage.on_planned, stage.on_patches, stage.on_slide = on_planned, on_patches, on_slide
@@ -413,6 +417,19 @@ def _detect(heatmap: np.ndarray, plan: InferencePlan, config: InferenceConfig) -
     )
 
 
+def _score(heatmap: np.ndarray, plan: InferencePlan, spec: ModelSpec) -> float:
+    """The slide's score: the heatmap's maximum, or the model's slide classifier on it."""
+    if spec.slide_classifier is None:
+        return slide_score(heatmap)
+    classifier = cached_slide_classifier(spec.model_dir)
+    if classifier.identity != spec.slide_classifier:
+        raise ModelError(
+            Path(spec.model_dir) / CLASSIFIER_METADATA,
+            "the slide classifier was refitted during this run: run it again",
+        )
+    return classifier.score(heatmap, plan.attrs)
+
+
 def _write_slide(
     out_dir: Path, stitching: _Stitching, spec: ModelSpec, config: InferenceConfig, seconds: float
 ) -> SlideInference:
@@ -420,7 +437,7 @@ def _write_slide(
     plan = stitching.plan
     heatmap = stitching.accumulator.heatmap()
     detections = _detect(heatmap, plan, config)
-    score = slide_score(heatmap)
+    score = _score(heatmap, plan, spec)
     size = plan.thumbnail.shape[1], plan.thumbnail.shape[0]
     heatmap_png = heatmap_image(heatmap, plan.grid, plan.level0_wh, size, config.color_map)
     attrs = {
@@ -428,6 +445,8 @@ def _write_slide(
         "model_dir": spec.model_dir,
         "model": spec.identity,
         "score": score,
+        "slide_score": "max" if spec.slide_classifier is None else "classifier",
+        "max_probability": slide_score(heatmap),
         "detection_threshold": config.detection_threshold,
         "detection": config.detection,
         "tta": config.tta,

@@ -5,8 +5,9 @@ the slide and the model inside the worker: each worker process loads the
 model once (:func:`models.predict.cached_predictor`) and each worker thread
 keeps its slides open (:mod:`pipeline.tiling.extract`).
 
-The one seam between the stages and ``models``: :func:`model_spec` reads a
-model directory's metadata and :func:`load_predictor` loads its model, both
+The one seam between the stages and ``models``: :func:`model_spec` and
+:func:`seen_slides` read a model directory's metadata and
+:func:`load_predictor` loads its model, all
 through ``models`` (imported lazily: tiling and evaluation never load
 TensorFlow). No other module of ``pipeline``'s stages imports ``models``.
 """
@@ -49,12 +50,20 @@ class ModelSpec:
     tissue_mpp: float
     min_tissue_fraction: float
     identity: dict[str, Any] = field(repr=False)
+    #: The identity of the slide classifier that scores slides; None: the heatmap's maximum.
+    slide_classifier: dict[str, Any] | None = field(repr=False, default=None)
 
 
-def model_spec(model_dir: Path | str, min_tissue_fraction: float | None = None) -> ModelSpec:
-    """Read a finished model directory's metadata; :class:`ModelError` if it is not usable."""
+def model_spec(
+    model_dir: Path | str, min_tissue_fraction: float | None = None, slide_score: str = "max"
+) -> ModelSpec:
+    """Read a finished model directory's metadata; :class:`ModelError` if it is not usable.
+
+    ``slide_score="classifier"``: the model's slide classifier must be there too.
+    """
     from models.predict import model_identity
     from models.saved import read_metadata
+    from pipeline.inference.slide_classifier import SlideClassifier
 
     model_dir = Path(model_dir)
     metadata = read_metadata(model_dir)
@@ -79,7 +88,18 @@ def model_spec(model_dir: Path | str, min_tissue_fraction: float | None = None) 
             else tiling.get("min_tissue_fraction", 0.5)
         ),
         identity=model_identity(model_dir),
+        slide_classifier=(
+            SlideClassifier(model_dir).identity if slide_score == "classifier" else None
+        ),
     )
+
+
+def seen_slides(model_dir: Path | str) -> set[str]:
+    """The slide ids a finished model trained or validated on (:class:`ModelError` otherwise)."""
+    from models.saved import read_metadata
+
+    slides = read_metadata(model_dir).get("slides") or {}
+    return {s["slide_id"] for split in ("train", "validation") for s in slides.get(split, [])}
 
 
 @dataclass(frozen=True)

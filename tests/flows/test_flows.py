@@ -459,6 +459,64 @@ def test_infer_and_evaluate_flows_match_the_drivers(
     assert "slide AUC" in artifact("evaluate-summary").data
 
 
+def test_slide_classifier_flow_fits_on_out_of_fold_heatmaps(
+    prefect_api, patch_store, small_cohort, trained_model, tmp_path
+):
+    """folds: 2. Each fold's slides are inferred by a model trained without them."""
+    from flows.slide_classifier import slide_classifier_flow
+    from pipeline.inference.results import read_heatmap
+    from pipeline.inference.slide_classifier import assign_folds
+
+    # 8 slides, 4 with tumor: the cohort's 4, and each again under another name.
+    store, images = tmp_path / "patches.zarr", tmp_path / "slides"
+    shutil.copytree(patch_store, store)
+    images.mkdir()
+    slides = []
+    for record in small_cohort.slides:
+        for slide_id in (record.slide_id, f"{record.slide_id}_b"):
+            if slide_id != record.slide_id:
+                shutil.copytree(store / record.slide_id, store / slide_id)
+            (images / f"{slide_id}.tif").symlink_to(small_cohort.root / record.image)
+            path = str(images / f"{slide_id}.tif")
+            slides.append({"slide_id": slide_id, "path": path, "tumor": record.label == "Tumor"})
+    model = tmp_path / "model"
+    shutil.copytree(trained_model, model)
+    config = write_config(
+        tmp_path / "c.yaml",
+        "training:\n  backbone: small_cnn\n  head_epochs: 1\n  fine_tune_epochs: 0\n"
+        "  steps_per_epoch: 4\n  batch_per_replica: 16\n  validation_max_patches: 256\n"
+        "slide_classifier:\n  folds: 2\n  trees: 20\n",
+    )
+    arguments = (str(store), str(model), slides, str(tmp_path / "work"), config)
+    state = slide_classifier_flow(*arguments, return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert (summary["folds"], summary["slides"], summary["tumor"]) == (2, 8, 4)
+    assert summary["in_sample"] == 0 and summary["reused"] is False
+    labels = {s["slide_id"]: s["tumor"] for s in slides}
+    for k, held_out in enumerate(assign_folds(labels, 2, 0)):
+        fold = tmp_path / "work" / f"fold{k}"
+        metadata = json.loads((fold / "model" / "wsiflow_model.json").read_text())
+        seen = {
+            s["slide_id"] for split in ("train", "validation") for s in metadata["slides"][split]
+        }
+        assert seen == set(labels) - set(held_out)
+        for slide_id in held_out:
+            _, attrs = read_heatmap(fold / "inference" / "heatmaps" / f"{slide_id}.zarr")
+            assert attrs["model_dir"] == str((fold / "model").resolve())
+    record = json.loads((model / "slide_classifier.json").read_text())
+    assert sorted(s["slide_id"] for s in record["slides"]) == sorted(labels)
+
+    written = {
+        p: p.stat().st_mtime_ns
+        for p in (tmp_path / "work").rglob("*")
+        if p.is_file() and (p.name == "model.keras" or "heatmaps" in p.parts)
+    }
+    again = slide_classifier_flow(*arguments, return_state=True)
+    assert again.result()["reused"] is True  # and nothing was trained or inferred again:
+    assert {p: p.stat().st_mtime_ns for p in written} == written
+
+
 def test_infer_flow_fails_naming_a_missing_model(prefect_api, small_cohort, tmp_path):
     from flows.runtime import run_flow
 

@@ -19,7 +19,7 @@ from models.classifier import WeightsError, build_classifier, preprocess_fn  # n
 from models.saved import METADATA_FILE, load_model_dir, read_metadata  # noqa: E402
 from models.train import distribution_strategy, train_classifier  # noqa: E402
 from pipeline.config import TrainingConfig  # noqa: E402
-from pipeline.errors import ModelError, StoreError  # noqa: E402
+from pipeline.errors import ConfigError, ModelError, StoreError  # noqa: E402
 from tests.conftest import WSIFLOW, last_json, run  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -208,6 +208,11 @@ def test_bad_inputs_fail_before_training(store, tmp_path):
     shutil.rmtree(single / tumor_slides[0])
     with pytest.raises(StoreError, match="have no tumor patch"):
         train_classifier([single], out, _cfg())
+    # training.exclude_slides: leaving that slide out is the same as its absence.
+    with pytest.raises(StoreError, match="have no tumor patch"):
+        train_classifier([store], out, _cfg(exclude_slides=(tumor_slides[0],)))
+    with pytest.raises(ConfigError, match=r"training.exclude_slides: not a slide of .*: absent"):
+        train_classifier([store], out, _cfg(exclude_slides=("absent",)))
     assert not out.exists()
 
 

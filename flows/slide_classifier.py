@@ -1,0 +1,89 @@
+"""``slide_classifier_flow``: out-of-fold heatmaps of the training slides, then the classifier.
+
+The ``camelyon`` flow runs it between training and inference when
+``slide_classifier.enabled``. With ``folds`` K > 1 it trains K patch
+models, each without one fold of the training slides
+(``training.exclude_slides``), infers each fold with the model that did not
+see it, and fits the slide classifier of the main model on those heatmaps;
+``folds: 1`` infers the training slides with the main model itself
+(in-sample heatmaps, recorded so). Every stage is a subflow that skips or
+serves from cache what an earlier run finished.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from flows import artifacts
+from flows.infer import infer_flow
+from flows.runtime import load
+from flows.train import train_flow
+from pipeline.inference.slide_classifier import assign_folds, fit_from_results
+
+
+@flow(name="slide-classifier", log_prints=True)
+def slide_classifier_flow(
+    store: str,
+    model_dir: str,
+    slides: list[dict[str, Any]],
+    work_dir: str,
+    config: str | None = None,
+    settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Fit ``model_dir``'s slide classifier on heatmaps of ``slides`` (in ``store``).
+
+    ``slides``: one ``{"slide_id", "path", "tumor"}`` per labelled training
+    slide. Fold models and heatmaps go into ``work_dir`` (``fold<k>/model``,
+    ``fold<k>/inference``; ``in_sample`` for one fold).
+    """
+    logger = get_run_logger()
+    cfg = load(config, settings).slide_classifier
+    work = Path(work_dir)
+    paths = {s["slide_id"]: s["path"] for s in slides}
+    labels = {s["slide_id"]: bool(s["tumor"]) for s in slides}
+    # The heatmaps the classifier learns from are scored by their maximum, whatever the config.
+    plain = {**(settings or {}), "inference.slide_score": "max"}
+    results: list[str] = []
+    if cfg.folds == 1:
+        results.append(str(work / "in_sample"))
+        infer_flow(model_dir, list(paths.values()), results[0], config, plain)
+    else:
+        for k, held_out in enumerate(assign_folds(labels, cfg.folds, cfg.seed)):
+            fold = work / f"fold{k}"
+            logger.info("fold %d of %d: a model without %s", k + 1, cfg.folds, ", ".join(held_out))
+            train_flow(
+                [store],
+                str(fold / "model"),
+                config,
+                {**plain, "training.exclude_slides": held_out},
+                True,  # the fold's model directory is this flow's own
+            )
+            results.append(str(fold / "inference"))
+            infer_flow(
+                str(fold / "model"), [paths[s] for s in held_out], results[-1], config, plain
+            )
+    summary = {
+        "flow": "slide-classifier",
+        "folds": cfg.folds,
+        **fit_from_results(model_dir, results, labels, cfg),
+    }
+    if summary["in_sample"]:
+        logger.warning(
+            "%d of %d heatmaps are of slides the patch model trained or validated on",
+            summary["in_sample"],
+            summary["slides"],
+        )
+    auc = summary["out_of_fold_auc"]
+    artifacts.summary_markdown(
+        "slide-classifier-summary",
+        f"Slide classifier of {model_dir}",
+        [
+            ("classifier", f"{summary['kind']} in {summary['classifier']}"),
+            ("heatmaps", f"{summary['slides']} slides ({summary['in_sample']} in-sample)"),
+            ("own out-of-fold AUC", "undefined" if auc is None else f"{auc:.4f}"),
+        ],
+    )
+    return summary
