@@ -1,6 +1,20 @@
-"""Calibration: how the demo's baseline scores on the ``camelyon`` synthetic cohort.
+"""The winning recipe's ablation, and the baseline's calibration, on ``camelyon`` cohorts.
 
+    .venv/bin/python benchmarks/recipe.py --ablation --work runs/ [--seeds 0,1,2]
     .venv/bin/python benchmarks/recipe.py [--seeds 0,1,2] [--test-slides 12] [--quick]
+
+``--ablation``: for each seed, one ``camelyon``-difficulty cohort and patch
+store (reused from ``--work`` when there), then the ``camelyon`` Prefect
+flow once per variant: the baseline (the demo's configuration), each step
+of the recipe added alone (hard-negative mining, detection by local maxima,
+the slide classifier on out-of-fold heatmaps, test-time augmentation) and
+the steps together. Every variant starts from the baseline's first model
+(copied: the flow reuses a finished model trained on the same store with the
+same settings), so its time is what the step adds. Prints slide AUC and
+FROC per variant, mean and standard deviation over the seeds, the mean
+paired difference from the baseline with its standard deviation, and the
+median minutes per seed. ``--analyse DIR`` with ``--ablation`` prints the
+table again from ``DIR/ablation.json``.
 
 For each seed it generates a ``camelyon``-difficulty cohort (a third of the
 slides for testing: ``--test-slides`` of them) and runs ``wsiflow demo`` on it
@@ -50,7 +64,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a minutes-long smoke run")
     parser.add_argument("--work", type=Path, default=None, help="keep the runs here")
     parser.add_argument("--analyse", type=Path, default=None, help="tables of kept runs only")
+    parser.add_argument("--ablation", action="store_true", help="the recipe's ablation")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="ablation variants")
     args = parser.parse_args()
+    if args.ablation:
+        _ablation(args)
+        return
     if args.analyse:
         _print_fooled_by(sorted(args.analyse.glob("seed*/inference")))
         return
@@ -113,6 +132,131 @@ def main() -> None:
     print(f"time       median {statistics.median(minutes):.1f} min per seed "
           f"(range {min(minutes):.1f}-{max(minutes):.1f}) on {_cores()} cores; runs in {work}")  # fmt: skip
     _print_fooled_by([work / f"seed{seed}" / "inference" for seed, _, _ in runs])
+
+
+#: Ablation variants: dotted config overrides on the demo's configuration.
+VARIANTS: dict[str, dict[str, object]] = {
+    "baseline": {},
+    "hard negatives": {"mining.enabled": True},
+    "maxima": {"inference.detection": "maxima"},
+    "slide classifier": {"slide_classifier.enabled": True},
+    "tta": {"inference.tta": True},
+    "all but tta": {
+        "mining.enabled": True,
+        "inference.detection": "maxima",
+        "slide_classifier.enabled": True,
+    },
+}
+
+
+def _ablation(args: argparse.Namespace) -> None:
+    import shutil
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="wsiflow-bench-ablation-"))
+    record_path = (args.analyse or work) / "ablation.json"
+    if args.analyse:
+        _print_ablation(json.loads(record_path.read_text()))
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    variants = args.variants.split(",")
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        sys.exit(f"unknown variants: {', '.join(sorted(unknown))}; known: {', '.join(VARIANTS)}")
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    base = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    base["slides"]["extra"] = []
+    synthetic = base["slides"]["synthetic"]
+    synthetic["slides"] = 3 * args.test_slides
+    synthetic["width_px"] = synthetic["height_px"] = args.size
+    for seed in (int(s) for s in args.seeds.split(",")):
+        synthetic["seed"] = seed
+        folder = work / f"seed{seed}"
+        folder.mkdir(exist_ok=True)
+        cohort = folder / "cohort"
+        seed_config = folder / "seed.yaml"
+        seed_config.write_text(yaml.safe_dump(base, sort_keys=False))
+        if not (cohort / "synth.json").is_file():
+            _wsiflow("synth", str(cohort), "--config", str(seed_config))
+        for variant in ["baseline", *[v for v in variants if v != "baseline"]]:
+            if str(seed) in record.get(variant, {}):
+                continue
+            out = folder / "ablation" / variant.replace(" ", "_")
+            if variant != "baseline" and not (out / "model").exists():
+                out.mkdir(parents=True, exist_ok=True)
+                shutil.copytree(folder / "ablation" / "baseline" / "model", out / "model")
+            config = _overridden(base, VARIANTS[variant])
+            variant_config = out.parent / f"{out.name}.yaml"
+            variant_config.write_text(yaml.safe_dump(config, sort_keys=False))
+            started = time.perf_counter()
+            summary = _wsiflow(
+                "flow", "camelyon", str(cohort), "--out", str(out), "--store",
+                str(folder / "patches.zarr"), "--config", str(variant_config),
+            )  # fmt: skip
+            seconds = time.perf_counter() - started
+            evaluation = summary["evaluate"]
+            record.setdefault(variant, {})[str(seed)] = {
+                "slide_auc": evaluation["slide_auc"],
+                "froc": evaluation["froc"],
+                "seconds": seconds,
+                "stages": summary["seconds"],
+            }
+            record_path.write_text(json.dumps(record, indent=1))
+            print(
+                f"seed {seed} {variant:<17} slide AUC {_num(evaluation['slide_auc'])}  "
+                f"FROC {_num(evaluation['froc'])}  {seconds / 60:.1f} min  stages (s): "
+                + ", ".join(f"{k} {v:.0f}" for k, v in summary["seconds"].items()),
+                flush=True,
+            )
+    _print_ablation(record)
+
+
+def _overridden(config: dict, overrides: dict[str, object]) -> dict:
+    import copy
+
+    config = copy.deepcopy(config)
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = config
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return config
+
+
+def _wsiflow(*args: str) -> dict:
+    result = subprocess.run([WSIFLOW, *args, "--json"], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        sys.exit(f"wsiflow {' '.join(args)} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _print_ablation(record: dict) -> None:
+    """Per variant: mean ± sd over seeds, the paired difference from the baseline, minutes."""
+    baseline = record.get("baseline", {})
+    print(f"\n{'variant':<17} {'seeds':>5} {'slide AUC':>15} {'vs baseline':>15} "
+          f"{'FROC':>15} {'vs baseline':>15} {'min/seed':>9}")  # fmt: skip
+    for variant, runs in record.items():
+        seeds = sorted(runs, key=int)
+        cells = []
+        for metric in ("slide_auc", "froc"):
+            values = [runs[s][metric] for s in seeds if runs[s][metric] is not None]
+            paired = [
+                runs[s][metric] - baseline[s][metric]
+                for s in seeds
+                if s in baseline and None not in (runs[s][metric], baseline[s][metric])
+            ]
+            cells += [_mean_sd(values), _mean_sd(paired, signed=True)]
+        minutes = statistics.median(runs[s]["seconds"] / 60 for s in seeds)
+        print(f"{variant:<17} {len(seeds):>5} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15} "
+              f"{cells[3]:>15} {minutes:>9.1f}")  # fmt: skip
+
+
+def _mean_sd(values: list[float], signed: bool = False) -> str:
+    if not values:
+        return "undefined"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    mean = statistics.fmean(values)
+    return f"{mean:+.3f} ± {sd:.3f}" if signed else f"{mean:.3f} ± {sd:.3f}"
 
 
 def _print_fooled_by(results_dirs: list[Path]) -> None:

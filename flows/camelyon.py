@@ -20,10 +20,10 @@ from prefect import flow, get_run_logger
 from flows import artifacts
 from flows.evaluate import evaluate_flow
 from flows.infer import infer_flow
+from flows.mine import train_with_mining
 from flows.runtime import load
 from flows.slide_classifier import slide_classifier_flow
 from flows.tile import tile_flow
-from flows.train import train_flow
 from pipeline.store.patch_store import location
 
 
@@ -38,7 +38,9 @@ def camelyon_flow(
 ) -> dict[str, Any]:
     """Tile the training slides, train, infer the test slides (heatmaps) and evaluate them.
 
-    With ``slide_classifier.enabled``, a slide classifier fitted on
+    With ``mining.enabled``, the model is trained again on the hard
+    negatives the first one mined (:mod:`flows.mine`). With
+    ``slide_classifier.enabled``, a slide classifier fitted on
     out-of-fold heatmaps of the training slides (:mod:`flows.slide_classifier`)
     scores the test slides.
 
@@ -78,8 +80,7 @@ def camelyon_flow(
     )
     if not tiled["tumor_patches"]:
         raise ValueError(f"{store}: no tumor patches, so no classifier can be trained")
-    model_dir = str(out / "model")
-    stage("train", lambda: train_flow([store], model_dir, config, settings, True))
+    model_dir = train_with_mining(store, str(out / "model"), config, settings, stage)
     test_settings = settings
     if cfg.slide_classifier.enabled:
         labelled = _labelled(tiled["per_slide"], training)
@@ -149,7 +150,14 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
             f"{tile['slides']} slides, {tile['patches']:,} patches "
             f"({tile['tumor_patches']:,} tumor) in {tile['store']}",
         ))  # fmt: skip
-    train = summary.get("train")
+    train = summary.get("retrain") or summary.get("train")
+    mined = summary.get("mine")
+    if mined:
+        rows.append((
+            "hard negatives",
+            f"{mined['mined']:,} mined of {mined['candidates']:,} candidates by "
+            f"{mined['model_dir']}",
+        ))  # fmt: skip
     if train:
         rows.append((
             "model",

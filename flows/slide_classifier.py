@@ -3,7 +3,8 @@
 The ``camelyon`` flow runs it between training and inference when
 ``slide_classifier.enabled``. With ``folds`` K > 1 it trains K patch
 models, each without one fold of the training slides
-(``training.exclude_slides``), infers each fold with the model that did not
+(``training.exclude_slides``) by the same recipe as the main model (hard
+negatives too, with ``mining.enabled``), infers each fold with the model that did not
 see it, and fits the slide classifier of the main model on those heatmaps;
 ``folds: 1`` infers the training slides with the main model itself
 (in-sample heatmaps, recorded so). Every stage is a subflow that skips or
@@ -19,8 +20,8 @@ from prefect import flow, get_run_logger
 
 from flows import artifacts
 from flows.infer import infer_flow
+from flows.mine import train_with_mining
 from flows.runtime import load
-from flows.train import train_flow
 from pipeline.inference.slide_classifier import assign_folds, fit_from_results
 
 
@@ -54,17 +55,12 @@ def slide_classifier_flow(
         for k, held_out in enumerate(assign_folds(labels, cfg.folds, cfg.seed)):
             fold = work / f"fold{k}"
             logger.info("fold %d of %d: a model without %s", k + 1, cfg.folds, ", ".join(held_out))
-            train_flow(
-                [store],
-                str(fold / "model"),
-                config,
-                {**plain, "training.exclude_slides": held_out},
-                True,  # the fold's model directory is this flow's own
+            # The same recipe as the main model (mining too), without the fold's slides.
+            fold_model = train_with_mining(
+                store, str(fold / "model"), config, {**plain, "training.exclude_slides": held_out}
             )
             results.append(str(fold / "inference"))
-            infer_flow(
-                str(fold / "model"), [paths[s] for s in held_out], results[-1], config, plain
-            )
+            infer_flow(fold_model, [paths[s] for s in held_out], results[-1], config, plain)
     summary = {
         "flow": "slide-classifier",
         "folds": cfg.folds,

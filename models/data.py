@@ -18,8 +18,7 @@ import zarr
 
 from pipeline.errors import StoreError
 from pipeline.importing.parts import SPLITS
-from pipeline.store.codecs import image_codec_of
-from pipeline.store.patch_store import join, location, open_store, read_encoded_chunk
+from pipeline.store.patch_store import join, location, open_store, read_some
 
 #: Rows of H&E optical density (Ruifrok & Johnston), as skimage's rgb2hed uses.
 _RGB_FROM_HED = np.array(
@@ -42,6 +41,9 @@ class SlidePatches:
     chunk_patches: int
     fingerprint: str | None = None  # of the tiling inputs and config (resume, model metadata)
     split: str | None = None  # training, validation or test when the store says (wsiflow import)
+    #: Rows of mined hard negatives (``wsiflow mine``) and their record; None: not read or none.
+    hard_negatives: np.ndarray | None = None
+    mining: dict | None = None
 
     @property
     def tumor(self) -> int:
@@ -55,12 +57,22 @@ class SlidePatches:
         return zarr.open_array(join(self.store, self.slide_id, "patches"), mode="r")
 
 
-def open_stores(paths: list[Path | str] | tuple[Path | str, ...]) -> list[SlidePatches]:
+def open_stores(
+    paths: list[Path | str] | tuple[Path | str, ...],
+    *,
+    hard_negatives: bool = False,
+    mining_key: str | None = None,
+) -> list[SlidePatches]:
     """The complete slide groups of every store, checked for what training needs.
 
     Raises :class:`StoreError` naming the store for a missing or empty store,
     a group without labels, mixed patch sizes, or data of a single class.
+    With ``hard_negatives``, each slide's complete mining record is read too,
+    that of the model ``mining_key`` names or the only one
+    (:mod:`pipeline.mining.driver`; a slide without one has ``mining`` None).
     """
+    from pipeline.mining.driver import read_mined
+
     slides: list[SlidePatches] = []
     for path in paths:
         root = open_store(path)
@@ -75,6 +87,7 @@ def open_stores(paths: list[Path | str] | tuple[Path | str, ...]) -> list[SlideP
             if "labels" not in group or "patches" not in group:
                 raise StoreError(path, f"slide {slide_id!r} has no labels/patches arrays")
             patches = group["patches"]
+            mined = read_mined(group, mining_key) if hard_negatives else None
             slides.append(
                 SlidePatches(
                     store=path,
@@ -85,6 +98,8 @@ def open_stores(paths: list[Path | str] | tuple[Path | str, ...]) -> list[SlideP
                     chunk_patches=int(patches.chunks[0]),
                     fingerprint=group.attrs.get("fingerprint"),
                     split=_split_of(path, slide_id, group.attrs.get("split")),
+                    hard_negatives=None if mined is None else mined[0],
+                    mining=None if mined is None else mined[1],
                 )
             )
     sizes = {s.patch_px for s in slides}
@@ -157,16 +172,24 @@ def split_by_slide(
 
 
 def balanced_chunks(
-    slides: list[SlidePatches], seed: int
+    slides: list[SlidePatches], seed: int, hard_share: float = 0.0
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Endless ``(patches, labels)`` from whole chunks in random order, classes balanced.
 
     Every tumor patch is kept; normal patches are kept with probability
-    #tumor / #normal, so the stream is balanced in expectation.
+    #tumor / #normal, so the stream is balanced in expectation. With
+    ``hard_share``, that share of the normal patches in expectation comes
+    from the slides' mined hard negatives (each drawn #tumor x share / #hard
+    times per pass, oversampled when that is above 1) and the rest from the
+    other normal patches.
     """
     tumor = sum(s.tumor for s in slides)
     normal = sum(len(s) - s.tumor for s in slides)
-    keep_normal = min(1.0, tumor / max(normal, 1))
+    hard = [_hard_mask(s) if hard_share else np.zeros(len(s), dtype=bool) for s in slides]
+    n_hard = int(sum(h.sum() for h in hard))
+    share = hard_share if n_hard else 0.0
+    keep_normal = min(1.0, (1 - share) * tumor / max(normal - n_hard, 1))
+    hard_rate = share * tumor / n_hard if n_hard else 0.0
     chunks = [
         (i, start) for i, s in enumerate(slides) for start in range(0, len(s), s.chunk_patches)
     ]
@@ -177,25 +200,26 @@ def balanced_chunks(
             i, start = chunks[k]
             slide = slides[i]
             labels = slide.labels[start : start + slide.chunk_patches]
-            keep = (labels == 1) | (rng.random(len(labels)) < keep_normal)
-            if not keep.any():
+            is_hard = hard[i][start : start + len(labels)]
+            keep = (labels == 1) | (~is_hard & (rng.random(len(labels)) < keep_normal))
+            rows = np.flatnonzero(keep)
+            if is_hard.any():  # each drawn floor(rate) times, once more with the rest's odds
+                hard_rows = np.flatnonzero(is_hard)
+                draws = int(hard_rate) + (rng.random(len(hard_rows)) < hard_rate % 1)
+                rows = np.sort(np.concatenate([rows, np.repeat(hard_rows, draws)]))
+            if not len(rows):
                 continue
             if i not in arrays:
                 arrays[i] = slide.open_patches()
-            yield _read_kept(arrays[i], start, len(labels), keep), labels[keep]
+            yield read_some(arrays[i], start, len(labels), rows), labels[rows]
 
 
-def _read_kept(array: zarr.Array, start: int, n: int, keep: np.ndarray) -> np.ndarray:
-    """The kept patches of one chunk; with the patch image codec only they are decoded.
-
-    Tumor is rare (a few % of CAMELYON16 patches), so a balanced stream keeps
-    few normal patches per chunk: decoding just those saves most of the work.
-    """
-    codec = image_codec_of(array)
-    data = read_encoded_chunk(array, start // array.chunks[0]) if codec else None
-    if data is None:
-        return array[start : start + n][keep]
-    return codec.decode_some(data, np.flatnonzero(keep))
+def _hard_mask(slide: SlidePatches) -> np.ndarray:
+    """``(N,)`` bool: the slide's mined hard negatives (labelled normal)."""
+    mask = np.zeros(len(slide), dtype=bool)
+    if slide.hard_negatives is not None:
+        mask[slide.hard_negatives] = True
+    return mask & (slide.labels == 0)
 
 
 def all_patches(
@@ -258,13 +282,15 @@ def make_dataset(
     preprocess: Callable | None = None,
     shuffle_buffer: int = 2048,
     max_patches: int | None = None,
+    hard_share: float = 0.0,
 ):
     """A ``tf.data.Dataset`` of ``(float32 images, float32 labels)`` batches.
 
     Training: balanced endless stream, shuffled, augmented (flips, 90°
     rotations, brightness/contrast, H&E stain jitter); validation: every
     patch once (or the fixed subset of :func:`all_patches` with
-    ``max_patches``), as stored. ``preprocess`` (the backbone's own) maps 0-255
+    ``max_patches``), as stored. ``hard_share``: see :func:`balanced_chunks`.
+    ``preprocess`` (the backbone's own) maps 0-255
     float images; without it images are scaled to 0-1. Prefetched.
     """
     import tensorflow as tf
@@ -274,7 +300,7 @@ def make_dataset(
     def chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         # A new source each time the dataset is iterated (one pass per validation run).
         if training:
-            return balanced_chunks(slides, seed)
+            return balanced_chunks(slides, seed, hard_share)
         return all_patches(slides, max_patches, seed)
 
     # Whole chunks cross from Python (one call per chunk, not per patch), then

@@ -59,7 +59,10 @@ from .tracking import MlflowRun, tensorboard
 MIN_STEPS = 25
 #: Settings that change nothing about the trained model (not part of its fingerprint).
 #: exclude_slides: the slides' list in the fingerprint already says which slides were used.
-_NOT_FINGERPRINTED = ("mlflow", "mlflow_tracking_uri", "exclude_slides")
+#: hard_negative_share: in the fingerprint with the mining records, only when above 0.
+_NOT_FINGERPRINTED = (
+    "mlflow", "mlflow_tracking_uri", "exclude_slides", "hard_negative_share", "hard_negatives_from"
+)  # fmt: skip
 
 
 @dataclass
@@ -141,7 +144,12 @@ def _check_inputs(
     ``workers``: the processes of a multi-worker run (their number changes
     the global batch, so it is part of the fingerprint).
     """
-    slides = _without(open_stores(stores), cfg.exclude_slides, stores)
+    hard = cfg.hard_negative_share > 0
+    slides = _without(
+        open_stores(stores, hard_negatives=hard, mining_key=_mining_key(cfg)),
+        cfg.exclude_slides,
+        stores,
+    )
     px = slides[0].patch_px
     patch_mpp = _common_mpp(slides)
     parent_dir = model_dir_of(cfg.weights) if cfg.weights not in ("none", "imagenet") else None
@@ -172,6 +180,12 @@ def _check_inputs(
     }
     if workers > 1:  # one machine's runs keep the fingerprints they always had
         identity["workers"] = workers
+    if hard:  # likewise
+        _check_mined(train)
+        identity["hard_negatives"] = [
+            cfg.hard_negative_share,
+            [[s.slide_id, s.mining["fingerprint"]] for s in train],
+        ]
     digest = fingerprint(identity)
     return _Inputs(
         slides, train, val, test, px, patch_mpp, backbone, spec.preprocessing, parent_dir,
@@ -265,6 +279,7 @@ def train_classifier(
         train_ds = make_dataset(
             inputs.train, batch_size=global_batch, training=True,
             seed=cfg.seed + (cluster.index if cluster else 0), preprocess=preprocess,
+            hard_share=cfg.hard_negative_share,
         )  # fmt: skip
         val_ds = make_dataset(
             inputs.val, batch_size=global_batch, training=False, seed=cfg.seed,
@@ -392,6 +407,9 @@ def _metadata(
         "steps_per_epoch": steps,
         "phases": [p.__dict__ for p in inputs.phases],
         "training": cfg.model_dump(mode="json"),
+        "hard_negatives": (
+            _hard_negative_record(cfg, inputs.train) if cfg.hard_negative_share > 0 else None
+        ),
         "config": config,
         "stores": sorted({s.store for s in inputs.slides}),
         "slides": {
@@ -589,6 +607,48 @@ def _test_metrics(
     )
     logs = model.evaluate(dataset, return_dict=True, verbose=0)
     return {f"test_{k}": float(logs[k]) for k in ("auc", "loss", "accuracy")}
+
+
+def _mining_key(cfg: TrainingConfig) -> str | None:
+    """The record key of ``training.hard_negatives_from``'s mining, when it names a model."""
+    from pipeline.mining.driver import mining_key
+
+    if cfg.hard_negatives_from is None:
+        return None
+    model_dir = model_dir_of(cfg.hard_negatives_from)
+    if model_dir is None:
+        raise ModelError(
+            Path(cfg.hard_negatives_from),
+            "training.hard_negatives_from: not a wsiflow model directory (the model that mined)",
+        )
+    return mining_key(read_metadata(model_dir).get("fingerprint"))
+
+
+def _check_mined(train: list[SlidePatches]) -> None:
+    """Every training slide has a complete mining record (``wsiflow mine``), or StoreError."""
+    missing = [s for s in train if s.mining is None]
+    if missing:
+        raise StoreError(
+            missing[0].store,
+            "training.hard_negative_share needs mined hard negatives, and training slides "
+            f"{', '.join(s.slide_id for s in missing)} have none: run `wsiflow mine "
+            f"{missing[0].store} --model FIRST_MODEL_DIR` first",
+        )
+
+
+def _hard_negative_record(cfg: TrainingConfig, train: list[SlidePatches]) -> dict[str, Any]:
+    """What the model's metadata says about the hard negatives it trained with."""
+    return {
+        "share": cfg.hard_negative_share,
+        "patches": int(sum(len(s.hard_negatives) for s in train)),
+        "mining": {
+            s.slide_id: {
+                k: s.mining.get(k)
+                for k in ("model_dir", "threshold", "margin_um", "mined", "fingerprint")
+            }
+            for s in train
+        },
+    }
 
 
 def _check_split(train: list[SlidePatches], val: list[SlidePatches]) -> None:

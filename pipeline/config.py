@@ -1,6 +1,6 @@
 """Configuration: frozen pydantic models mirroring the YAML files in ``configs/``.
 
-Sections: ``slides``, ``tiling``, ``training``, ``inference``,
+Sections: ``slides``, ``tiling``, ``training``, ``inference``, ``mining``,
 ``slide_classifier``, ``evaluation``, ``orchestration``. Every section and
 key is optional (defaults below) but an unknown key or a value of the wrong
 type is a :class:`ConfigError` naming the file, the line, the key and what
@@ -178,6 +178,16 @@ class TrainingConfig(_Section):
     exclude_slides: tuple[str, ...] = Field(
         (), description="slides of the stores left out of training and validation"
     )
+    hard_negative_share: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="of the normal patches in each epoch, the share drawn from the stores' "
+        "mined hard negatives (wsiflow mine); 0: none",
+    )
+    hard_negatives_from: str | None = Field(
+        None, description="the model directory whose mining to use; None: the stores' only one"
+    )
     mlflow: bool = False
     mlflow_tracking_uri: str | None = None
 
@@ -225,6 +235,25 @@ class InferenceConfig(_Section):
     workers: int | None = Field(
         None, ge=1, description="None: one (TensorFlow uses every core); N GPUs: N, one each"
     )
+
+
+class MiningConfig(_Section):
+    """Hard-negative mining (Wang et al. 2016): normal patches a first model calls tumor."""
+
+    enabled: bool = Field(False, description="the camelyon flow mines and trains again")
+    threshold: float = Field(
+        0.5, gt=0, lt=1, description="normal patches the model calls at least this are mined"
+    )
+    margin_um: float = Field(
+        100.0, ge=0, description="no part of a mined patch within this of a tumor outline"
+    )
+    share: float = Field(
+        0.3, gt=0, lt=1, description="the second training's training.hard_negative_share"
+    )
+    retrain: Literal["fine_tune", "scratch"] = Field(
+        "fine_tune", description="fine_tune: from the first model's weights; scratch: anew"
+    )
+    batch_size: int = Field(64, ge=1, le=8192)
 
 
 class SlideClassifierConfig(_Section):
@@ -315,6 +344,7 @@ class WsiflowConfig(_Section):
     tiling: TilingConfig = TilingConfig()
     training: TrainingConfig = TrainingConfig()
     inference: InferenceConfig = InferenceConfig()
+    mining: MiningConfig = MiningConfig()
     slide_classifier: SlideClassifierConfig = SlideClassifierConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -111,7 +112,9 @@ def test_demo_runs_every_stage_and_says_what_does_not_exist(tmp_path):
         "tiling:\n  patch_px: 48\n"
         "training:\n  backbone: small_cnn\n  head_epochs: 1\n  fine_tune_epochs: 0\n"
         "  steps_per_epoch: 5\n"
-        # The test slides scored by a slide classifier on the training slides' own heatmaps.
+        # Hard negatives mined and trained on again; the test slides scored by a slide
+        # classifier on the training slides' own heatmaps.
+        "mining:\n  enabled: true\n  threshold: 0.3\n"
         "slide_classifier:\n  enabled: true\n  folds: 1\n  trees: 20\n"
     )
     env = {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": ""}
@@ -124,8 +127,8 @@ def test_demo_runs_every_stage_and_says_what_does_not_exist(tmp_path):
     infer_real = ["infer_real"] if expected_real else []
     # tile -> train -> infer -> evaluate ran as the camelyon Prefect flow and its subflows.
     assert summary["stages_run"] == [
-        "synth", "inspect", "tile", "train", "slide_classifier", "infer", "evaluate", *infer_real,
-        "preview",
+        "synth", "inspect", "tile", "train", "mine", "retrain", "slide_classifier", "infer",
+        "evaluate", *infer_real, "preview",
     ]  # fmt: skip
     assert "Beginning flow run" in result.stderr and "for flow 'camelyon'" in result.stderr
     # Dask's and TensorFlow's own logs only with --verbose.
@@ -136,6 +139,12 @@ def test_demo_runs_every_stage_and_says_what_does_not_exist(tmp_path):
     assert (tmp_path / "out" / "model" / "wsiflow_model.json").is_file()
     # The 2 testing slides are inferred and evaluated against the cohort's reference.
     assert summary["infer"]["slides"] == 2 and summary["infer"]["done"] == 2
+    # The second model trained on what the first one mined, and inferred everything after.
+    retrained = tmp_path / "out" / "model_hnm"
+    assert summary["retrain"]["model_dir"] == str(retrained)
+    mining = json.loads((retrained / "wsiflow_model.json").read_text())["hard_negatives"]
+    assert mining["share"] == 0.3 and mining["patches"] == summary["mine"]["mined"]
+    assert summary["mine"]["model_dir"] == str(tmp_path / "out" / "model")
     # folds: 1 infers the 4 training slides with the model itself, and says so.
     classifier = summary["slide_classifier"]
     assert (classifier["slides"], classifier["in_sample"], classifier["folds"]) == (4, 4, 1)
@@ -180,6 +189,7 @@ def test_demo_runs_every_stage_and_says_what_does_not_exist(tmp_path):
     assert again["infer"]["skipped"] == again["infer"]["slides"] == 2
     assert again["train"]["val_auc"] == summary["train"]["val_auc"]
     assert again["slide_classifier"]["reused"] is True
+    assert again["mine"]["skipped"] == again["mine"]["slides"]
     assert again["evaluate"]["slide_auc"] == summary["evaluate"]["slide_auc"]
 
 

@@ -91,7 +91,9 @@ def demo(
     stages["flow"] = time.perf_counter() - t0
     failures += flow_failures
     stages.update(flow_summary.get("seconds", {}))
-    for stage in ("tile", "train", "slide_classifier", "infer", "evaluate", "infer_real"):
+    for stage in (
+        "tile", "train", "mine", "retrain", "slide_classifier", "infer", "evaluate", "infer_real"
+    ):  # fmt: skip
         if stage in flow_summary:
             summary[stage] = flow_summary[stage]
     if summary.get("tile", {}).get("patches"):
@@ -180,6 +182,12 @@ def _results_table(reporter: Reporter, summary: dict[str, Any], stages: dict[str
     reporter.console.print(table)
 
 
+def _final_model(summary: dict[str, Any]) -> Path | None:
+    """The model that inferred the test slides: the retrained one when hard negatives were mined."""
+    train = summary.get("retrain") or summary.get("train")
+    return Path(train["model_dir"]) if train else None
+
+
 def _write_report(out: Path, summary: dict[str, Any], stages: dict[str, float]) -> Path:
     """``OUT/report.html``: the results table, curves, heatmap overlays, per-slide table."""
     from pipeline.evaluation.report import write_report
@@ -189,7 +197,7 @@ def _write_report(out: Path, summary: dict[str, Any], stages: dict[str, float]) 
         out / "report.html",
         title="wsiflow demo",
         summary_rows=_result_rows(summary, stages),
-        model_dir=Path(summary["train"]["model_dir"]) if "train" in summary else None,
+        model_dir=_final_model(summary),
         inference_dirs=inference,
         evaluation_dir=Path(summary["infer"]["out"]) if "evaluate" in summary else None,
     )

@@ -1,4 +1,4 @@
-"""Commands that train models: mnist, train, slide-classifier."""
+"""Commands that train models: mnist, train, mine, slide-classifier."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
+from rich.table import Table
 
 from pipeline.cli._common import (
     ConfigOption,
@@ -155,6 +157,21 @@ def train(
         typer.Option("--mlflow/--no-mlflow", help="Log to MLflow (pip install 'wsiflow[mlflow]')."),
     ] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Split and training seed.")] = None,
+    hard_negative_share: Annotated[
+        float | None,
+        typer.Option(
+            "--hard-negative-share",
+            help="Share of each epoch's normal patches drawn from the stores' mined hard "
+            "negatives (`wsiflow mine`).",
+        ),
+    ] = None,
+    hard_negatives_from: Annotated[
+        str | None,
+        typer.Option(
+            "--hard-negatives-from",
+            help="The model whose mining to use, when several models mined the stores.",
+        ),
+    ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Discard a finished or interrupted run in --out.")
     ] = False,
@@ -181,6 +198,8 @@ def train(
             "training.mixed_precision": mixed_precision,
             "training.mlflow": mlflow,
             "training.seed": seed,
+            "training.hard_negative_share": hard_negative_share,
+            "training.hard_negatives_from": hard_negatives_from,
         }
         cfg = _load(config, overrides)
         if epochs is not None:
@@ -278,6 +297,71 @@ def run_train(
             f"accuracy {metrics['test_accuracy']:.4f}"
         )
     return {"command": "train", "ok": True, **result.summary()}
+
+
+@app.command()
+def mine(
+    store: Annotated[str, typer.Argument(help="A patch store written by `wsiflow tile`.")],
+    model: Annotated[
+        Path, typer.Option("--model", "-m", help="The first model (`wsiflow train` on STORE).")
+    ],
+    threshold: Annotated[
+        float | None,
+        typer.Option("--threshold", help="Normal patches the model calls at least this are mined."),
+    ] = None,
+    margin_um: Annotated[
+        float | None,
+        typer.Option("--margin-um", help="No part of a mined patch this close to a tumor outline."),
+    ] = None,
+    slides: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--slide",
+            help="Mine this slide of STORE; repeat (default: the model's training slides).",
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Mine slides already mined with these settings.")
+    ] = False,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Mine hard negatives: normal patches of STORE that a first model calls tumor.
+
+    They are recorded in the store beside each slide's patches (rows, the
+    model's probabilities, the model and settings); `wsiflow train
+    --hard-negative-share S` then trains again on them.
+    """
+    from pipeline.mining.driver import mine_store, summarize
+
+    reporter = Reporter(as_json)
+    try:
+        cfg = _load(config, {"mining.threshold": threshold, "mining.margin_um": margin_um})
+    except ConfigError as exc:
+        _fail_usage(reporter, exc, "mine")
+
+    def report(result) -> None:
+        if result.status == "failed":
+            reporter.errors.print(f"[red]failed:[/red] {escape(result.reason)}")
+
+    try:
+        with output_lock(reporter, store):
+            results = mine_store(
+                store, model, cfg.mining, slides=slides, overwrite=overwrite, on_slide=report
+            )
+    except WsiflowError as exc:
+        _fail_data(reporter, exc, "mine")
+    summary = summarize(results, store, model)
+    table = Table(title=f"hard negatives in {store} (threshold {cfg.mining.threshold:g})")
+    for column in ("slide", "status", "candidates", "mined"):
+        table.add_column(column, no_wrap=column == "slide")
+    for r in results:
+        table.add_row(r.slide_id, r.status, f"{r.candidates:,}", f"{r.mined:,}")
+    reporter.console.print(table)
+    reporter.finish(
+        {"command": "mine", "ok": not summary["failed"], **summary},
+        exit_code=1 if summary["failed"] else 0,
+    )
 
 
 @app.command("slide-classifier")

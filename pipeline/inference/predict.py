@@ -94,12 +94,14 @@ def model_spec(
     )
 
 
-def seen_slides(model_dir: Path | str) -> set[str]:
-    """The slide ids a finished model trained or validated on (:class:`ModelError` otherwise)."""
+def seen_slides(
+    model_dir: Path | str, splits: tuple[str, ...] = ("train", "validation")
+) -> set[str]:
+    """The slide ids of a finished model's ``splits`` (:class:`ModelError` if not finished)."""
     from models.saved import read_metadata
 
     slides = read_metadata(model_dir).get("slides") or {}
-    return {s["slide_id"] for split in ("train", "validation") for s in slides.get(split, [])}
+    return {s["slide_id"] for split in splits for s in slides.get(split, [])}
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
@@ -32,7 +33,7 @@ from zarr.storage import LocalStore
 
 from pipeline.errors import ForeignOutputError, StoreError
 from pipeline.outputs import atomic, foreign_entries, is_url, location, not_ours
-from pipeline.store.codecs import PatchImageCodec
+from pipeline.store.codecs import PatchImageCodec, image_codec_of
 
 STORE_FORMAT = 1
 #: Compressors for the lossless choices; image codecs go through PatchImageCodec.
@@ -300,6 +301,20 @@ def read_encoded_chunk(array: zarr.Array, chunk_index: int) -> bytes | None:
         return path.read_bytes()
     except FileNotFoundError:  # an empty chunk
         return None
+
+
+def read_some(array: zarr.Array, start: int, n: int, indices: np.ndarray) -> np.ndarray:
+    """Patches ``start + indices`` of the chunk of ``n`` patches at ``start`` (repeats allowed).
+
+    With the patch image codec only those patches are decoded: a balanced
+    training stream or a mining pass keeps few patches per chunk, and
+    decoding just those saves most of the work.
+    """
+    codec = image_codec_of(array)
+    data = read_encoded_chunk(array, start // array.chunks[0]) if codec else None
+    if data is None:
+        return array[start : start + n][indices]
+    return codec.decode_some(data, indices)
 
 
 def _chunk_key(array: zarr.Array, chunk_index: int) -> str:

@@ -462,7 +462,8 @@ def test_infer_and_evaluate_flows_match_the_drivers(
 def test_slide_classifier_flow_fits_on_out_of_fold_heatmaps(
     prefect_api, patch_store, small_cohort, trained_model, tmp_path
 ):
-    """folds: 2. Each fold's slides are inferred by a model trained without them."""
+    """folds: 2, hard negatives mined. Each fold's slides are inferred by a model trained
+    without them, by the same recipe: trained, mined, trained again."""
     from flows.slide_classifier import slide_classifier_flow
     from pipeline.inference.results import read_heatmap
     from pipeline.inference.slide_classifier import assign_folds
@@ -485,6 +486,7 @@ def test_slide_classifier_flow_fits_on_out_of_fold_heatmaps(
         tmp_path / "c.yaml",
         "training:\n  backbone: small_cnn\n  head_epochs: 1\n  fine_tune_epochs: 0\n"
         "  steps_per_epoch: 4\n  batch_per_replica: 16\n  validation_max_patches: 256\n"
+        "mining:\n  enabled: true\n  threshold: 0.3\n"
         "slide_classifier:\n  folds: 2\n  trees: 20\n",
     )
     arguments = (str(store), str(model), slides, str(tmp_path / "work"), config)
@@ -496,14 +498,17 @@ def test_slide_classifier_flow_fits_on_out_of_fold_heatmaps(
     labels = {s["slide_id"]: s["tumor"] for s in slides}
     for k, held_out in enumerate(assign_folds(labels, 2, 0)):
         fold = tmp_path / "work" / f"fold{k}"
-        metadata = json.loads((fold / "model" / "wsiflow_model.json").read_text())
-        seen = {
-            s["slide_id"] for split in ("train", "validation") for s in metadata["slides"][split]
-        }
-        assert seen == set(labels) - set(held_out)
+        for name in ("model", "model_hnm"):
+            metadata = json.loads((fold / name / "wsiflow_model.json").read_text())
+            splits = metadata["slides"]
+            seen = {s["slide_id"] for part in ("train", "validation") for s in splits[part]}
+            assert seen == set(labels) - set(held_out)
+        assert metadata["hard_negatives"]["share"] == 0.3  # model_hnm's, mined by model
+        mined_by = {m["model_dir"] for m in metadata["hard_negatives"]["mining"].values()}
+        assert mined_by == {str((fold / "model").resolve())}
         for slide_id in held_out:
             _, attrs = read_heatmap(fold / "inference" / "heatmaps" / f"{slide_id}.zarr")
-            assert attrs["model_dir"] == str((fold / "model").resolve())
+            assert attrs["model_dir"] == str((fold / "model_hnm").resolve())
     record = json.loads((model / "slide_classifier.json").read_text())
     assert sorted(s["slide_id"] for s in record["slides"]) == sorted(labels)
 
@@ -511,6 +516,11 @@ def test_slide_classifier_flow_fits_on_out_of_fold_heatmaps(
         p: p.stat().st_mtime_ns
         for p in (tmp_path / "work").rglob("*")
         if p.is_file() and (p.name == "model.keras" or "heatmaps" in p.parts)
+    }
+    written |= {
+        p: p.stat().st_mtime_ns
+        for p in store.rglob("*")
+        if p.is_file() and "hard_negatives" in p.parts
     }
     again = slide_classifier_flow(*arguments, return_state=True)
     assert again.result()["reused"] is True  # and nothing was trained or inferred again:

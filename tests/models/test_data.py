@@ -111,6 +111,36 @@ def test_balanced_stream(tmp_path):
     assert 0.4 < labels.mean() < 0.6  # 10 tumor among 300 patches, balanced to ~half
 
 
+@pytest.mark.parametrize("share", [0.4, 0.9])
+def test_hard_negatives_make_their_share_of_the_normal_patches(tmp_path, share):
+    """5 hard negatives in n1 and 10 tumor patches: share x 10 hard draws per pass."""
+    import dataclasses
+
+    import zarr
+
+    store = _store(tmp_path / "a.zarr", {"t1": 10, "n1": 0, "n2": 0})
+    for slide_id in ("t1", "n1", "n2"):
+        array = zarr.open_array(str(store / slide_id / "patches"), mode="r+")
+        patches = array[:]
+        patches[:, 0, 0, 1] = 0
+        if slide_id == "n1":
+            patches[50:55, 0, 0, 1] = 255  # the hard ones, recognisable in the stream
+        array[:] = patches
+    slides = [
+        dataclasses.replace(s, hard_negatives=np.arange(50, 55)) if s.slide_id == "n1" else s
+        for s in open_stores([store])
+    ]
+    stream = balanced_chunks(slides, seed=0, hard_share=share)
+    draws = [next(stream) for _ in range(2000)]
+    images = np.concatenate([d[0] for d in draws])
+    labels = np.concatenate([d[1] for d in draws])
+    normal = labels == 0
+    hard = images[:, 0, 0, 1] == 255
+    assert 0.45 < labels.mean() < 0.55  # still balanced
+    assert share - 0.05 < hard[normal].mean() < share + 0.05
+    assert not (hard & ~normal).any()
+
+
 def test_training_is_augmented_validation_is_not(tmp_path):
     pytest.importorskip("tensorflow")
     store = _store(tmp_path / "a.zarr", {"t1": 30, "n1": 0})
@@ -151,17 +181,16 @@ def test_empty_or_missing_store(tmp_path):
 
 def test_image_codec_chunks_decode_only_the_kept_patches(tmp_path):
     """The balanced stream decodes kept patches alone; they equal a full read of the chunk."""
-    from models.data import _read_kept
+    from pipeline.store.patch_store import read_some
 
     store = _store(tmp_path / "j.zarr", {"t1": 10, "n1": 0}, codec="jpeg")
     slide = open_stores([store])[0]
     array = slide.open_patches()
-    keep = np.zeros(16, dtype=bool)
-    keep[[0, 3, 15]] = True
     for start in (0, 16, 96):  # first, middle and last (partial, 4 patches) chunks
         n = min(16, len(slide) - start)
+        indices = np.array([i for i in (0, 3, 15, 3) if i < n])  # in any order, repeated
         np.testing.assert_array_equal(
-            _read_kept(array, start, n, keep[:n]), array[start : start + n][keep[:n]]
+            read_some(array, start, n, indices), array[start : start + n][indices]
         )
 
 
