@@ -7,8 +7,8 @@
 store (reused from ``--work`` when there), then the ``camelyon`` Prefect
 flow once per variant: the baseline (the demo's configuration), each step
 of the recipe added alone (hard-negative mining, detection by local maxima,
-the slide classifier on out-of-fold heatmaps, test-time augmentation) and
-the steps together. Every variant starts from the baseline's first model
+the slide classifier on out-of-fold heatmaps, test-time augmentation, Macenko
+stain normalisation) and the steps together. Every variant starts from the baseline's first model
 (copied: the flow reuses a finished model trained on the same store with the
 same settings), so its time is what the step adds. Prints slide AUC and
 FROC per variant, mean and standard deviation over the seeds, the mean
@@ -141,6 +141,7 @@ VARIANTS: dict[str, dict[str, object]] = {
     "maxima": {"inference.detection": "maxima"},
     "slide classifier": {"slide_classifier.enabled": True},
     "tta": {"inference.tta": True},
+    "stain": {"training.stain_normalization": "macenko"},
     "all but tta": {
         "mining.enabled": True,
         "inference.detection": "maxima",
@@ -185,6 +186,7 @@ def _ablation(args: argparse.Namespace) -> None:
                 out.mkdir(parents=True, exist_ok=True)
                 shutil.copytree(folder / "ablation" / "baseline" / "model", out / "model")
             config = _overridden(base, VARIANTS[variant])
+            out.parent.mkdir(parents=True, exist_ok=True)
             variant_config = out.parent / f"{out.name}.yaml"
             variant_config.write_text(yaml.safe_dump(config, sort_keys=False))
             started = time.perf_counter()

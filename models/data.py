@@ -171,8 +171,15 @@ def split_by_slide(
     return train, val
 
 
+#: ``transform(slide_index, patches)``: applied to each chunk's patches (stain normalisation).
+Transform = Callable[[int, np.ndarray], np.ndarray]
+
+
 def balanced_chunks(
-    slides: list[SlidePatches], seed: int, hard_share: float = 0.0
+    slides: list[SlidePatches],
+    seed: int,
+    hard_share: float = 0.0,
+    transform: Transform | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Endless ``(patches, labels)`` from whole chunks in random order, classes balanced.
 
@@ -211,7 +218,43 @@ def balanced_chunks(
                 continue
             if i not in arrays:
                 arrays[i] = slide.open_patches()
-            yield read_some(arrays[i], start, len(labels), rows), labels[rows]
+            patches = read_some(arrays[i], start, len(labels), rows)
+            yield (patches if transform is None else transform(i, patches)), labels[rows]
+
+
+def stain_transform(
+    slides: list[SlidePatches], method: str, target: dict
+) -> tuple[Transform, list[dict]]:
+    """A transform normalising each slide's patches onto ``target``, and each slide's fit.
+
+    Raises :class:`StoreError` for a slide whose sample has too little stain to fit.
+    """
+    from pipeline.slides.stain import SAMPLE_PATCHES, fit_stain, normalize
+    from pipeline.store.patch_store import sample_patches
+
+    sources = []
+    for slide in slides:
+        try:
+            sources.append(fit_stain(sample_patches(slide.open_patches(), SAMPLE_PATCHES), method))
+        except ValueError as exc:
+            raise StoreError(slide.store, f"slide {slide.slide_id}: {exc}") from exc
+
+    def transform(index: int, patches: np.ndarray) -> np.ndarray:
+        return normalize(patches, sources[index], target)
+
+    return transform, sources
+
+
+def pooled_stain_target(slides: list[SlidePatches], method: str, per_slide: int = 16) -> dict:
+    """The ``method`` fit of ``per_slide`` patches from each slide, pooled (the default target)."""
+    from pipeline.slides.stain import fit_stain
+    from pipeline.store.patch_store import sample_patches
+
+    pooled = [sample_patches(s.open_patches(), per_slide) for s in slides]
+    try:
+        return fit_stain(np.concatenate(pooled), method)
+    except ValueError as exc:
+        raise StoreError(slides[0].store, f"the training slides' stain: {exc}") from exc
 
 
 def _hard_mask(slide: SlidePatches) -> np.ndarray:
@@ -223,7 +266,10 @@ def _hard_mask(slide: SlidePatches) -> np.ndarray:
 
 
 def all_patches(
-    slides: list[SlidePatches], max_patches: int | None = None, seed: int = 0
+    slides: list[SlidePatches],
+    max_patches: int | None = None,
+    seed: int = 0,
+    transform: Transform | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Every patch once, slide by slide and chunk by chunk (validation, inference).
 
@@ -236,7 +282,8 @@ def all_patches(
         if i != open_index:  # chunks come slide by slide: keep one array open
             open_index, array = i, slide.open_patches()
         stop = start + slide.chunk_patches
-        yield array[start:stop], slide.labels[start:stop]
+        patches = array[start:stop]
+        yield (patches if transform is None else transform(i, patches)), slide.labels[start:stop]
 
 
 def count_patches(slides: list[SlidePatches], max_patches: int | None = None, seed: int = 0) -> int:
@@ -283,13 +330,17 @@ def make_dataset(
     shuffle_buffer: int = 2048,
     max_patches: int | None = None,
     hard_share: float = 0.0,
+    transform: Transform | None = None,
+    stain_jitter: float = 1.0,
 ):
     """A ``tf.data.Dataset`` of ``(float32 images, float32 labels)`` batches.
 
     Training: balanced endless stream, shuffled, augmented (flips, 90°
     rotations, brightness/contrast, H&E stain jitter); validation: every
     patch once (or the fixed subset of :func:`all_patches` with
-    ``max_patches``), as stored. ``hard_share``: see :func:`balanced_chunks`.
+    ``max_patches``), as stored. ``hard_share``: see :func:`balanced_chunks`;
+    ``transform`` (stain normalisation) applies to every chunk, before
+    augmentation; ``stain_jitter`` scales the H&E jitter (0: none).
     ``preprocess`` (the backbone's own) maps 0-255
     float images; without it images are scaled to 0-1. Prefetched.
     """
@@ -300,8 +351,8 @@ def make_dataset(
     def chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         # A new source each time the dataset is iterated (one pass per validation run).
         if training:
-            return balanced_chunks(slides, seed, hard_share)
-        return all_patches(slides, max_patches, seed)
+            return balanced_chunks(slides, seed, hard_share, transform)
+        return all_patches(slides, max_patches, seed, transform)
 
     # Whole chunks cross from Python (one call per chunk, not per patch), then
     # every per-patch step runs in TensorFlow on whole batches.
@@ -315,7 +366,7 @@ def make_dataset(
     if training:
         dataset = dataset.shuffle(shuffle_buffer, seed=seed)
     dataset = dataset.batch(batch_size, drop_remainder=training)
-    augment = _augment_fn(seed) if training else (lambda x: tf.cast(x, tf.float32))
+    augment = _augment_fn(seed, stain_jitter) if training else (lambda x: tf.cast(x, tf.float32))
     scale = preprocess or (lambda x: x / 255.0)
     dataset = dataset.map(
         lambda x, y: (scale(augment(x)), tf.cast(y, tf.float32)),
@@ -327,8 +378,12 @@ def make_dataset(
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
-def _augment_fn(seed: int):
-    """Augment a ``(b, h, w, 3)`` uint8 batch, independently per patch, into 0-255 floats."""
+def _augment_fn(seed: int, stain_jitter: float = 1.0):
+    """Augment a ``(b, h, w, 3)`` uint8 batch, independently per patch, into 0-255 floats.
+
+    ``stain_jitter`` scales the H&E jitter: each stain's OD times 1 +/- 0.05 s,
+    plus +/- 0.02 s; 0 leaves the stains alone.
+    """
     import tensorflow as tf
 
     hed_from_rgb = tf.constant(_HED_FROM_RGB)
@@ -346,11 +401,12 @@ def _augment_fn(seed: int):
         x = tf.where(per_patch(0.0, 1.0) < 0.5, tf.transpose(x, (0, 2, 1, 3)), x)
         x = tf.where(per_patch(0.0, 1.0) < 0.5, tf.reverse(x, axis=[2]), x)
         x = tf.where(per_patch(0.0, 1.0) < 0.5, tf.reverse(x, axis=[1]), x)
-        # H&E stain jitter: scale and shift each stain's optical density a little.
-        od = -tf.math.log((x + 1.0) / 256.0)
-        hed = tf.einsum("bhwc,cd->bhwd", od, hed_from_rgb)
-        hed = hed * per_patch(0.95, 1.05, 3) + per_patch(-0.02, 0.02, 3)
-        x = tf.exp(-tf.einsum("bhwd,dc->bhwc", hed, rgb_from_hed)) * 256.0 - 1.0
+        if stain_jitter:  # H&E stain jitter: scale and shift each stain's optical density
+            od = -tf.math.log((x + 1.0) / 256.0)
+            hed = tf.einsum("bhwc,cd->bhwd", od, hed_from_rgb)
+            scale, shift = 0.05 * stain_jitter, 0.02 * stain_jitter
+            hed = hed * per_patch(1 - scale, 1 + scale, 3) + per_patch(-shift, shift, 3)
+            x = tf.exp(-tf.einsum("bhwd,dc->bhwc", hed, rgb_from_hed)) * 256.0 - 1.0
         x = x + per_patch(-12.0, 12.0)  # brightness
         mean = tf.reduce_mean(x, axis=(1, 2, 3), keepdims=True)
         x = (x - mean) * per_patch(0.9, 1.1) + mean  # contrast

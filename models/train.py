@@ -32,11 +32,18 @@ import numpy as np
 from pipeline import __version__
 from pipeline.config import TrainingConfig
 from pipeline.errors import ConfigError, ModelError, StoreError, TrainingClusterError
-from pipeline.identity import fingerprint
+from pipeline.identity import file_identity, fingerprint
 from pipeline.store.patch_store import canonical
 
 from .classifier import WeightsError, build_classifier, check_backbone, preprocess_fn
-from .data import SlidePatches, make_dataset, open_stores, split_slides
+from .data import (
+    SlidePatches,
+    make_dataset,
+    open_stores,
+    pooled_stain_target,
+    split_slides,
+    stain_transform,
+)
 from .distribute import (
     TrainingCluster,
     check_cluster_replicas,
@@ -60,8 +67,10 @@ MIN_STEPS = 25
 #: Settings that change nothing about the trained model (not part of its fingerprint).
 #: exclude_slides: the slides' list in the fingerprint already says which slides were used.
 #: hard_negative_share: in the fingerprint with the mining records, only when above 0.
+#: The stain settings likewise, only when they differ from the defaults.
 _NOT_FINGERPRINTED = (
-    "mlflow", "mlflow_tracking_uri", "exclude_slides", "hard_negative_share", "hard_negatives_from"
+    "mlflow", "mlflow_tracking_uri", "exclude_slides", "hard_negative_share",
+    "hard_negatives_from", "stain_normalization", "stain_reference", "stain_jitter",
 )  # fmt: skip
 
 
@@ -134,6 +143,7 @@ class _Inputs:
     parent: dict[str, Any] | None
     phases: list[Phase]
     fingerprint: str
+    stain: dict[str, Any]  # normalisation, its target and the jitter (see _stain)
 
 
 def _check_inputs(
@@ -180,6 +190,13 @@ def _check_inputs(
     }
     if workers > 1:  # one machine's runs keep the fingerprints they always had
         identity["workers"] = workers
+    if cfg.stain_normalization != "none" or cfg.stain_jitter != 1.0:  # likewise
+        reference = cfg.stain_reference
+        identity["stain"] = [
+            cfg.stain_normalization,
+            file_identity(Path(reference)) if reference and Path(reference).exists() else reference,
+            cfg.stain_jitter,
+        ]
     if hard:  # likewise
         _check_mined(train)
         identity["hard_negatives"] = [
@@ -187,9 +204,10 @@ def _check_inputs(
             [[s.slide_id, s.mining["fingerprint"]] for s in train],
         ]
     digest = fingerprint(identity)
+    stain = _stain(cfg, train)  # a bad reference fails here, before anything is made
     return _Inputs(
         slides, train, val, test, px, patch_mpp, backbone, spec.preprocessing, parent_dir,
-        parent, phases, digest,
+        parent, phases, digest, stain,
     )  # fmt: skip
 
 
@@ -275,15 +293,18 @@ def train_classifier(
         train_tumor = sum(s.tumor for s in inputs.train)
         steps = cfg.steps_per_epoch or max(MIN_STEPS, math.ceil(2 * train_tumor / global_batch))
         preprocess = preprocess_fn(inputs.preprocessing)
+        stain = inputs.stain
         # Datasets outside the strategy scope: their random generators live on the host.
         train_ds = make_dataset(
             inputs.train, batch_size=global_batch, training=True,
             seed=cfg.seed + (cluster.index if cluster else 0), preprocess=preprocess,
-            hard_share=cfg.hard_negative_share,
+            hard_share=cfg.hard_negative_share, stain_jitter=cfg.stain_jitter,
+            transform=_normalizer(inputs.train, stain),
         )  # fmt: skip
         val_ds = make_dataset(
             inputs.val, batch_size=global_batch, training=False, seed=cfg.seed,
             preprocess=preprocess, max_patches=cfg.validation_max_patches,
+            transform=_normalizer(inputs.val, stain),
         )  # fmt: skip
         if cluster is not None:
             train_ds, val_ds = _whole_on_each_worker(train_ds), _whole_on_each_worker(val_ds)
@@ -354,10 +375,11 @@ def train_classifier(
         metadata = _metadata(
             inputs, cfg, config, state, base_name, strategy, global_batch, steps, cluster
         )
+        metadata["stain"] = stain  # inference normalises slides as this says
         metadata["metrics"].update(
             _test_metrics(
                 run.path / MODEL_FILE, inputs.test if chief else [], global_batch, cfg.seed,
-                preprocess,
+                preprocess, _normalizer(inputs.test, stain) if inputs.test else None,
             )
         )  # fmt: skip
         metadata["seconds"] = round(time.perf_counter() - started, 1)
@@ -592,7 +614,12 @@ def _common_mpp(slides: list[SlidePatches]) -> float | None:
 
 
 def _test_metrics(
-    model_path: Path, test: list[SlidePatches], batch_size: int, seed: int, preprocess
+    model_path: Path,
+    test: list[SlidePatches],
+    batch_size: int,
+    seed: int,
+    preprocess,
+    transform=None,
 ) -> dict[str, float | None]:
     """AUC, loss and accuracy of the best model on the held-out test groups (None without).
 
@@ -603,10 +630,62 @@ def _test_metrics(
         return {"test_auc": None, "test_loss": None, "test_accuracy": None}
     model = keras.models.load_model(model_path)  # compiled: its last phase's loss and metrics
     dataset = make_dataset(
-        test, batch_size=batch_size, training=False, seed=seed, preprocess=preprocess
+        test,
+        batch_size=batch_size,
+        training=False,
+        seed=seed,
+        preprocess=preprocess,
+        transform=transform,
     )
     logs = model.evaluate(dataset, return_dict=True, verbose=0)
     return {f"test_{k}": float(logs[k]) for k in ("auc", "loss", "accuracy")}
+
+
+def _stain(cfg: TrainingConfig, train: list[SlidePatches]) -> dict[str, Any]:
+    """The model's stain record: normalisation, its target (fitted now), jitter strength."""
+    method = cfg.stain_normalization
+    record: dict[str, Any] = {"normalization": method, "jitter": cfg.stain_jitter}
+    if method == "none":
+        return record
+    if cfg.stain_reference:
+        record["reference"] = cfg.stain_reference
+        record["target"] = reference_stain(Path(cfg.stain_reference), method)
+    else:
+        record["reference"] = "the training slides' patches, pooled"
+        record["target"] = pooled_stain_target(train, method)
+    return record
+
+
+def _normalizer(slides: list[SlidePatches], stain: dict[str, Any]):
+    """The data stream's transform for ``slides`` (None without normalisation)."""
+    if stain["normalization"] == "none":
+        return None
+    return stain_transform(slides, stain["normalization"], stain["target"])[0]
+
+
+def reference_stain(path: Path, method: str) -> dict[str, Any]:
+    """The ``method`` fit of a reference slide (its overview) or image; ModelError otherwise."""
+    from PIL import Image
+
+    from pipeline.errors import SlideError
+    from pipeline.slides.reader import open_slide
+    from pipeline.slides.stain import fit_stain
+
+    try:
+        with open_slide(path) as reader:
+            rgb, _ = reader.overview(max(1.0, max(reader.info.level0_wh) / 4096))
+    except SlideError:
+        try:
+            with Image.open(path) as image:
+                rgb = np.asarray(image.convert("RGB"))
+        except (OSError, ValueError) as exc:
+            raise ModelError(
+                path, f"training.stain_reference: not a slide or image ({exc})"
+            ) from exc
+    try:
+        return fit_stain(rgb, method)
+    except ValueError as exc:
+        raise ModelError(path, f"training.stain_reference: {exc}") from exc
 
 
 def _mining_key(cfg: TrainingConfig) -> str | None:

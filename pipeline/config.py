@@ -188,6 +188,21 @@ class TrainingConfig(_Section):
     hard_negatives_from: str | None = Field(
         None, description="the model directory whose mining to use; None: the stores' only one"
     )
+    stain_normalization: Literal["none", "reinhard", "macenko"] = Field(
+        "none",
+        description="map each slide's stain onto a target in training and inference alike",
+    )
+    stain_reference: str | None = Field(
+        None,
+        description="a slide or image the target stain is fitted to; None: the training "
+        "slides' patches pooled",
+    )
+    stain_jitter: float = Field(
+        1.0,
+        ge=0,
+        le=5,
+        description="H&E jitter strength (1: each stain's OD x 0.95-1.05 +/- 0.02); 0: none",
+    )
     mlflow: bool = False
     mlflow_tracking_uri: str | None = None
 

@@ -259,6 +259,11 @@ class _Inferring:
                 reader_threads=config.reader_threads,
                 tf_threads=self.tf_threads,
                 tta=config.tta,
+                stain=(
+                    None
+                    if plan.stain_source is None
+                    else (plan.stain_source, self.spec.stain["target"])
+                ),
             )
             for start in range(0, n, step)
         ]

@@ -25,11 +25,12 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import ModelError
+from pipeline.errors import ModelError, SlideError
 from pipeline.identity import file_identity, slide_id_of
 from pipeline.inference.heatmap import HeatmapGrid, heatmap_grid
 from pipeline.slides.patches import cached_reader, read_patch
 from pipeline.slides.reader import open_slide
+from pipeline.slides.stain import SAMPLE_PATCHES, normalize
 from pipeline.slides.tissue import tissue_mask
 from pipeline.tiling.grid import Resolution, choose_resolution, level0_boxes, patch_grid
 
@@ -52,6 +53,8 @@ class ModelSpec:
     identity: dict[str, Any] = field(repr=False)
     #: The identity of the slide classifier that scores slides; None: the heatmap's maximum.
     slide_classifier: dict[str, Any] | None = field(repr=False, default=None)
+    #: Stain normalisation the model was trained with: {"normalization", "target"}; None: none.
+    stain: dict[str, Any] | None = field(repr=False, default=None)
 
 
 def model_spec(
@@ -91,7 +94,16 @@ def model_spec(
         slide_classifier=(
             SlideClassifier(model_dir).identity if slide_score == "classifier" else None
         ),
+        stain=_stain_of(metadata),
     )
+
+
+def _stain_of(metadata: dict[str, Any]) -> dict[str, Any] | None:
+    """The stain normalisation a model's metadata records (None for none)."""
+    stain = metadata.get("stain") or {}
+    if stain.get("normalization", "none") == "none":
+        return None
+    return {"normalization": stain["normalization"], "target": stain["target"]}
 
 
 def seen_slides(
@@ -117,6 +129,8 @@ class InferencePlan:
     level0_wh: tuple[int, int]
     thumbnail: np.ndarray = field(repr=False)  # (h, w, 3) uint8 of the whole slide
     attrs: dict[str, Any] = field(repr=False, default_factory=dict)
+    #: The slide's stain fit (``spec.stain``'s method) its patches are normalised from.
+    stain_source: dict[str, Any] | None = field(repr=False, default=None)
 
 
 def plan_inference(
@@ -151,6 +165,7 @@ def plan_inference(
     # tile a row of patches shares with the next, so each tile is decoded about once.
     grid_xy = grid_xy[np.lexsort((grid_xy[:, 0], grid_xy[:, 1], grid_xy[:, 0] // READ_BAND_PX))]
     grid = heatmap_grid(level_wh, info.level0_wh, resolution.read_px, resolution.read_stride_px)
+    stain_source = _stain_source(path, spec, resolution, grid_xy)
     attrs = {
         "slide": file_identity(path),
         "vendor": info.vendor,
@@ -166,6 +181,7 @@ def plan_inference(
         "read_stride_px": resolution.read_stride_px,
         "min_tissue_fraction": spec.min_tissue_fraction,
         "patches": len(grid_xy),
+        **({"stain_source": stain_source} if stain_source is not None else {}),
     }
     return InferencePlan(
         slide_id=slide_id_of(path),
@@ -177,7 +193,33 @@ def plan_inference(
         level0_wh=info.level0_wh,
         thumbnail=thumbnail,
         attrs=attrs,
+        stain_source=stain_source,
     )
+
+
+def _stain_source(
+    path: Path, spec: ModelSpec, resolution: Resolution, level_xy: np.ndarray
+) -> dict[str, Any] | None:
+    """The slide's stain fit on a sample of its patches; None when the model normalises none."""
+    from pipeline.slides.stain import fit_stain
+
+    if spec.stain is None or not len(level_xy):
+        return None
+    rows = np.unique(np.linspace(0, len(level_xy) - 1, SAMPLE_PATCHES).astype(np.int64))
+    with open_slide(path) as reader:
+        patches = np.stack(
+            [
+                read_patch(
+                    reader, resolution.level, int(x), int(y), resolution.read_px,
+                    resolution.patch_px,
+                )
+                for x, y in level_xy[rows]
+            ]
+        )  # fmt: skip
+    try:
+        return fit_stain(patches, spec.stain["normalization"])
+    except ValueError as exc:
+        raise SlideError(path, f"its stain cannot be normalised: {exc}") from exc
 
 
 @dataclass(frozen=True, eq=False)
@@ -201,6 +243,7 @@ class Block:
     reader_threads: int = 1
     tf_threads: int | None = None  # None: TensorFlow's own default
     tta: bool = False  # the mean of each patch's 8 flips and rotations
+    stain: tuple[dict[str, Any], dict[str, Any]] | None = None  # (source, target) fits
 
 
 def predict_block(block: Block) -> np.ndarray:
@@ -264,6 +307,8 @@ def predict_streamed(predictor: Callable[[np.ndarray], np.ndarray], block: Block
                 batch = np.empty((len(xy), patch_px, patch_px, 3), dtype=np.uint8)
                 for i, (x, y) in enumerate(xy):
                     batch[i] = read_patch(reader, level, int(x), int(y), read_px, patch_px)
+                if block.stain is not None:
+                    batch = normalize(batch, *block.stain)
                 if not put((start, batch)):
                     return
         except BaseException as exc:  # handed to the predicting thread

@@ -62,12 +62,24 @@ def load_patch(path: Path, patch_px: int, *, resize: bool) -> tuple[np.ndarray, 
     return np.asarray(rgb, dtype=np.uint8), warnings
 
 
+def _normalized(patch: np.ndarray, stain: dict, warnings: list[str]) -> np.ndarray:
+    """The patch mapped onto the model's stain target from its own fit (a patch is its slide)."""
+    from pipeline.slides.stain import fit_stain, normalize
+
+    try:
+        return normalize(patch, fit_stain(patch, stain["normalization"]), stain["target"])
+    except ValueError as exc:
+        warnings.append(f"stain not normalised ({exc})")
+        return patch
+
+
 def predict_images(
     model_dir: Path | str, paths: Sequence[Path], *, resize: bool = False, tta: bool = False
 ) -> list[ImagePrediction]:
     """Predict every image in ``paths`` (in order) with the model in ``model_dir``.
 
-    ``tta``: each probability is the mean over the image's 8 flips and rotations.
+    ``tta``: each probability is the mean over the image's 8 flips and rotations. A
+    model trained with stain normalisation gets each image normalised from its own fit.
 
     Raises :class:`pipeline.errors.ModelError` for an unusable model directory.
     """
@@ -86,6 +98,8 @@ def predict_images(
             except ValueError as exc:
                 result.reason = str(exc)
                 continue
+            if spec.stain is not None:
+                patch = _normalized(patch, spec.stain, result.warnings)
             batch.append(patch)
             waiting.append(result)
         if not batch:

@@ -35,7 +35,7 @@ from pipeline.config import MiningConfig, TilingConfig, annotation_groups
 from pipeline.errors import AnnotationError, ModelError, StoreError, failure_reason
 from pipeline.identity import file_identity, fingerprint
 from pipeline.mining.rules import candidates, near_annotations
-from pipeline.store.patch_store import location, open_store, read_some, zarr_root
+from pipeline.store.patch_store import location, open_store, read_some, sample_patches, zarr_root
 
 #: The array group of a slide's mined hard negatives.
 MINED = "hard_negatives"
@@ -223,7 +223,9 @@ def _mine_slide(
         _margin_px(attrs, cfg.margin_um, slide_id),
     )
     chosen = np.flatnonzero(candidates(labels, tumor_fraction, near))
-    probability = _predict(group["patches"], chosen, predictor, cfg.batch_size)
+    probability = _predict(
+        group["patches"], chosen, predictor, cfg.batch_size, _normalizer(group, spec, slide_id)
+    )
     hard = probability >= cfg.threshold
     counts = {
         "patches": len(labels),
@@ -286,15 +288,33 @@ def _margin_px(attrs: dict[str, Any], margin_um: float, slide_id: str) -> float:
     return margin_um / (float(attrs["level_mpp"]) / float(attrs["downsample"]))
 
 
+def _normalizer(
+    group: zarr.Group, spec: Any, slide_id: str
+) -> Callable[[np.ndarray], np.ndarray] | None:
+    """The model's stain normalisation for this slide's stored patches, as in its training."""
+    from pipeline.slides.stain import SAMPLE_PATCHES, fit_stain, normalize
+
+    if spec.stain is None:
+        return None
+    sample = sample_patches(group["patches"], SAMPLE_PATCHES)
+    try:
+        source = fit_stain(sample, spec.stain["normalization"])
+    except ValueError as exc:
+        raise StoreError(slide_id, f"its stain cannot be normalised: {exc}") from exc
+    return lambda patches: normalize(patches, source, spec.stain["target"])
+
+
 def _predict(
     patches: zarr.Array,
     rows: np.ndarray,
     predictor: Callable[[np.ndarray], np.ndarray],
     batch_size: int,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> np.ndarray:
     """``(len(rows),)`` float32 probabilities of ``patches[rows]`` (sorted), chunk by chunk.
 
-    At most one batch and one chunk's patches are in memory at a time.
+    At most one batch and one chunk's patches are in memory at a time;
+    ``transform`` (stain normalisation) applies to each chunk's patches.
     """
     n, chunk = patches.shape[0], patches.chunks[0]
     out = np.empty(len(rows), dtype=np.float32)
@@ -303,7 +323,8 @@ def _predict(
     for start in range(0, n, chunk):
         here = rows[(rows >= start) & (rows < start + chunk)]
         if len(here):
-            pending.append(read_some(patches, start, min(chunk, n - start), here - start))
+            read = read_some(patches, start, min(chunk, n - start), here - start)
+            pending.append(read if transform is None else transform(read))
             waiting += len(here)
         if waiting >= batch_size or (waiting and start + chunk >= n):
             out[done : done + waiting] = predictor(np.concatenate(pending))

@@ -317,6 +317,19 @@ def read_some(array: zarr.Array, start: int, n: int, indices: np.ndarray) -> np.
     return codec.decode_some(data, indices)
 
 
+def sample_patches(array: zarr.Array, count: int) -> np.ndarray:
+    """Up to ``count`` patches spread evenly over a ``patches`` array (a slide's stain sample)."""
+    n = array.shape[0]
+    rows = np.unique(np.linspace(0, n - 1, num=min(count, n)).astype(np.int64))
+    chunk = array.chunks[0]
+    parts = [
+        read_some(array, start, min(chunk, n - start), here - start)
+        for start in range(0, n, chunk)
+        if len(here := rows[(rows >= start) & (rows < start + chunk)])
+    ]
+    return np.concatenate(parts) if parts else np.zeros((0, *array.shape[1:]), np.uint8)
+
+
 def _chunk_key(array: zarr.Array, chunk_index: int) -> str:
     """The key of chunk ``chunk_index`` of a patches array, relative to the array."""
     return array.metadata.encode_chunk_key((chunk_index, 0, 0, 0))

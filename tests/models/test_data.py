@@ -141,6 +141,20 @@ def test_hard_negatives_make_their_share_of_the_normal_patches(tmp_path, share):
     assert not (hard & ~normal).any()
 
 
+def test_stain_jitter_strength():
+    """Jitter 0 leaves a grey patch grey (brightness and contrast move its channels alike);
+    1 tints it, as each stain's density moves on its own."""
+    import tensorflow as tf
+
+    from models.data import _augment_fn
+
+    grey = tf.constant(np.full((32, 16, 16, 3), 150, np.uint8))
+    for jitter, same in ((0.0, True), (1.0, False)):
+        out = _augment_fn(seed=0, stain_jitter=jitter)(grey).numpy()
+        spread = np.ptp(out[:, 0, 0, :], axis=1)  # how far apart the channels are, per patch
+        assert bool(spread.max() < 1e-3) is same, spread.max()
+
+
 def test_training_is_augmented_validation_is_not(tmp_path):
     pytest.importorskip("tensorflow")
     store = _store(tmp_path / "a.zarr", {"t1": 30, "n1": 0})

@@ -313,6 +313,49 @@ def test_tta_cells_are_the_mean_of_the_eight_flips_and_rotations(
         np.testing.assert_allclose(tta(np.ascontiguousarray(view)), expected, atol=1e-5)
 
 
+def test_stain_normalisation_is_applied_alike_in_training_and_inference(
+    patch_store, slides, tmp_path
+):
+    """Macenko: the model records its target; each cell is the model on the patch mapped
+    from the slide's own fit (recorded in the heatmap) onto that target."""
+    from models.saved import read_metadata
+    from models.train import train_classifier
+    from pipeline.config import TrainingConfig
+    from pipeline.slides.stain import normalize
+
+    cfg = TrainingConfig(
+        backbone="small_cnn", head_epochs=1, fine_tune_epochs=0, batch_per_replica=16,
+        steps_per_epoch=4, validation_max_patches=256, stain_normalization="macenko",
+        stain_jitter=0.5,
+    )  # fmt: skip
+    model = tmp_path / "model"
+    train_classifier([patch_store], model, cfg)
+    stain = read_metadata(model)["stain"]
+    assert stain["normalization"] == "macenko" and stain["jitter"] == 0.5
+    assert np.asarray(stain["target"]["stains"]).shape == (2, 3)
+    slide_id = "tumor_001" if "tumor_001" in slides else sorted(slides)[0]
+    with dask_client(workers=1) as client:
+        results = infer_slides(client, model, [slides[slide_id]], tmp_path / "o", InferenceConfig())
+    assert [r.status for r in results] == ["done"]
+    heat, attrs = read_heatmap(tmp_path / "o" / "heatmaps" / f"{slide_id}.zarr")
+    source = attrs["stain_source"]
+    assert source["method"] == "macenko" and source != stain["target"]
+    rows, cols = np.nonzero(heat)
+    pick = np.random.default_rng(2).choice(len(rows), size=8, replace=False)
+    cell_x, cell_y = attrs["level0_cell_px"]
+    with open_slide(slides[slide_id], direct=False) as reader:
+        patches = np.stack(
+            [
+                reader.read_region((round(cols[i] * cell_x), round(rows[i] * cell_y)), 0, (64, 64))
+                for i in pick
+            ]
+        )
+    predictor = Predictor(model, batch_size=8)
+    expected = predictor(normalize(patches, source, stain["target"]))
+    np.testing.assert_allclose(heat[rows[pick], cols[pick]], expected, atol=1e-5)
+    assert not np.allclose(predictor(patches), expected, atol=1e-4)  # it does change them
+
+
 def test_model_errors_name_the_directory(trained_model, slides, tmp_path):
     slide = str(next(iter(slides.values())))
     missing = run("infer", str(tmp_path / "no-model"), slide, "--out", str(tmp_path / "o"))

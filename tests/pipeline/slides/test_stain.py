@@ -1,0 +1,69 @@
+"""Stain normalisation: a slide's stains mapped onto the target's, on images of known stains."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.slides.stain import angle_deg, fit_stain, normalize
+
+
+def _stained(h_od, e_od, h_max, e_max, seed, shape=(64, 64)):
+    """RGB uint8 of two stains (Beer-Lambert), concentrations uniform on [0.5, 1] x max.
+
+    A fifth of the pixels hold haematoxylin only and a fifth eosin only (nuclei, stroma),
+    so the extreme angles Macenko's method looks for are the stains themselves.
+    """
+    rng = np.random.default_rng(seed)
+    stains = np.array([h_od, e_od], dtype=np.float64)
+    stains /= np.linalg.norm(stains, axis=1, keepdims=True)
+    c = rng.uniform(0.5, 1.0, (*shape, 2)) * np.array([h_max, e_max])
+    which = rng.random(shape)
+    c[which < 0.2, 1] = 0.0
+    c[which > 0.8, 0] = 0.0
+    return np.clip(np.rint(255.0 * np.exp(-(c @ stains)) - 1.0), 0, 255).astype(np.uint8), stains
+
+
+#: Two centres: another haematoxylin hue and a paler eosin at the source. Each eosin
+#: absorbs enough red for its pure pixels to pass the 0.15 OD tissue test in every channel.
+SOURCE = ((0.75, 0.60, 0.28), (0.25, 0.85, 0.45), 1.6, 1.5)
+TARGET = ((0.65, 0.70, 0.29), (0.30, 0.90, 0.30), 2.0, 2.4)
+
+
+def test_macenko_maps_the_stain_vectors_and_concentrations_onto_the_target():
+    source_rgb, source_stains = _stained(*SOURCE, seed=0)
+    target_rgb, target_stains = _stained(*TARGET, seed=1)
+    source, target = fit_stain(source_rgb, "macenko"), fit_stain(target_rgb, "macenko")
+    # The fit finds the stains an image was made with.
+    for fitted, true in ((source, source_stains), (target, target_stains)):
+        assert angle_deg(np.array(fitted["stains"][0]), true[0]) < 2
+        assert angle_deg(np.array(fitted["stains"][1]), true[1]) < 2
+    assert angle_deg(source_stains[0], target_stains[0]) > 5  # the two centres do differ
+    normalized = fit_stain(normalize(source_rgb, source, target), "macenko")
+    for k in range(2):
+        assert angle_deg(np.array(normalized["stains"][k]), target_stains[k]) < 2
+    np.testing.assert_allclose(
+        normalized["max_concentrations"], target["max_concentrations"], rtol=0.05
+    )
+
+
+def test_reinhard_maps_the_lab_statistics_onto_the_target():
+    source_rgb, _ = _stained(*SOURCE, seed=0)
+    target_rgb, _ = _stained(*TARGET, seed=1)
+    source, target = fit_stain(source_rgb, "reinhard"), fit_stain(target_rgb, "reinhard")
+    normalized = fit_stain(normalize(source_rgb, source, target), "reinhard")
+    np.testing.assert_allclose(normalized["mean"], target["mean"], atol=1.0)
+    np.testing.assert_allclose(normalized["std"], target["std"], rtol=0.05, atol=0.5)
+
+
+def test_unfit_inputs_are_refused():
+    with pytest.raises(ValueError, match="at least 100 stained pixels"):
+        fit_stain(np.full((32, 32, 3), 250, dtype=np.uint8), "macenko")  # background only
+    with pytest.raises(ValueError, match="Received: method='vahadane'"):
+        fit_stain(np.zeros((32, 32, 3), dtype=np.uint8), "vahadane")
+    rgb, _ = _stained(*SOURCE, seed=0)
+    with pytest.raises(ValueError, match="fits of one method"):
+        normalize(rgb, fit_stain(rgb, "macenko"), fit_stain(rgb, "reinhard"))
+    # A slide mapped onto its own fit is left (nearly) as it was.
+    same = normalize(rgb, fit_stain(rgb, "macenko"), fit_stain(rgb, "macenko"))
+    assert np.abs(same.astype(int) - rgb).max() <= 2
