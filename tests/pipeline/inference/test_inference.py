@@ -112,23 +112,29 @@ def test_heatmaps_are_high_inside_tumor_and_low_elsewhere(inferred, small_cohort
     assert np.median(outside) < 0.1 and np.mean(outside > 0.5) < 0.1
 
 
-def test_heatmap_cells_are_the_model_on_openslide_patches(inferred, slides, trained_model):
-    """Each cell is the prediction for the patch at its level-0 position, read by OpenSlide."""
-    out, _ = inferred
-    slide_id = "tumor_001" if "tumor_001" in slides else sorted(slides)[0]
-    heat, attrs = read_heatmap(out / "heatmaps" / f"{slide_id}.zarr")
+def _cell_patches(slide, heat, attrs, seed: int):
+    """8 random predicted cells ``(rows, cols)`` and their 64 px patches, read by OpenSlide."""
     rows, cols = np.nonzero(heat)
-    pick = np.random.default_rng(0).choice(len(rows), size=8, replace=False)
+    pick = np.random.default_rng(seed).choice(len(rows), size=8, replace=False)
     cell_x, cell_y = attrs["level0_cell_px"]
-    with open_slide(slides[slide_id], direct=False) as reader:
+    with open_slide(slide, direct=False) as reader:
         patches = np.stack(
             [
                 reader.read_region((round(cols[i] * cell_x), round(rows[i] * cell_y)), 0, (64, 64))
                 for i in pick
             ]
         )
+    return (rows[pick], cols[pick]), patches
+
+
+def test_heatmap_cells_are_the_model_on_openslide_patches(inferred, slides, trained_model):
+    """Each cell is the prediction for the patch at its level-0 position, read by OpenSlide."""
+    out, _ = inferred
+    slide_id = "tumor_001" if "tumor_001" in slides else sorted(slides)[0]
+    heat, attrs = read_heatmap(out / "heatmaps" / f"{slide_id}.zarr")
+    cells, patches = _cell_patches(slides[slide_id], heat, attrs, seed=0)
     expected = Predictor(trained_model, batch_size=8)(patches)
-    np.testing.assert_allclose(heat[rows[pick], cols[pick]], expected, atol=1e-5)
+    np.testing.assert_allclose(heat[cells], expected, atol=1e-5)
 
 
 def test_outputs_layout_detections_and_scores(inferred, small_cohort):
@@ -292,21 +298,12 @@ def test_tta_cells_are_the_mean_of_the_eight_flips_and_rotations(
     heat, attrs = read_heatmap(out / "heatmaps" / f"{slide_id}.zarr")
     plain, _ = read_heatmap(inferred[0] / "heatmaps" / f"{slide_id}.zarr")
     assert attrs["tta"] is True and np.array_equal(heat > 0, plain > 0)
-    rows, cols = np.nonzero(heat)
-    pick = np.random.default_rng(1).choice(len(rows), size=8, replace=False)
-    cell_x, cell_y = attrs["level0_cell_px"]
-    with open_slide(slides[slide_id], direct=False) as reader:
-        patches = np.stack(
-            [
-                reader.read_region((round(cols[i] * cell_x), round(rows[i] * cell_y)), 0, (64, 64))
-                for i in pick
-            ]
-        )
+    cells, patches = _cell_patches(slides[slide_id], heat, attrs, seed=1)
     views = [np.rot90(p, k, axes=(1, 2)) for p in (patches, patches[:, :, ::-1]) for k in range(4)]
     plain_predictor = Predictor(trained_model, batch_size=8)
     expected = np.mean([plain_predictor(np.ascontiguousarray(v)) for v in views], axis=0)
-    np.testing.assert_allclose(heat[rows[pick], cols[pick]], expected, atol=1e-5)
-    assert not np.allclose(expected, plain[rows[pick], cols[pick]], atol=1e-3)
+    np.testing.assert_allclose(heat[cells], expected, atol=1e-5)
+    assert not np.allclose(expected, plain[cells], atol=1e-3)
     # The 8 views are a group: any of them as input gives the same mean.
     tta = Predictor(trained_model, batch_size=8, tta=True)
     for view in views[1:]:
@@ -340,19 +337,10 @@ def test_stain_normalisation_is_applied_alike_in_training_and_inference(
     heat, attrs = read_heatmap(tmp_path / "o" / "heatmaps" / f"{slide_id}.zarr")
     source = attrs["stain_source"]
     assert source["method"] == "macenko" and source != stain["target"]
-    rows, cols = np.nonzero(heat)
-    pick = np.random.default_rng(2).choice(len(rows), size=8, replace=False)
-    cell_x, cell_y = attrs["level0_cell_px"]
-    with open_slide(slides[slide_id], direct=False) as reader:
-        patches = np.stack(
-            [
-                reader.read_region((round(cols[i] * cell_x), round(rows[i] * cell_y)), 0, (64, 64))
-                for i in pick
-            ]
-        )
+    cells, patches = _cell_patches(slides[slide_id], heat, attrs, seed=2)
     predictor = Predictor(model, batch_size=8)
     expected = predictor(normalize(patches, source, stain["target"]))
-    np.testing.assert_allclose(heat[rows[pick], cols[pick]], expected, atol=1e-5)
+    np.testing.assert_allclose(heat[cells], expected, atol=1e-5)
     assert not np.allclose(predictor(patches), expected, atol=1e-4)  # it does change them
 
 
