@@ -74,7 +74,7 @@ def main() -> None:
         _print_fooled_by(sorted(args.analyse.glob("seed*/inference")))
         return
 
-    config = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    config = baseline_config()
     seeds = [int(s) for s in args.seeds.split(",")]
     synthetic = config["slides"]["synthetic"]
     synthetic["slides"] = 3 * args.test_slides
@@ -134,7 +134,18 @@ def main() -> None:
     _print_fooled_by([work / f"seed{seed}" / "inference" for seed, _, _ in runs])
 
 
-#: Ablation variants: dotted config overrides on the demo's configuration.
+#: The baseline: the demo's configuration without any step of the recipe.
+BASELINE: dict[str, object] = {
+    "training.stain_normalization": "none",
+    "mining.enabled": False,
+    "inference.detection": "regions",
+    "inference.slide_score": "max",
+    "inference.tta": False,
+    "slide_classifier.enabled": False,
+    "slide_classifier.folds": 3,
+}
+
+#: Ablation variants: dotted config overrides on the baseline.
 VARIANTS: dict[str, dict[str, object]] = {
     "baseline": {},
     "hard negatives": {"mining.enabled": True},
@@ -164,8 +175,7 @@ def _ablation(args: argparse.Namespace) -> None:
     if unknown:
         sys.exit(f"unknown variants: {', '.join(sorted(unknown))}; known: {', '.join(VARIANTS)}")
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    base = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
-    base["slides"]["extra"] = []
+    base = baseline_config()
     synthetic = base["slides"]["synthetic"]
     synthetic["slides"] = 3 * args.test_slides
     synthetic["width_px"] = synthetic["height_px"] = args.size
@@ -210,6 +220,13 @@ def _ablation(args: argparse.Namespace) -> None:
                 flush=True,
             )
     _print_ablation(record)
+
+
+def baseline_config() -> dict:
+    """``configs/demo.yaml`` without the recipe's steps and without real slides."""
+    base = _overridden(yaml.safe_load((REPO / "configs" / "demo.yaml").read_text()), BASELINE)
+    base["slides"]["extra"] = []
+    return base
 
 
 def _overridden(config: dict, overrides: dict[str, object]) -> dict:

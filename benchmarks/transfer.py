@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import yaml
-from recipe import REPO, _mean_sd, _overridden, _wsiflow
+from recipe import _mean_sd, _overridden, _wsiflow, baseline_config
 
 SOURCE_SEED = 100
 
@@ -39,8 +39,7 @@ def main() -> None:
     parser.add_argument("--labelled", type=int, default=4, help="tumor (and normal) slides")
     parser.add_argument("--size", type=int, default=8192, help="level-0 slide side, px")
     args = parser.parse_args()
-    base = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
-    base["slides"]["extra"] = []
+    base = baseline_config()
     synthetic = base["slides"]["synthetic"]
     synthetic["width_px"] = synthetic["height_px"] = args.size
     source_model = _source_model(args.work / "transfer" / "source", base)

@@ -38,7 +38,10 @@ def camelyon_flow(
 ) -> dict[str, Any]:
     """Tile the training slides, train, infer the test slides (heatmaps) and evaluate them.
 
-    With ``mining.enabled``, the model is trained again on the hard
+    When any step of the winners' recipe is on (``docs/recipe.md``), the
+    first model also infers and is evaluated as the baseline
+    (``OUT/inference_baseline``), for the two side by side. With
+    ``mining.enabled``, the model is trained again on the hard
     negatives the first one mined (:mod:`flows.mine`). With
     ``slide_classifier.enabled``, a slide classifier fitted on
     out-of-fold heatmaps of the training slides (:mod:`flows.slide_classifier`)
@@ -91,25 +94,31 @@ def camelyon_flow(
             ),
         )
         test_settings = {**(settings or {}), "inference.slide_score": "classifier"}
-    inference = str(out / "inference")
-    inferred = stage(
-        "infer",
-        lambda: infer_flow(model_dir, [str(testing / "images")], inference, config, test_settings),
-    )
     reference = testing / "reference.csv"
-    if inferred["done"] + inferred["skipped"] and reference.is_file():
-        stage(
-            "evaluate",
-            lambda: evaluate_flow(
-                inference,
-                str(reference),
-                str(testing / "lesion_annotations"),
-                str(testing / "images"),
-                config=config,
-                settings=settings,
+    runs = [("", model_dir, test_settings)]
+    if _recipe(cfg):  # the first model as is, beside the recipe's result
+        runs.append(("_baseline", str(out / "model"), {**(settings or {}), **BASELINE}))
+    for suffix, model, run_settings in runs:
+        inference = str(out / f"inference{suffix}")
+        inferred = stage(
+            f"infer{suffix}",
+            lambda model=model, inference=inference, run_settings=run_settings: infer_flow(
+                model, [str(testing / "images")], inference, config, run_settings
             ),
         )
-    elif not reference.is_file():
+        if inferred["done"] + inferred["skipped"] and reference.is_file():
+            stage(
+                f"evaluate{suffix}",
+                lambda inference=inference: evaluate_flow(
+                    inference,
+                    str(reference),
+                    str(testing / "lesion_annotations"),
+                    str(testing / "images"),
+                    config=config,
+                    settings=settings,
+                ),
+            )
+    if not reference.is_file():
         logger.warning("%s is missing: the test slides are not evaluated", reference)
     if extra_slides:
         stage(
@@ -121,6 +130,24 @@ def camelyon_flow(
     summary.update(seconds=seconds, failures=failures)
     artifacts.summary_markdown("camelyon-summary", f"CAMELYON16 run {out}", summary_rows(summary))
     return summary
+
+
+#: How the baseline infers: the first model's heatmap maximum, connected regions, no TTA.
+BASELINE = {
+    "inference.slide_score": "max",
+    "inference.detection": "regions",
+    "inference.tta": False,
+}
+
+
+def _recipe(cfg: Any) -> bool:
+    """Whether any step of the winners' recipe changes the result from the baseline's."""
+    return (
+        cfg.mining.enabled
+        or cfg.slide_classifier.enabled
+        or cfg.inference.detection != "regions"
+        or cfg.inference.tta
+    )
 
 
 def _labelled(per_slide: list[dict[str, Any]], training: Path) -> list[dict[str, Any]]:
@@ -138,6 +165,10 @@ def _labelled(per_slide: list[dict[str, Any]], training: Path) -> list[dict[str,
                 {"slide_id": row["slide_id"], "path": row["path"], "tumor": folder == "tumor"}
             )
     return labelled
+
+
+def _metric(value: float | None) -> str:
+    return "undefined" if value is None else f"{value:.4f}"
 
 
 def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
@@ -179,10 +210,19 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("heatmaps", f"{infer['out']}/heatmaps (*_overlay.png)"))
     evaluation = summary.get("evaluate")
     if evaluation:
-        auc, froc = evaluation["slide_auc"], evaluation["froc"]
-        rows.append(("slide AUC", "undefined" if auc is None else f"{auc:.4f}"))
-        rows.append(("FROC", "undefined" if froc is None else f"{froc:.4f}"))
+        baseline = summary.get("evaluate_baseline")
+        for name, key in (("slide AUC", "slide_auc"), ("FROC", "froc")):
+            text = _metric(evaluation[key])
+            if baseline:  # the recipe's and the baseline's side by side
+                text = f"{text} (baseline: {_metric(baseline[key])})"
+            rows.append((name, text))
         rows.append(("curves", ", ".join(evaluation["files"].values())))
+        if baseline:
+            rows.append((
+                "baseline",
+                f"{summary['train']['model_dir']} alone: heatmap maximum, connected regions, "
+                f"no TTA; in {summary['infer_baseline']['out']}",
+            ))  # fmt: skip
     real = summary.get("infer_real")
     if real:
         scores = ", ".join(f"{k} {v:.3f}" for k, v in real["scores"].items())

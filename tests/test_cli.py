@@ -128,7 +128,7 @@ def test_demo_runs_every_stage_and_says_what_does_not_exist(tmp_path):
     # tile -> train -> infer -> evaluate ran as the camelyon Prefect flow and its subflows.
     assert summary["stages_run"] == [
         "synth", "inspect", "tile", "train", "mine", "retrain", "slide_classifier", "infer",
-        "evaluate", *infer_real, "preview",
+        "evaluate", "infer_baseline", "evaluate_baseline", *infer_real, "preview",
     ]  # fmt: skip
     assert "Beginning flow run" in result.stderr and "for flow 'camelyon'" in result.stderr
     # Dask's and TensorFlow's own logs only with --verbose.
@@ -162,6 +162,10 @@ def test_demo_runs_every_stage_and_says_what_does_not_exist(tmp_path):
     report = (tmp_path / "out" / "report.html").read_text()
     assert summary["report"] == str(tmp_path / "out" / "report.html")
     assert "Slide AUC" in report and "test_001" in report and "Training" in report
+    # The recipe's numbers beside the first model's own (the baseline).
+    baseline = summary["evaluate_baseline"]
+    assert f"(baseline: {baseline['slide_auc']:.4f})" in report
+    assert summary["infer_baseline"]["out"] == str(tmp_path / "out" / "inference_baseline")
     # Self-contained: training curves, ROC and both test slides' overlays embedded, nothing fetched.
     assert report.count('src="data:image/') >= 4
     assert 'src="http' not in report and "<script" not in report

@@ -92,7 +92,8 @@ def demo(
     failures += flow_failures
     stages.update(flow_summary.get("seconds", {}))
     for stage in (
-        "tile", "train", "mine", "retrain", "slide_classifier", "infer", "evaluate", "infer_real"
+        "tile", "train", "mine", "retrain", "slide_classifier", "infer", "evaluate",
+        "infer_baseline", "evaluate_baseline", "infer_real",
     ):  # fmt: skip
         if stage in flow_summary:
             summary[stage] = flow_summary[stage]
