@@ -222,10 +222,8 @@ def balanced_chunks(
             yield (patches if transform is None else transform(i, patches)), labels[rows]
 
 
-def stain_transform(
-    slides: list[SlidePatches], method: str, target: dict
-) -> tuple[Transform, list[dict]]:
-    """A transform normalising each slide's patches onto ``target``, and each slide's fit.
+def stain_transform(slides: list[SlidePatches], method: str, target: dict) -> Transform:
+    """A transform normalising each slide's patches onto ``target`` from the slide's own fit.
 
     Raises :class:`StoreError` for a slide whose sample has too little stain to fit.
     """
@@ -242,7 +240,7 @@ def stain_transform(
     def transform(index: int, patches: np.ndarray) -> np.ndarray:
         return normalize(patches, sources[index], target)
 
-    return transform, sources
+    return transform
 
 
 def pooled_stain_target(slides: list[SlidePatches], method: str, per_slide: int = 16) -> dict:

@@ -376,10 +376,11 @@ def train_classifier(
             inputs, cfg, config, state, base_name, strategy, global_batch, steps, cluster
         )
         metadata["stain"] = stain  # inference normalises slides as this says
+        test = inputs.test if chief else []  # the chief alone scores the test split
         metadata["metrics"].update(
             _test_metrics(
-                run.path / MODEL_FILE, inputs.test if chief else [], global_batch, cfg.seed,
-                preprocess, _normalizer(inputs.test, stain) if inputs.test else None,
+                run.path / MODEL_FILE, test, global_batch, cfg.seed, preprocess,
+                _normalizer(test, stain),
             )
         )  # fmt: skip
         metadata["seconds"] = round(time.perf_counter() - started, 1)
@@ -660,7 +661,7 @@ def _normalizer(slides: list[SlidePatches], stain: dict[str, Any]):
     """The data stream's transform for ``slides`` (None without normalisation)."""
     if stain["normalization"] == "none":
         return None
-    return stain_transform(slides, stain["normalization"], stain["target"])[0]
+    return stain_transform(slides, stain["normalization"], stain["target"])
 
 
 def reference_stain(path: Path, method: str) -> dict[str, Any]:

@@ -66,7 +66,7 @@ def model_spec(
     """
     from models.predict import model_identity
     from models.saved import read_metadata
-    from pipeline.inference.slide_classifier import SlideClassifier
+    from pipeline.inference.slide_classifier import cached_slide_classifier
 
     model_dir = Path(model_dir)
     metadata = read_metadata(model_dir)
@@ -92,7 +92,7 @@ def model_spec(
         ),
         identity=model_identity(model_dir),
         slide_classifier=(
-            SlideClassifier(model_dir).identity if slide_score == "classifier" else None
+            cached_slide_classifier(model_dir).identity if slide_score == "classifier" else None
         ),
         stain=_stain_of(metadata),
     )

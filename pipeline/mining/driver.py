@@ -35,7 +35,7 @@ from pipeline.config import MiningConfig, TilingConfig, annotation_groups
 from pipeline.errors import AnnotationError, ModelError, StoreError, failure_reason
 from pipeline.identity import file_identity, fingerprint
 from pipeline.mining.rules import candidates, near_annotations
-from pipeline.store.patch_store import location, open_store, read_some, sample_patches, zarr_root
+from pipeline.store.patch_store import location, open_store, read_rows, sample_patches, zarr_root
 
 #: The array group of a slide's mined hard negatives.
 MINED = "hard_negatives"
@@ -86,6 +86,7 @@ def mine_store(
         missing = sorted(set(slide_ids) - complete)
         if missing:
             raise StoreError(location(store), f"has no complete slide {', '.join(missing)}")
+    key = mining_key(spec.identity["fingerprint"])
     predictor = None
     results = []
     for slide_id in slide_ids:
@@ -94,7 +95,6 @@ def mine_store(
         try:
             _check_model(spec, group, model_dir, slide_id)
             digest = _fingerprint(group, spec.identity, cfg)
-            key = mining_key(spec.identity["fingerprint"])
             if not overwrite and _is_complete(group, key, digest):
                 mined = group[f"{MINED}/{key}"]
                 result = SlideMining(
@@ -316,18 +316,21 @@ def _predict(
     At most one batch and one chunk's patches are in memory at a time;
     ``transform`` (stain normalisation) applies to each chunk's patches.
     """
-    n, chunk = patches.shape[0], patches.chunks[0]
     out = np.empty(len(rows), dtype=np.float32)
     pending: list[np.ndarray] = []
     waiting = done = 0
-    for start in range(0, n, chunk):
-        here = rows[(rows >= start) & (rows < start + chunk)]
-        if len(here):
-            read = read_some(patches, start, min(chunk, n - start), here - start)
-            pending.append(read if transform is None else transform(read))
-            waiting += len(here)
-        if waiting >= batch_size or (waiting and start + chunk >= n):
-            out[done : done + waiting] = predictor(np.concatenate(pending))
-            done += waiting
-            pending, waiting = [], 0
+
+    def flush() -> None:
+        nonlocal pending, waiting, done
+        out[done : done + waiting] = predictor(np.concatenate(pending))
+        done += waiting
+        pending, waiting = [], 0
+
+    for read in read_rows(patches, rows):
+        pending.append(read if transform is None else transform(read))
+        waiting += len(read)
+        if waiting >= batch_size:
+            flush()
+    if waiting:
+        flush()
     return out

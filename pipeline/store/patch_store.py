@@ -21,6 +21,7 @@ credentials and endpoint from its usual environment and configuration files.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -317,16 +318,24 @@ def read_some(array: zarr.Array, start: int, n: int, indices: np.ndarray) -> np.
     return codec.decode_some(data, indices)
 
 
+def read_rows(array: zarr.Array, rows: np.ndarray) -> Iterator[np.ndarray]:
+    """Patches ``array[rows]`` (``rows`` sorted), one chunk's share at a time.
+
+    Only those patches are decoded (:func:`read_some`), and at most one
+    chunk's worth is in memory per step.
+    """
+    n, chunk = array.shape[0], array.chunks[0]
+    for start in range(0, n, chunk):
+        here = rows[(rows >= start) & (rows < start + chunk)]
+        if len(here):
+            yield read_some(array, start, min(chunk, n - start), here - start)
+
+
 def sample_patches(array: zarr.Array, count: int) -> np.ndarray:
     """Up to ``count`` patches spread evenly over a ``patches`` array (a slide's stain sample)."""
     n = array.shape[0]
     rows = np.unique(np.linspace(0, n - 1, num=min(count, n)).astype(np.int64))
-    chunk = array.chunks[0]
-    parts = [
-        read_some(array, start, min(chunk, n - start), here - start)
-        for start in range(0, n, chunk)
-        if len(here := rows[(rows >= start) & (rows < start + chunk)])
-    ]
+    parts = list(read_rows(array, rows))
     return np.concatenate(parts) if parts else np.zeros((0, *array.shape[1:]), np.uint8)
 
 
