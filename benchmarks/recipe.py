@@ -153,7 +153,8 @@ VARIANTS: dict[str, dict[str, object]] = {
     "maxima": {"inference.detection": "maxima"},
     "slide classifier": {"slide_classifier.enabled": True},
     "tta": {"inference.tta": True},
-    "stain": {"training.stain_normalization": "macenko"},
+    "macenko": {"training.stain_normalization": "macenko"},
+    "reinhard": {"training.stain_normalization": "reinhard"},
     "all but tta": {
         "mining.enabled": True,
         "inference.detection": "maxima",

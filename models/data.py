@@ -222,20 +222,29 @@ def balanced_chunks(
             yield (patches if transform is None else transform(i, patches)), labels[rows]
 
 
-def stain_transform(slides: list[SlidePatches], method: str, target: dict) -> Transform:
-    """A transform normalising each slide's patches onto ``target`` from the slide's own fit.
+def stain_sources(slides: list[SlidePatches], method: str, target: dict) -> list[dict]:
+    """Each slide's own ``method`` fit (its source, for mapping onto ``target``).
 
-    Raises :class:`StoreError` for a slide whose sample has too little stain to fit.
+    Fitted on :data:`~pipeline.slides.stain.SAMPLE_PATCHES` patches spread
+    over the slide, as mining and inference fit it. Raises
+    :class:`StoreError` for a slide whose sample has too little stain to fit.
     """
-    from pipeline.slides.stain import SAMPLE_PATCHES, fit_stain, normalize
+    from pipeline.slides.stain import SAMPLE_PATCHES, fit_stain
     from pipeline.store.patch_store import sample_patches
 
     sources = []
     for slide in slides:
+        sample = sample_patches(slide.open_patches(), SAMPLE_PATCHES)
         try:
-            sources.append(fit_stain(sample_patches(slide.open_patches(), SAMPLE_PATCHES), method))
+            sources.append(fit_stain(sample, method, target=target))
         except ValueError as exc:
             raise StoreError(slide.store, f"slide {slide.slide_id}: {exc}") from exc
+    return sources
+
+
+def stain_transform(sources: list[dict], target: dict) -> Transform:
+    """A transform normalising slide ``i``'s patches from ``sources[i]`` onto ``target``."""
+    from pipeline.slides.stain import normalize
 
     def transform(index: int, patches: np.ndarray) -> np.ndarray:
         return normalize(patches, sources[index], target)

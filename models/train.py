@@ -42,6 +42,7 @@ from .data import (
     open_stores,
     pooled_stain_target,
     split_slides,
+    stain_sources,
     stain_transform,
 )
 from .distribute import (
@@ -294,17 +295,18 @@ def train_classifier(
         steps = cfg.steps_per_epoch or max(MIN_STEPS, math.ceil(2 * train_tumor / global_batch))
         preprocess = preprocess_fn(inputs.preprocessing)
         stain = inputs.stain
+        train_sources, val_sources = _sources(inputs.train, stain), _sources(inputs.val, stain)
         # Datasets outside the strategy scope: their random generators live on the host.
         train_ds = make_dataset(
             inputs.train, batch_size=global_batch, training=True,
             seed=cfg.seed + (cluster.index if cluster else 0), preprocess=preprocess,
             hard_share=cfg.hard_negative_share, stain_jitter=cfg.stain_jitter,
-            transform=_normalizer(inputs.train, stain),
+            transform=_normalizer(train_sources, stain),
         )  # fmt: skip
         val_ds = make_dataset(
             inputs.val, batch_size=global_batch, training=False, seed=cfg.seed,
             preprocess=preprocess, max_patches=cfg.validation_max_patches,
-            transform=_normalizer(inputs.val, stain),
+            transform=_normalizer(val_sources, stain),
         )  # fmt: skip
         if cluster is not None:
             train_ds, val_ds = _whole_on_each_worker(train_ds), _whole_on_each_worker(val_ds)
@@ -375,12 +377,16 @@ def train_classifier(
         metadata = _metadata(
             inputs, cfg, config, state, base_name, strategy, global_batch, steps, cluster
         )
-        metadata["stain"] = stain  # inference normalises slides as this says
+        # Inference normalises slides as this says; the slides fitted on the target's vectors.
+        metadata["stain"] = {
+            **stain,
+            **_fallbacks(inputs.train + inputs.val, train_sources, val_sources),
+        }
         test = inputs.test if chief else []  # the chief alone scores the test split
         metadata["metrics"].update(
             _test_metrics(
                 run.path / MODEL_FILE, test, global_batch, cfg.seed, preprocess,
-                _normalizer(test, stain),
+                _normalizer(_sources(test, stain), stain),
             )
         )  # fmt: skip
         metadata["seconds"] = round(time.perf_counter() - started, 1)
@@ -657,11 +663,32 @@ def _stain(cfg: TrainingConfig, train: list[SlidePatches]) -> dict[str, Any]:
     return record
 
 
-def _normalizer(slides: list[SlidePatches], stain: dict[str, Any]):
-    """The data stream's transform for ``slides`` (None without normalisation)."""
+def _sources(slides: list[SlidePatches], stain: dict[str, Any]) -> list[dict] | None:
+    """Each slide's own stain fit (None without normalisation)."""
     if stain["normalization"] == "none":
         return None
-    return stain_transform(slides, stain["normalization"], stain["target"])
+    return stain_sources(slides, stain["normalization"], stain["target"])
+
+
+def _normalizer(sources: list[dict] | None, stain: dict[str, Any]):
+    """The data stream's transform from the slides' ``sources`` (None without normalisation)."""
+    return None if sources is None else stain_transform(sources, stain["target"])
+
+
+def _fallbacks(slides: list[SlidePatches], *sources: list[dict] | None) -> dict[str, Any]:
+    """``{"fallback": [...]}``: the slides whose stain was unmixed with the target's vectors.
+
+    ``sources``: the fits of ``slides`` in order, in parts (None: no normalisation).
+    """
+    if all(part is None for part in sources):
+        return {}
+    fits = [fit for part in sources for fit in part or []]
+    rows = [
+        {"store": slide.store, "slide_id": slide.slide_id, "reason": fit["fallback"]}
+        for slide, fit in zip(slides, fits, strict=True)
+        if "fallback" in fit
+    ]
+    return {"fallback": rows} if rows else {}
 
 
 def reference_stain(path: Path, method: str) -> dict[str, Any]:

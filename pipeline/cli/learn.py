@@ -285,6 +285,8 @@ def run_train(
     )
     if cluster is not None and not cluster.is_chief:
         reporter.console.print(f"worker {cluster.index}: worker 0 writes the model to {out}")
+    for row in meta.get("stain", {}).get("fallback", []):
+        reporter.warn(f"{row['store']} slide {row['slide_id']}: {row['reason']}")
     reporter.console.print(
         f"best validation AUC {metrics['val_auc']:.4f} at epoch {metrics['best_epoch']} "
         f"of {metrics['epochs_run']}; model in {out / 'model.keras'}"

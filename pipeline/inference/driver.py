@@ -480,8 +480,14 @@ def _write_slide(
         score=score,
         detections=len(detections),
         seconds=round(seconds, 2),
-        warnings=(f"{plan.path}: {note}",) if (note := plan.attrs.get("mpp_assumed")) else (),
+        warnings=tuple(f"{plan.path}: {note}" for note in _notes(plan)),
     )
+
+
+def _notes(plan: InferencePlan) -> list[str]:
+    """What inference assumed about a slide: its mpp, a stain fit on the target's vectors."""
+    stain_fallback = (plan.stain_source or {}).get("fallback")
+    return [note for note in (plan.attrs.get("mpp_assumed"), stain_fallback) if note]
 
 
 def _complete_scores(out_dir: Path, manifest: dict[str, Any]) -> dict[str, float]:

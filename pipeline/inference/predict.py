@@ -217,7 +217,7 @@ def _stain_source(
             ]
         )  # fmt: skip
     try:
-        return fit_stain(patches, spec.stain["normalization"])
+        return fit_stain(patches, spec.stain["normalization"], target=spec.stain["target"])
     except ValueError as exc:
         raise SlideError(path, f"its stain cannot be normalised: {exc}") from exc
 

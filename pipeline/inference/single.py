@@ -67,10 +67,13 @@ def _normalized(patch: np.ndarray, stain: dict, warnings: list[str]) -> np.ndarr
     from pipeline.slides.stain import fit_stain, normalize
 
     try:
-        return normalize(patch, fit_stain(patch, stain["normalization"]), stain["target"])
+        source = fit_stain(patch, stain["normalization"], target=stain["target"])
     except ValueError as exc:
         warnings.append(f"stain not normalised ({exc})")
         return patch
+    if "fallback" in source:
+        warnings.append(source["fallback"])
+    return normalize(patch, source, stain["target"])
 
 
 def predict_images(

@@ -298,7 +298,7 @@ def _normalizer(
         return None
     sample = sample_patches(group["patches"], SAMPLE_PATCHES)
     try:
-        source = fit_stain(sample, spec.stain["normalization"])
+        source = fit_stain(sample, spec.stain["normalization"], target=spec.stain["target"])
     except ValueError as exc:
         raise StoreError(slide_id, f"its stain cannot be normalised: {exc}") from exc
     return lambda patches: normalize(patches, source, spec.stain["target"])

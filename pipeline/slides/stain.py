@@ -17,9 +17,19 @@ and inference:
 
 Tissue pixels are those whose OD exceeds :data:`OD_TISSUE` in every channel
 (Macenko's beta: background and barely stained pixels carry no stain
-information). Pure functions: arrays in, arrays out; a fit is a small
-JSON-able dict. :func:`macenko_vectors` alone also serves the synthetic
-cohorts' tests (their two centres' stains).
+information).
+
+Unmixing needs two distinct stains. Through stain vectors ``a`` degrees
+apart, noise in a pixel's optical density changes its two concentrations by
+up to ``1 / (sqrt(2) sin(a / 2))`` times as much; recombined with target
+vectors ``t`` degrees apart, it reaches the output amplified about
+``sin(t / 2) / sin(a / 2)`` times (4x for a slide fitted at 10° mapped onto
+a target at 40°). Fits that narrow come from weakly separated stains (some
+labs' magenta-toned H&E), pulled narrower still by JPEG noise. A slide's
+Macenko fit under :data:`MIN_STAIN_ANGLE_DEG` is therefore unmixed with the
+*target's* vectors instead (its optical density projected on the target's
+stain plane, each stain's intensity still matched), and says so in the fit
+(``fallback``); a target that narrow is refused.
 """
 
 from __future__ import annotations
@@ -36,6 +46,9 @@ ANGLE_PERCENTILE = 1.0
 CONCENTRATION_PERCENTILE = 99.0
 #: Fewer tissue pixels than this: a fit is refused rather than guessed.
 MIN_TISSUE_PIXELS = 100
+#: Haematoxylin and eosin closer than this are not unmixed with the slide's own vectors.
+#: Typical H&E vectors lie 35-45° apart; a slide at 20° mapped onto them doubles its noise.
+MIN_STAIN_ANGLE_DEG = 20.0
 #: Patches a slide's stain is fitted to, spread evenly over its patches (training, inference,
 #: mining alike).
 SAMPLE_PATCHES = 64
@@ -80,13 +93,24 @@ def angle_deg(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0))))
 
 
-def fit_stain(images: np.ndarray, method: str) -> dict[str, Any]:
+def fit_stain(
+    images: np.ndarray, method: str, *, target: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The ``method`` fit of ``(..., 3)`` uint8 RGB pixels (patches or a region), as a dict.
 
-    Raises ``ValueError`` for an unknown method or too few tissue pixels.
+    ``target``: the fit the pixels will be mapped onto, for a slide's own
+    (source) fit. A Macenko fit whose stain vectors are under
+    :data:`MIN_STAIN_ANGLE_DEG` apart then uses the target's vectors and
+    records ``fitted_stains``, ``angle_deg`` and ``fallback``; without a
+    target (fitting the target itself) it is refused.
+
+    Raises ``ValueError`` for an unknown method, too few tissue pixels, or
+    stains too close to unmix without a target.
     """
     if method not in METHODS:
         raise ValueError(f"Expected a method in {METHODS}. Received: method={method!r}")
+    if target is not None and target["method"] != method:
+        raise ValueError(f"Expected a {method} target. Got a {target['method']} one instead.")
     pixels = np.asarray(images, dtype=np.uint8).reshape(-1, 3)
     od = optical_density(pixels)
     tissue = (od > OD_TISSUE).all(axis=1)
@@ -98,11 +122,25 @@ def fit_stain(images: np.ndarray, method: str) -> dict[str, Any]:
     if method == "reinhard":
         lab = _rgb_to_lab(pixels[tissue])
         return {"method": method, "mean": lab.mean(0).tolist(), "std": lab.std(0).tolist()}
-    else:
-        stains = np.stack(macenko_vectors(pixels[tissue]))
-        concentrations = np.linalg.lstsq(stains.T, od[tissue].T, rcond=None)[0]
-        maxima = np.percentile(concentrations, CONCENTRATION_PERCENTILE, axis=1)
-        return {"method": method, "stains": stains.tolist(), "max_concentrations": maxima.tolist()}
+    stains = np.stack(macenko_vectors(pixels[tissue]))
+    angle = angle_deg(stains[0], stains[1])
+    fit: dict[str, Any] = {"method": method, "angle_deg": round(angle, 2)}
+    if angle < MIN_STAIN_ANGLE_DEG:
+        if target is None:
+            raise ValueError(
+                f"Expected haematoxylin and eosin at least {MIN_STAIN_ANGLE_DEG:g}° apart to "
+                f"unmix them. Got {angle:.1f}° instead; choose a reference with distinct "
+                "stains, or reinhard"
+            )
+        fit["fitted_stains"] = stains.tolist()
+        fit["fallback"] = (
+            f"stain vectors {angle:.1f}° apart (under {MIN_STAIN_ANGLE_DEG:g}°): "
+            "unmixed with the target's vectors"
+        )
+        stains = np.asarray(target["stains"], dtype=np.float64)
+    concentrations = np.linalg.lstsq(stains.T, od[tissue].T, rcond=None)[0]
+    maxima = np.percentile(concentrations, CONCENTRATION_PERCENTILE, axis=1)
+    return {**fit, "stains": stains.tolist(), "max_concentrations": maxima.tolist()}
 
 
 def normalize(images: np.ndarray, source: dict[str, Any], target: dict[str, Any]) -> np.ndarray:

@@ -310,38 +310,84 @@ def test_tta_cells_are_the_mean_of_the_eight_flips_and_rotations(
         np.testing.assert_allclose(tta(np.ascontiguousarray(view)), expected, atol=1e-5)
 
 
+def _narrow_stained_copy(slide, path):
+    """``slide`` recoloured with H and E only 15° apart (magenta-toned, weakly separated
+    stains, as in some labs), written losslessly so its fit finds them."""
+    from pipeline.slides.stain import fit_stain, normalize
+
+    with open_slide(slide, direct=False) as reader:
+        width, height = reader.info.level0_wh
+        rgb = reader.read_region((0, 0), 0, (width, height))
+    utrecht_h, utrecht_e = np.array([0.374, 0.761, 0.529]), np.array([0.153, 0.878, 0.453])
+    fitted = fit_stain(rgb, "macenko")
+    narrow = {
+        **fitted,
+        "stains": [list(v / np.linalg.norm(v)) for v in (utrecht_h, utrecht_e)],
+    }
+    recoloured = normalize(rgb, fitted, narrow)
+    write_pyramid_tiff(
+        path, width, height, lambda x, y, w, h: recoloured[y : y + h, x : x + w], mpp=0.243,
+        lossless=True,
+    )  # fmt: skip
+    return path
+
+
 def test_stain_normalisation_is_applied_alike_in_training_and_inference(
     patch_store, slides, tmp_path
 ):
     """Macenko: the model records its target; each cell is the model on the patch mapped
-    from the slide's own fit (recorded in the heatmap) onto that target."""
+    from the slide's own fit (recorded in the heatmap) onto that target. A slide whose
+    stains are too close to unmix is fitted on the target's vectors, alike in training
+    (recorded in the model) and inference (recorded, and one warning)."""
     from models.saved import read_metadata
     from models.train import train_classifier
-    from pipeline.config import TrainingConfig
-    from pipeline.slides.stain import normalize
+    from pipeline.config import TilingConfig, TrainingConfig
+    from pipeline.slides.stain import MIN_STAIN_ANGLE_DEG, normalize
+    from pipeline.tiling.driver import tile_slides
 
+    narrow = _narrow_stained_copy(slides["normal_001"], tmp_path / "normal_narrow.tif")
+    narrow_store = tmp_path / "narrow.zarr"
+    with dask_client(workers=1) as client:
+        tiled = tile_slides(
+            client, [narrow], narrow_store, TilingConfig(target_mpp=0.243, patch_px=64)
+        )
+    assert [r.status for r in tiled] == ["done"]
     cfg = TrainingConfig(
         backbone="small_cnn", head_epochs=1, fine_tune_epochs=0, batch_per_replica=16,
         steps_per_epoch=4, validation_max_patches=256, stain_normalization="macenko",
         stain_jitter=0.5,
     )  # fmt: skip
     model = tmp_path / "model"
-    train_classifier([patch_store], model, cfg)
+    train_classifier([patch_store, narrow_store], model, cfg)
     stain = read_metadata(model)["stain"]
     assert stain["normalization"] == "macenko" and stain["jitter"] == 0.5
     assert np.asarray(stain["target"]["stains"]).shape == (2, 3)
+    assert stain["target"]["angle_deg"] >= MIN_STAIN_ANGLE_DEG
+    assert [(r["store"], r["slide_id"]) for r in stain["fallback"]] == [
+        (str(narrow_store), "normal_narrow")
+    ]
+    assert "unmixed with the target's vectors" in stain["fallback"][0]["reason"]
     slide_id = "tumor_001" if "tumor_001" in slides else sorted(slides)[0]
     with dask_client(workers=1) as client:
-        results = infer_slides(client, model, [slides[slide_id]], tmp_path / "o", InferenceConfig())
-    assert [r.status for r in results] == ["done"]
-    heat, attrs = read_heatmap(tmp_path / "o" / "heatmaps" / f"{slide_id}.zarr")
-    source = attrs["stain_source"]
-    assert source["method"] == "macenko" and source != stain["target"]
-    cells, patches = _cell_patches(slides[slide_id], heat, attrs, seed=2)
-    predictor = Predictor(model, batch_size=8)
-    expected = predictor(normalize(patches, source, stain["target"]))
-    np.testing.assert_allclose(heat[cells], expected, atol=1e-5)
-    assert not np.allclose(predictor(patches), expected, atol=1e-4)  # it does change them
+        results = infer_slides(
+            client, model, [slides[slide_id], narrow], tmp_path / "o", InferenceConfig()
+        )
+    assert [r.status for r in results] == ["done", "done"]
+    assert results[0].warnings == ()
+    for slide, name in ((slides[slide_id], slide_id), (narrow, "normal_narrow")):
+        heat, attrs = read_heatmap(tmp_path / "o" / "heatmaps" / f"{name}.zarr")
+        source = attrs["stain_source"]
+        assert source["method"] == "macenko" and source != stain["target"]
+        cells, patches = _cell_patches(slide, heat, attrs, seed=2)
+        predictor = Predictor(model, batch_size=8)
+        expected = predictor(normalize(patches, source, stain["target"]))
+        np.testing.assert_allclose(heat[cells], expected, atol=1e-5)
+        assert not np.allclose(predictor(patches), expected, atol=1e-4)  # it does change them
+    # The narrow slide: its own vectors found and recorded, the target's used.
+    assert source["angle_deg"] < MIN_STAIN_ANGLE_DEG
+    assert source["stains"] == stain["target"]["stains"]
+    assert source["stains"] != source["fitted_stains"]
+    assert results[1].warnings == (f"{narrow}: {source['fallback']}",)
 
 
 def test_model_errors_name_the_directory(trained_model, slides, tmp_path):

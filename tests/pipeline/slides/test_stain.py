@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.slides.stain import angle_deg, fit_stain, normalize
+from pipeline.slides.stain import (
+    CONCENTRATION_PERCENTILE,
+    MIN_STAIN_ANGLE_DEG,
+    OD_TISSUE,
+    angle_deg,
+    fit_stain,
+    normalize,
+    optical_density,
+)
 
 
 def _stained(h_od, e_od, h_max, e_max, seed, shape=(64, 64)):
@@ -67,3 +75,40 @@ def test_unfit_inputs_are_refused():
     # A slide mapped onto its own fit is left (nearly) as it was.
     same = normalize(rgb, fit_stain(rgb, "macenko"), fit_stain(rgb, "macenko"))
     assert np.abs(same.astype(int) - rgb).max() <= 2
+
+
+#: Weakly separated stains, 15° apart (the synthetic Utrecht centre's, from a TCGA section).
+NARROW = ((0.374, 0.761, 0.529), (0.153, 0.878, 0.453), 1.6, 1.5)
+
+
+def test_a_slide_with_stains_too_close_to_unmix_is_fitted_on_the_targets_vectors():
+    narrow_rgb, narrow_stains = _stained(*NARROW, seed=0)
+    target = fit_stain(_stained(*TARGET, seed=1)[0], "macenko")
+    assert target["angle_deg"] >= MIN_STAIN_ANGLE_DEG
+    # As a target (or a reference) it is refused: nothing could be mapped onto it stably.
+    with pytest.raises(ValueError, match=r"at least 20° apart to unmix them\. Got 15\.\d°"):
+        fit_stain(narrow_rgb, "macenko")
+    source = fit_stain(narrow_rgb, "macenko", target=target)
+    # Its own vectors are found and recorded, 15° apart ...
+    for fitted, true in zip(source["fitted_stains"], narrow_stains, strict=True):
+        assert angle_deg(np.array(fitted), true) < 2
+    assert abs(source["angle_deg"] - angle_deg(*narrow_stains)) < 1
+    assert source["fallback"] == (
+        f"stain vectors {source['angle_deg']:.1f}° apart (under 20°): "
+        "unmixed with the target's vectors"
+    )
+    # ... and the target's vectors used, each stain's maximum taken under them.
+    assert source["stains"] == target["stains"]
+    od = optical_density(narrow_rgb).reshape(-1, 3)
+    od = od[(od > OD_TISSUE).all(axis=1)]
+    under_target = np.linalg.lstsq(np.asarray(target["stains"]).T, od.T, rcond=None)[0]
+    np.testing.assert_allclose(
+        source["max_concentrations"],
+        np.percentile(under_target, CONCENTRATION_PERCENTILE, axis=1),
+        rtol=1e-12,
+    )
+    # A slide with distinct stains keeps its own fit, target or not.
+    wide_rgb, _ = _stained(*SOURCE, seed=0)
+    assert fit_stain(wide_rgb, "macenko", target=target) == fit_stain(wide_rgb, "macenko")
+    with pytest.raises(ValueError, match="Expected a macenko target. Got a reinhard one"):
+        fit_stain(wide_rgb, "macenko", target=fit_stain(wide_rgb, "reinhard"))
