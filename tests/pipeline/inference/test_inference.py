@@ -286,6 +286,62 @@ def test_maxima_detection_is_recorded_and_redoes_slides_detected_by_regions(
     np.testing.assert_array_equal(xy, expected.level0_xy)
 
 
+def test_maxima_on_a_slide_without_mpp_by_a_level_model_need_its_mpp(
+    small_cohort, cohort_annotations, slides, tmp_path
+):
+    """A model trained by level reads a slide that records no µm/px by level, but a
+    distance in µm has no pixels there: the slide fails with one reason, and
+    ``slide_mpp`` places the maxima at the distance it gives."""
+    from models.train import train_classifier
+    from pipeline.config import TilingConfig, TrainingConfig
+    from pipeline.inference.heatmap import detect_local_maxima
+    from pipeline.inference.results import stored_grid
+    from pipeline.tiling.driver import tile_slides
+
+    # The cohort again, recorded without µm/px (as some scanners' exports), tiled by level.
+    bare = {}
+    for slide_id, path in slides.items():
+        with open_slide(path, direct=False) as reader:
+            width, height = reader.info.level0_wh
+            rgb = reader.read_region((0, 0), 0, (width, height))
+        bare[slide_id] = write_pyramid_tiff(
+            tmp_path / f"{slide_id}.tif", width, height,
+            lambda x, y, w, h, rgb=rgb: rgb[y : y + h, x : x + w], mpp=None,
+        ).path  # fmt: skip
+    store = tmp_path / "level.zarr"
+    with dask_client(workers=1) as client:
+        tiled = tile_slides(
+            client, sorted(bare.values()), store, TilingConfig(target_mpp=None, level=0, patch_px=64),
+            annotations_dir=cohort_annotations,
+        )  # fmt: skip
+    assert {r.status for r in tiled} == {"done"}
+    model = tmp_path / "model"
+    cfg = TrainingConfig(
+        backbone="small_cnn", head_epochs=1, fine_tune_epochs=0, batch_per_replica=16,
+        steps_per_epoch=4, validation_max_patches=128,
+    )  # fmt: skip
+    train_classifier([store], model, cfg, config={"tiling": {"target_mpp": None, "level": 0}})
+    tumor = next(r for r in small_cohort.slides if r.label == "Tumor")
+    slide = bare[tumor.slide_id]
+    maxima = InferenceConfig(detection="maxima", detection_threshold=0.3)
+    with dask_client(workers=1) as client:
+        (failed,) = infer_slides(client, model, [slide], tmp_path / "a", maxima)
+        given = maxima.model_copy(update={"slide_mpp": 0.5})
+        (done,) = infer_slides(client, model, [slide], tmp_path / "b", given)
+    assert failed.status == "failed"
+    assert failed.reason == (
+        f"{slide}: lesion detection by local maxima needs the slide's µm/px, which it does not "
+        "record: give --slide-mpp, or use inference.detection: regions"
+    )
+    assert not (tmp_path / "a" / "heatmaps" / f"{slide.stem}.zarr").exists()
+    assert done.status == "done"
+    heat, attrs = read_heatmap(tmp_path / "b" / "heatmaps" / f"{slide.stem}.zarr")
+    expected = detect_local_maxima(heat, stored_grid(heat.shape, attrs), 0.3, 200 / 0.5)
+    confidences, xy = read_detections(tmp_path / "b" / "detections" / f"{slide.stem}.csv")
+    assert len(confidences) == len(expected) >= 1
+    np.testing.assert_array_equal(xy, expected.level0_xy)
+
+
 def test_tta_cells_are_the_mean_of_the_eight_flips_and_rotations(
     inferred, slides, trained_model, tmp_path
 ):
