@@ -152,6 +152,8 @@ VARIANTS: dict[str, dict[str, object]] = {
     "hard negatives": {"mining.enabled": True},
     "maxima": {"inference.detection": "maxima"},
     "slide classifier": {"slide_classifier.enabled": True},
+    # On the main model's own heatmaps of its training slides (in-sample, and said so).
+    "classifier in-sample": {"slide_classifier.enabled": True, "slide_classifier.folds": 1},
     "tta": {"inference.tta": True},
     "macenko": {"training.stain_normalization": "macenko"},
     "reinhard": {"training.stain_normalization": "reinhard"},
