@@ -164,6 +164,21 @@ VARIANTS: dict[str, dict[str, object]] = {
     },
     # The two steps that helped alone, together (measured after the others).
     "mining + maxima": {"mining.enabled": True, "inference.detection": "maxima"},
+    # With the classifier on the model's own heatmaps (measured after it helped alone).
+    "mining + maxima + classifier in-sample": {
+        "mining.enabled": True,
+        "inference.detection": "maxima",
+        "slide_classifier.enabled": True,
+        "slide_classifier.folds": 1,
+    },
+    # configs/demo.yaml's recipe: the above with TTA.
+    "demo recipe": {
+        "mining.enabled": True,
+        "inference.detection": "maxima",
+        "slide_classifier.enabled": True,
+        "slide_classifier.folds": 1,
+        "inference.tta": True,
+    },
 }
 
 
