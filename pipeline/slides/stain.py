@@ -102,7 +102,9 @@ def fit_stain(
     (source) fit. A Macenko fit whose stain vectors are under
     :data:`MIN_STAIN_ANGLE_DEG` apart then uses the target's vectors and
     records ``fitted_stains``, ``angle_deg`` and ``fallback``; without a
-    target (fitting the target itself) it is refused.
+    target (fitting the target itself) it is refused. A target fitted before
+    this guard (no ``angle_deg``) keeps the slide's own vectors, as its
+    model was trained.
 
     Raises ``ValueError`` for an unknown method, too few tissue pixels, or
     stains too close to unmix without a target.
@@ -125,7 +127,8 @@ def fit_stain(
     stains = np.stack(macenko_vectors(pixels[tissue]))
     angle = angle_deg(stains[0], stains[1])
     fit: dict[str, Any] = {"method": method, "angle_deg": round(angle, 2)}
-    if angle < MIN_STAIN_ANGLE_DEG:
+    guarded = target is None or "angle_deg" in target
+    if angle < MIN_STAIN_ANGLE_DEG and guarded:
         if target is None:
             raise ValueError(
                 f"Expected haematoxylin and eosin at least {MIN_STAIN_ANGLE_DEG:g}° apart to "

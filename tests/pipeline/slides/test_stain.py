@@ -107,6 +107,9 @@ def test_a_slide_with_stains_too_close_to_unmix_is_fitted_on_the_targets_vectors
         np.percentile(under_target, CONCENTRATION_PERCENTILE, axis=1),
         rtol=1e-12,
     )
+    # A model trained before the guard (its target records no angle) is served as trained.
+    before = {k: v for k, v in target.items() if k != "angle_deg"}
+    assert fit_stain(narrow_rgb, "macenko", target=before)["stains"] == source["fitted_stains"]
     # A slide with distinct stains keeps its own fit, target or not.
     wide_rgb, _ = _stained(*SOURCE, seed=0)
     assert fit_stain(wide_rgb, "macenko", target=target) == fit_stain(wide_rgb, "macenko")
