@@ -197,12 +197,13 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
         ))  # fmt: skip
     classifier = summary.get("slide_classifier")
     if classifier:
-        auc = classifier["out_of_fold_auc"]
+        maximum = classifier.get("maximum_auc")
         rows.append((
             "slide classifier",
             f"{classifier['kind']} on {classifier['slides']} heatmaps of training slides "
             f"({classifier['folds']} folds, {classifier['in_sample']} in-sample); its own "
-            f"out-of-fold AUC {'undefined' if auc is None else f'{auc:.4f}'}",
+            f"out-of-fold AUC {_metric(classifier['out_of_fold_auc'])}"
+            + ("" if maximum is None else f" (the heatmap maximum's: {maximum:.4f})"),
         ))  # fmt: skip
     infer = summary.get("infer")
     if infer:

@@ -72,14 +72,18 @@ def slide_classifier_flow(
             summary["in_sample"],
             summary["slides"],
         )
-    auc = summary["out_of_fold_auc"]
     artifacts.summary_markdown(
         "slide-classifier-summary",
         f"Slide classifier of {model_dir}",
         [
             ("classifier", f"{summary['kind']} in {summary['classifier']}"),
             ("heatmaps", f"{summary['slides']} slides ({summary['in_sample']} in-sample)"),
-            ("own out-of-fold AUC", "undefined" if auc is None else f"{auc:.4f}"),
+            ("own out-of-fold AUC", _auc(summary["out_of_fold_auc"])),
+            ("the heatmap maximum's AUC", _auc(summary["maximum_auc"])),
         ],
     )
     return summary
+
+
+def _auc(value: float | None) -> str:
+    return "undefined" if value is None else f"{value:.4f}"

@@ -423,7 +423,7 @@ def slide_classifier(
         )
     if summary["unlabelled"]:
         reporter.warn("not in --labels, so not used: " + ", ".join(summary["unlabelled"]))
-    auc = summary["out_of_fold_auc"]
+    auc, maximum = summary["out_of_fold_auc"], summary["maximum_auc"]
     if summary["reused"]:
         reporter.console.print(
             f"{summary['classifier']}: already fitted on these heatmaps with these settings"
@@ -432,6 +432,7 @@ def slide_classifier(
         f"{summary['kind']} on {summary['slides']} slides ({summary['tumor']} tumor, "
         f"{summary['normal']} normal); its own out-of-fold AUC "
         + ("undefined (too few slides)" if auc is None else f"{auc:.4f}")
+        + ("" if maximum is None else f" (the heatmap maximum's: {maximum:.4f})")
         + f"; in {summary['classifier']}"
     )
     reporter.finish({"command": "slide-classifier", "ok": True, **summary})

@@ -8,6 +8,7 @@ classifier``. Two files go into the patch model's directory::
     slide_classifier.joblib   the fitted scikit-learn estimator
     slide_classifier.json     kind, thresholds, features, the slides it was fitted on (label,
                               whether the patch model trained on them), its out-of-fold AUC
+                              and the heatmap maximum's AUC on the same slides
 
 Both are written under temporary names and renamed, the JSON last: a
 classifier counts only once its JSON names the estimator file's SHA-256
@@ -150,6 +151,9 @@ def fit_slide_classifier(
             f"{n_tumor} tumor and {n_normal} normal instead."
         )
     features = np.stack([s.features for s in slides])
+    # The heatmap maximum's AUC on the same slides: what the classifier has to beat.
+    maximum = features[:, feature_names(thresholds).index("max_probability")]
+    maximum_auc = float(roc_auc_score(labels, maximum))
     folds = min(5, n_tumor, n_normal)
     oof_auc = None
     if folds >= 2:
@@ -172,6 +176,7 @@ def fit_slide_classifier(
         "in_sample": sum(s.in_sample for s in slides),
         "out_of_fold_auc": oof_auc,
         "out_of_fold_folds": folds if oof_auc is not None else 0,
+        "maximum_auc": maximum_auc,
     }
     return estimator, metadata
 
@@ -262,6 +267,7 @@ def fit_from_results(
         "in_sample": metadata["in_sample"],
         "unlabelled": unlabelled,
         "out_of_fold_auc": metadata["out_of_fold_auc"],
+        "maximum_auc": metadata.get("maximum_auc"),  # None: fitted before it was recorded
     }
 
 

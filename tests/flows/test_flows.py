@@ -511,6 +511,7 @@ def test_slide_classifier_flow_fits_on_out_of_fold_heatmaps(
             assert attrs["model_dir"] == str((fold / "model_hnm").resolve())
     record = json.loads((model / "slide_classifier.json").read_text())
     assert sorted(s["slide_id"] for s in record["slides"]) == sorted(labels)
+    assert summary["maximum_auc"] == record["maximum_auc"] is not None  # what it must beat
 
     written = {
         p: p.stat().st_mtime_ns

@@ -45,6 +45,19 @@ def test_fit_records_the_slides_and_its_own_out_of_fold_auc(tmp_path):
         SlideClassifier(tmp_path)
 
 
+def test_fit_records_the_heatmap_maximums_auc_on_the_same_slides():
+    """What the classifier has to beat: the share of tumor-normal pairs the maximum orders
+    right (ties count half), worked by hand."""
+    slides = _slides(20, separable=False)
+    _, metadata = fit_slide_classifier(slides, (0.5, 0.9), trees=5)
+    maximum = [s.features[metadata["features"].index("max_probability")] for s in slides]
+    tumor = [m for m, s in zip(maximum, slides, strict=True) if s.tumor]
+    normal = [m for m, s in zip(maximum, slides, strict=True) if not s.tumor]
+    wins = sum((t > n) + 0.5 * (t == n) for t in tumor for n in normal)
+    assert metadata["maximum_auc"] == pytest.approx(wins / (len(tumor) * len(normal)), abs=1e-12)
+    assert 0.2 < metadata["maximum_auc"] < 0.8
+
+
 def test_fit_needs_both_labels_and_says_when_its_auc_is_undefined():
     with pytest.raises(ValueError, match="Got 2 tumor and 0 normal instead"):
         fit_slide_classifier([s for s in _slides(4) if s.tumor], (0.5,), trees=5)
@@ -104,6 +117,7 @@ def test_fitted_on_heatmaps_and_used_by_infer(trained_model, small_cohort, tmp_p
     )
     record = json.loads((model / "slide_classifier.json").read_text())
     assert record["trees"] == 25 and all(s["in_sample"] for s in record["slides"])
+    assert summary["maximum_auc"] == record["maximum_auc"] is not None
     # The same heatmaps, labels and settings: the classifier is kept, not refitted.
     result = run("slide-classifier", str(model), str(first), "--labels", str(labels),
                  "--trees", "25", "--json")  # fmt: skip
