@@ -18,6 +18,11 @@ def slides_table(key: str, rows: list[dict[str, Any]], description: str) -> None
     create_table_artifact(key=_key(key), table=rows, description=description)
 
 
+def metric(value: float | None) -> str:
+    """A summary's metric: 4 decimals, or "undefined" (e.g. an AUC without both labels)."""
+    return "undefined" if value is None else f"{value:.4f}"
+
+
 def summary_markdown(key: str, title: str, lines: list[tuple[str, Any]]) -> None:
     """A short markdown table of what / value, e.g. validation AUC or the heatmap folder."""
     body = "\n".join(f"| {what} | {value} |" for what, value in lines)

@@ -167,10 +167,6 @@ def _labelled(per_slide: list[dict[str, Any]], training: Path) -> list[dict[str,
     return labelled
 
 
-def _metric(value: float | None) -> str:
-    return "undefined" if value is None else f"{value:.4f}"
-
-
 def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     """What a user looks for after a run, and where the files are."""
     rows = []
@@ -202,7 +198,7 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
             "slide classifier",
             f"{classifier['kind']} on {classifier['slides']} heatmaps of training slides "
             f"({classifier['folds']} folds, {classifier['in_sample']} in-sample); its own "
-            f"out-of-fold AUC {_metric(classifier['out_of_fold_auc'])}"
+            f"out-of-fold AUC {artifacts.metric(classifier['out_of_fold_auc'])}"
             + ("" if maximum is None else f" (the heatmap maximum's: {maximum:.4f})"),
         ))  # fmt: skip
     infer = summary.get("infer")
@@ -213,9 +209,9 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     if evaluation:
         baseline = summary.get("evaluate_baseline")
         for name, key in (("slide AUC", "slide_auc"), ("FROC", "froc")):
-            text = _metric(evaluation[key])
+            text = artifacts.metric(evaluation[key])
             if baseline:  # the recipe's and the baseline's side by side
-                text = f"{text} (baseline: {_metric(baseline[key])})"
+                text = f"{text} (baseline: {artifacts.metric(baseline[key])})"
             rows.append((name, text))
         rows.append(("curves", ", ".join(evaluation["files"].values())))
         if baseline:

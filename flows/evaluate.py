@@ -105,13 +105,12 @@ def evaluate_flow(
         masks_dir,
         groups,
     )
-    auc, froc = report["slide_auc"], report["froc"]
     artifacts.summary_markdown(
         "evaluate-summary",
         f"CAMELYON16 evaluation of {results_dir}",
         [
-            ("slide AUC", "undefined" if auc is None else f"{auc:.4f}"),
-            ("FROC", "undefined" if froc is None else f"{froc:.4f}"),
+            ("slide AUC", artifacts.metric(report["slide_auc"])),
+            ("FROC", artifacts.metric(report["froc"])),
             ("lesions", f"{report['lesions']} ({report['isolated_tumor_cells']} ITCs)"),
             *((f"{m} undefined", why) for m, why in report["undefined"].items()),
             *((k, v) for k, v in report["files"].items()),

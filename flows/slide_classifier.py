@@ -78,12 +78,8 @@ def slide_classifier_flow(
         [
             ("classifier", f"{summary['kind']} in {summary['classifier']}"),
             ("heatmaps", f"{summary['slides']} slides ({summary['in_sample']} in-sample)"),
-            ("own out-of-fold AUC", _auc(summary["out_of_fold_auc"])),
-            ("the heatmap maximum's AUC", _auc(summary["maximum_auc"])),
+            ("own out-of-fold AUC", artifacts.metric(summary["out_of_fold_auc"])),
+            ("the heatmap maximum's AUC", artifacts.metric(summary["maximum_auc"])),
         ],
     )
     return summary
-
-
-def _auc(value: float | None) -> str:
-    return "undefined" if value is None else f"{value:.4f}"
