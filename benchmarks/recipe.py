@@ -281,21 +281,28 @@ def _print_ablation(record: dict) -> None:
           f"{'FROC':>15} {'vs baseline':>15} {'min/seed':>9}")  # fmt: skip
     for variant, runs in record.items():
         seeds = sorted(runs, key=int)
-        cells = []
-        for metric in ("slide_auc", "froc"):
-            values = [runs[s][metric] for s in seeds if runs[s][metric] is not None]
-            paired = [
-                runs[s][metric] - baseline[s][metric]
-                for s in seeds
-                if s in baseline and None not in (runs[s][metric], baseline[s][metric])
-            ]
-            cells += [_mean_sd(values), _mean_sd(paired, signed=True)]
+        cells = paired_cells(runs, baseline, seeds)
         # The variant's own stages: not tiling (shared), not the baseline's inference beside it.
         minutes = statistics.median(
             sum(v for k, v in runs[s]["stages"].items() if k not in NOT_ITS_OWN) / 60 for s in seeds
         )
         print(f"{variant:<17} {len(seeds):>5} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15} "
               f"{cells[3]:>15} {minutes:>9.1f}")  # fmt: skip
+
+
+def paired_cells(runs: dict, reference: dict, seeds: list[str]) -> list[str]:
+    """Slide AUC and FROC, each: mean ± sd over ``seeds``, then the paired difference from
+    ``reference`` (the seeds both have, where neither is undefined)."""
+    cells = []
+    for metric in ("slide_auc", "froc"):
+        values = [runs[s][metric] for s in seeds if runs[s][metric] is not None]
+        paired = [
+            runs[s][metric] - reference[s][metric]
+            for s in seeds
+            if s in reference and None not in (runs[s][metric], reference[s][metric])
+        ]
+        cells += [_mean_sd(values), _mean_sd(paired, signed=True)]
+    return cells
 
 
 def _mean_sd(values: list[float], signed: bool = False) -> str:

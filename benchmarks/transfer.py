@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import yaml
-from recipe import _mean_sd, _overridden, _wsiflow, baseline_config
+from recipe import _mean_sd, _overridden, _wsiflow, baseline_config, paired_cells
 
 SOURCE_SEED = 100
 
@@ -160,15 +160,7 @@ def _print(record: dict) -> None:
           f"{'FROC':>15} {'vs scratch':>15} {'train s':>8}")  # fmt: skip
     for arm, runs in record.items():
         seeds = sorted(runs, key=int)
-        cells = [_mean_sd([runs[s]["val_auc"] for s in seeds])]
-        for metric in ("slide_auc", "froc"):
-            values = [runs[s][metric] for s in seeds if runs[s][metric] is not None]
-            paired = [
-                runs[s][metric] - scratch[s][metric]
-                for s in seeds
-                if s in scratch and None not in (runs[s][metric], scratch[s][metric])
-            ]
-            cells += [_mean_sd(values), _mean_sd(paired, signed=True)]
+        cells = [_mean_sd([runs[s]["val_auc"] for s in seeds]), *paired_cells(runs, scratch, seeds)]
         seconds = statistics.median(runs[s]["train_seconds"] for s in seeds)
         print(f"{arm:<11} {len(seeds):>5} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15} "
               f"{cells[3]:>15} {cells[4]:>15} {seconds:>8.0f}")  # fmt: skip
