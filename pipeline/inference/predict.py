@@ -30,7 +30,7 @@ from pipeline.identity import file_identity, slide_id_of
 from pipeline.inference.heatmap import HeatmapGrid, heatmap_grid
 from pipeline.slides.patches import cached_reader, read_patch
 from pipeline.slides.reader import open_slide
-from pipeline.slides.stain import SAMPLE_PATCHES, normalize
+from pipeline.slides.stain import normalize, sample_rows
 from pipeline.slides.tissue import tissue_mask
 from pipeline.tiling.grid import Resolution, choose_resolution, level0_boxes, patch_grid
 
@@ -205,7 +205,7 @@ def _stain_source(
 
     if spec.stain is None or not len(level_xy):
         return None
-    rows = np.unique(np.linspace(0, len(level_xy) - 1, SAMPLE_PATCHES).astype(np.int64))
+    rows = sample_rows(len(level_xy))
     with open_slide(path) as reader:
         patches = np.stack(
             [

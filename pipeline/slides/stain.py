@@ -54,6 +54,11 @@ MIN_STAIN_ANGLE_DEG = 20.0
 SAMPLE_PATCHES = 64
 
 
+def sample_rows(n: int, count: int = SAMPLE_PATCHES) -> np.ndarray:
+    """``(min(count, n),)`` int64 indices spread evenly over ``n`` patches, first and last kept."""
+    return np.unique(np.linspace(0, n - 1, num=min(count, n)).astype(np.int64))
+
+
 def optical_density(rgb: np.ndarray, light: float = 255.0) -> np.ndarray:
     """Return ``(..., 3)`` float64 optical density of ``(..., 3)`` uint8 RGB."""
     return -np.log((np.asarray(rgb, dtype=np.float64) + 1.0) / light)

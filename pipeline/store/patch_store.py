@@ -34,6 +34,7 @@ from zarr.storage import LocalStore
 
 from pipeline.errors import ForeignOutputError, StoreError
 from pipeline.outputs import atomic, foreign_entries, is_url, location, not_ours
+from pipeline.slides.stain import sample_rows
 from pipeline.store.codecs import PatchImageCodec, image_codec_of
 
 STORE_FORMAT = 1
@@ -333,9 +334,7 @@ def read_rows(array: zarr.Array, rows: np.ndarray) -> Iterator[np.ndarray]:
 
 def sample_patches(array: zarr.Array, count: int) -> np.ndarray:
     """Up to ``count`` patches spread evenly over a ``patches`` array (a slide's stain sample)."""
-    n = array.shape[0]
-    rows = np.unique(np.linspace(0, n - 1, num=min(count, n)).astype(np.int64))
-    parts = list(read_rows(array, rows))
+    parts = list(read_rows(array, sample_rows(array.shape[0], count)))
     return np.concatenate(parts) if parts else np.zeros((0, *array.shape[1:]), np.uint8)
 
 
