@@ -225,18 +225,16 @@ def balanced_chunks(
 def stain_sources(slides: list[SlidePatches], method: str, target: dict) -> list[dict]:
     """Each slide's own ``method`` fit (its source, for mapping onto ``target``).
 
-    Fitted on :data:`~pipeline.slides.stain.SAMPLE_PATCHES` patches spread
-    over the slide, as mining and inference fit it. Raises
+    :func:`~pipeline.store.patch_store.stored_stain_fit`, as mining fits it
+    (inference reads the same spread from the slide). Raises
     :class:`StoreError` for a slide whose sample has too little stain to fit.
     """
-    from pipeline.slides.stain import SAMPLE_PATCHES, fit_stain
-    from pipeline.store.patch_store import sample_patches
+    from pipeline.store.patch_store import stored_stain_fit
 
     sources = []
     for slide in slides:
-        sample = sample_patches(slide.open_patches(), SAMPLE_PATCHES)
         try:
-            sources.append(fit_stain(sample, method, target=target))
+            sources.append(stored_stain_fit(slide.open_patches(), method, target))
         except ValueError as exc:
             raise StoreError(slide.store, f"slide {slide.slide_id}: {exc}") from exc
     return sources

@@ -35,7 +35,7 @@ from pipeline.config import MiningConfig, TilingConfig, annotation_groups
 from pipeline.errors import AnnotationError, ModelError, StoreError, failure_reason
 from pipeline.identity import file_identity, fingerprint
 from pipeline.mining.rules import candidates, near_annotations
-from pipeline.store.patch_store import location, open_store, read_rows, sample_patches, zarr_root
+from pipeline.store.patch_store import location, open_store, read_rows, stored_stain_fit, zarr_root
 
 #: The array group of a slide's mined hard negatives.
 MINED = "hard_negatives"
@@ -292,13 +292,14 @@ def _normalizer(
     group: zarr.Group, spec: Any, slide_id: str
 ) -> Callable[[np.ndarray], np.ndarray] | None:
     """The model's stain normalisation for this slide's stored patches, as in its training."""
-    from pipeline.slides.stain import SAMPLE_PATCHES, fit_stain, normalize
+    from pipeline.slides.stain import normalize
 
     if spec.stain is None:
         return None
-    sample = sample_patches(group["patches"], SAMPLE_PATCHES)
     try:
-        source = fit_stain(sample, spec.stain["normalization"], target=spec.stain["target"])
+        source = stored_stain_fit(
+            group["patches"], spec.stain["normalization"], spec.stain["target"]
+        )
     except ValueError as exc:
         raise StoreError(slide_id, f"its stain cannot be normalised: {exc}") from exc
     return lambda patches: normalize(patches, source, spec.stain["target"])

@@ -34,7 +34,7 @@ from zarr.storage import LocalStore
 
 from pipeline.errors import ForeignOutputError, StoreError
 from pipeline.outputs import atomic, foreign_entries, is_url, location, not_ours
-from pipeline.slides.stain import sample_rows
+from pipeline.slides.stain import SAMPLE_PATCHES, fit_stain, sample_rows
 from pipeline.store.codecs import PatchImageCodec, image_codec_of
 
 STORE_FORMAT = 1
@@ -330,6 +330,15 @@ def read_rows(array: zarr.Array, rows: np.ndarray) -> Iterator[np.ndarray]:
         here = rows[(rows >= start) & (rows < start + chunk)]
         if len(here):
             yield read_some(array, start, min(chunk, n - start), here - start)
+
+
+def stored_stain_fit(array: zarr.Array, method: str, target: dict[str, Any]) -> dict[str, Any]:
+    """A slide's own stain fit (its source) from its stored ``patches``, for ``target``.
+
+    The same sample in training and mining (:data:`SAMPLE_PATCHES` spread
+    over the slide); ``ValueError`` as :func:`pipeline.slides.stain.fit_stain`.
+    """
+    return fit_stain(sample_patches(array, SAMPLE_PATCHES), method, target=target)
 
 
 def sample_patches(array: zarr.Array, count: int) -> np.ndarray:
