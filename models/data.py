@@ -44,6 +44,8 @@ class SlidePatches:
     #: Rows of mined hard negatives (``wsiflow mine``) and their record; None: not read or none.
     hard_negatives: np.ndarray | None = None
     mining: dict | None = None
+    #: The pyramid level the patches were read at (what inference needs when no µm/px is known).
+    level: int | None = None
 
     @property
     def tumor(self) -> int:
@@ -100,6 +102,7 @@ def open_stores(
                     split=_split_of(path, slide_id, group.attrs.get("split")),
                     hard_negatives=None if mined is None else mined[0],
                     mining=None if mined is None else mined[1],
+                    level=group.attrs.get("level"),
                 )
             )
     sizes = {s.patch_px for s in slides}

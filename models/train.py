@@ -145,6 +145,7 @@ class _Inputs:
     phases: list[Phase]
     fingerprint: str
     stain: dict[str, Any]  # normalisation, its target and the jitter (see _stain)
+    patch_level: int | None  # the pyramid level read, where no µm/px is known (else None)
 
 
 def _check_inputs(
@@ -163,6 +164,7 @@ def _check_inputs(
     )
     px = slides[0].patch_px
     patch_mpp = _common_mpp(slides)
+    patch_level = _common_level(slides) if patch_mpp is None else None
     parent_dir = model_dir_of(cfg.weights) if cfg.weights not in ("none", "imagenet") else None
     parent = read_metadata(parent_dir) if parent_dir else None
     backbone = parent["backbone"] if parent else cfg.backbone
@@ -208,7 +210,7 @@ def _check_inputs(
     stain = _stain(cfg, train)  # a bad reference fails here, before anything is made
     return _Inputs(
         slides, train, val, test, px, patch_mpp, backbone, spec.preprocessing, parent_dir,
-        parent, phases, digest, stain,
+        parent, phases, digest, stain, patch_level,
     )  # fmt: skip
 
 
@@ -425,6 +427,7 @@ def _metadata(
         "parent_model": str(inputs.parent_dir) if inputs.parent_dir else None,
         "patch_px": inputs.patch_px,
         "patch_mpp": inputs.patch_mpp,
+        "patch_level": inputs.patch_level,
         "preprocessing": inputs.preprocessing,
         "class_names": list(CLASS_NAMES),
         "output": "sigmoid probability of the tumor class",
@@ -618,6 +621,18 @@ def _common_mpp(slides: list[SlidePatches]) -> float | None:
             "tile every slide at one --mpp to train one model",
         )
     return float(np.median(values))
+
+
+def _common_level(slides: list[SlidePatches]) -> int | None:
+    """The pyramid level patches without µm/px were read at; ``StoreError`` if slides differ."""
+    levels = sorted({s.level for s in slides if s.level is not None})
+    if len(levels) > 1:
+        raise StoreError(
+            slides[0].store,
+            f"patches read at different pyramid levels ({', '.join(map(str, levels))}) and none "
+            "records µm/px; tile every slide at one --level to train one model",
+        )
+    return int(levels[0]) if levels else None
 
 
 def _test_metrics(

@@ -72,7 +72,11 @@ def model_spec(
     metadata = read_metadata(model_dir)
     tiling = (metadata.get("config") or {}).get("tiling") or {}
     patch_mpp = metadata.get("patch_mpp")
-    level = tiling.get("level")
+    # The level the store recorded; where it records none (a model from before, or an
+    # imported store), the level the training config asked for.
+    level = metadata.get("patch_level")
+    if level is None:
+        level = tiling.get("level")
     if patch_mpp is None and level is None:
         raise ModelError(
             model_dir,

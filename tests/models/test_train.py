@@ -250,3 +250,22 @@ def test_mlflow_autolog_records_the_run(store, tmp_path, monkeypatch):
     assert len(client.get_metric_history(run.info.run_id, "val_auc")) == 2  # autologged epochs
     assert run.data.params["wsiflow.backbone"] == "small_cnn"
     assert "wsiflow_model.json" in [a.path for a in client.list_artifacts(run.info.run_id)]
+
+
+def test_patches_without_mpp_must_share_one_pyramid_level():
+    """A model of patches without µm/px is read at their level: one level for all, or a reason."""
+    from models.data import SlidePatches
+    from models.train import _common_level
+
+    def slide(slide_id: str, level: int | None) -> SlidePatches:
+        labels = np.zeros(4, dtype=np.int8)
+        return SlidePatches("s.zarr", slide_id, labels, 64, None, 4, level=level)
+
+    assert _common_level([slide("a", 2), slide("b", 2)]) == 2
+    assert _common_level([slide("a", None)]) is None  # a store that records no level
+    with pytest.raises(StoreError) as error:
+        _common_level([slide("a", 0), slide("b", 1), slide("c", 0)])
+    assert str(error.value) == (
+        "s.zarr: patches read at different pyramid levels (0, 1) and none records µm/px; "
+        "tile every slide at one --level to train one model"
+    )

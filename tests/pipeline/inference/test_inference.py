@@ -320,7 +320,9 @@ def test_maxima_on_a_slide_without_mpp_by_a_level_model_need_its_mpp(
         backbone="small_cnn", head_epochs=1, fine_tune_epochs=0, batch_per_replica=16,
         steps_per_epoch=4, validation_max_patches=128,
     )  # fmt: skip
-    train_classifier([store], model, cfg, config={"tiling": {"target_mpp": None, "level": 0}})
+    # The level comes from the store, not from a config naming it (here none).
+    train_classifier([store], model, cfg)
+    assert json.loads((model / "wsiflow_model.json").read_text())["patch_level"] == 0
     tumor = next(r for r in small_cohort.slides if r.label == "Tumor")
     slide = bare[tumor.slide_id]
     maxima = InferenceConfig(detection="maxima", detection_threshold=0.3)
