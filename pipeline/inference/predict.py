@@ -178,6 +178,7 @@ def plan_inference(
         "mpp_assumed": resolution.note,
         "level": resolution.level,
         "downsample": resolution.downsample,
+        "level_mpp": resolution.level_mpp,  # measured, or as mpp_assumed says
         "patch_px": resolution.patch_px,
         "patch_mpp": resolution.patch_mpp,
         "stride_px": stride,

@@ -145,11 +145,19 @@ def stored_grid(shape: tuple[int, int], attrs: dict[str, Any]) -> HeatmapGrid:
 
 
 def stored_mpp(attrs: dict[str, Any]) -> tuple[float, float] | None:
-    """Level-0 µm/px (x, y) a heatmap records, measured or assumed; None if it records none."""
-    mpp = attrs.get("mpp") or attrs.get("mpp_assumed")
-    if not mpp:
-        return None
-    return (float(mpp[0]), float(mpp[1])) if isinstance(mpp, list) else (float(mpp),) * 2
+    """Level-0 µm/px (x, y) a heatmap records, measured or assumed; None if it records none.
+
+    Assumed (``mpp_assumed`` says why: ``--slide-mpp`` or the objective): the
+    read level's µm/px over its downsample; heatmaps from before ``level_mpp``
+    was recorded give None.
+    """
+    mpp = attrs.get("mpp")
+    if mpp:
+        return (float(mpp[0]), float(mpp[1])) if isinstance(mpp, list) else (float(mpp),) * 2
+    if attrs.get("mpp_assumed") and attrs.get("level_mpp"):
+        level0_mpp = float(attrs["level_mpp"]) / float(attrs["downsample"])
+        return (level0_mpp, level0_mpp)
+    return None
 
 
 def detections_csv(detections: Detections) -> str:

@@ -295,7 +295,7 @@ def test_maxima_on_a_slide_without_mpp_by_a_level_model_need_its_mpp(
     from models.train import train_classifier
     from pipeline.config import TilingConfig, TrainingConfig
     from pipeline.inference.heatmap import detect_local_maxima
-    from pipeline.inference.results import stored_grid
+    from pipeline.inference.results import stored_grid, stored_mpp
     from pipeline.tiling.driver import tile_slides
 
     # The cohort again, recorded without µm/px (as some scanners' exports), tiled by level.
@@ -338,6 +338,8 @@ def test_maxima_on_a_slide_without_mpp_by_a_level_model_need_its_mpp(
     assert not (tmp_path / "a" / "heatmaps" / f"{slide.stem}.zarr").exists()
     assert done.status == "done"
     heat, attrs = read_heatmap(tmp_path / "b" / "heatmaps" / f"{slide.stem}.zarr")
+    assert attrs["mpp"] is None and "--slide-mpp" in attrs["mpp_assumed"]
+    assert stored_mpp(attrs) == pytest.approx((0.5, 0.5), abs=1e-12)  # as export, the viewer
     expected = detect_local_maxima(heat, stored_grid(heat.shape, attrs), 0.3, 200 / 0.5)
     confidences, xy = read_detections(tmp_path / "b" / "detections" / f"{slide.stem}.csv")
     assert len(confidences) == len(expected) >= 1
