@@ -167,9 +167,11 @@ def split_by_slide(
         n_val = min(max(n_val, 1), len(group) - 1) if len(group) >= 2 else 0
         val += [group[i] for i in order[:n_val]]
         train += [group[i] for i in order[n_val:]]
-    if not val:
+    if not val:  # each label has one slide at most: validating on one would train on none
+        tumor = sum(1 for s in slides if s.tumor)
         raise ValueError(
-            f"Expected at least two slides to split by slide. Received: {len(slides)} slide(s)"
+            "Expected at least two slides with tumor or two without, to split by slide. "
+            f"Received: {tumor} with tumor and {len(slides) - tumor} without"
         )
     return train, val
 

@@ -189,8 +189,16 @@ def test_empty_or_missing_store(tmp_path):
         open_stores([tmp_path / "empty.zarr"])
     with pytest.raises(StoreError, match="not a Zarr patch store"):
         open_stores([tmp_path / "absent.zarr"])
-    with pytest.raises(ValueError, match="at least two slides"):
+    with pytest.raises(ValueError) as error:
         split_by_slide(open_stores([_store(tmp_path / "one.zarr", {"t1": 5})]), 0.5)
+    assert str(error.value).endswith("Received: 1 with tumor and 0 without")
+    # Two slides, but one of each label: still none to spare for validation.
+    with pytest.raises(ValueError) as error:
+        split_by_slide(open_stores([_store(tmp_path / "two.zarr", {"t1": 5, "n1": 0})]), 0.5)
+    assert str(error.value) == (
+        "Expected at least two slides with tumor or two without, to split by slide. "
+        "Received: 1 with tumor and 1 without"
+    )
 
 
 def test_image_codec_chunks_decode_only_the_kept_patches(tmp_path):
