@@ -220,16 +220,15 @@ def _ablation(args: argparse.Namespace) -> None:
         seed_config.write_text(yaml.safe_dump(base, sort_keys=False))
         if not (cohort / "synth.json").is_file():
             _wsiflow("synth", str(cohort), "--config", str(seed_config))
-        for variant in ["baseline", *[v for v in variants if v != "baseline"]]:
+        for variant in _baseline_first(variants):
             if str(seed) in record.get(variant, {}):
                 continue
-            out = folder / "ablation" / variant.replace(" ", "_")
+            out, variant_config = _variant_paths(folder, variant)
             if variant != "baseline" and not (out / "model").exists():
                 out.mkdir(parents=True, exist_ok=True)
                 shutil.copytree(folder / "ablation" / "baseline" / "model", out / "model")
             config = _overridden(base, VARIANTS[variant])
             out.parent.mkdir(parents=True, exist_ok=True)
-            variant_config = out.parent / f"{out.name}.yaml"
             variant_config.write_text(yaml.safe_dump(config, sort_keys=False))
             started = time.perf_counter()
             summary = _wsiflow(
@@ -254,6 +253,17 @@ def _ablation(args: argparse.Namespace) -> None:
         if args.held_out:
             _score_held_out(args, seed, folder, base, variants, record, record_path)
     _print_ablation(record)
+
+
+def _baseline_first(variants: list[str]) -> list[str]:
+    """The baseline, then the other ``variants``: each variant starts from its first model."""
+    return ["baseline", *[v for v in variants if v != "baseline"]]
+
+
+def _variant_paths(folder: Path, variant: str) -> tuple[Path, Path]:
+    """A variant's flow output folder in a seed's ``folder``, and the config it ran with."""
+    out = folder / "ablation" / variant.replace(" ", "_")
+    return out, out.parent / f"{out.name}.yaml"
 
 
 #: A held-out cohort's seed is this plus its training cohort's seed.
@@ -287,25 +297,25 @@ def _score_held_out(
         if not (held / "cohort" / "synth.json").is_file():
             _wsiflow("synth", str(held / "cohort"), "--config", str(held / "cohort.yaml"))
         _gather_as_test(held / "cohort", test)
-    for variant in ["baseline", *[v for v in variants if v != "baseline"]]:
+    for variant in _baseline_first(variants):
         runs = record.get(variant, {})
         scored = runs.get(str(seed), {}).get("held_out", {}).get("slides")
         if str(seed) not in runs or scored == args.held_out:
             continue  # not run, or scored on these slides already
-        out = folder / "ablation" / variant.replace(" ", "_")
+        out, variant_config = _variant_paths(folder, variant)
         config = _overridden(base, VARIANTS[variant])
         model = out / ("model_hnm" if config["mining"]["enabled"] else "model")
         flags = ["--slide-score", "classifier"] if config["slide_classifier"]["enabled"] else []
-        inference = held / variant.replace(" ", "_")
+        inference = held / out.name
         started = time.perf_counter()
         _wsiflow(
             "infer", str(model), str(test / "images"), "--out", str(inference),
-            "--config", str(out.parent / f"{out.name}.yaml"), *flags,
+            "--config", str(variant_config), *flags,
         )  # fmt: skip
         evaluation = _wsiflow(
             "evaluate", str(inference), "--reference", str(test / "reference.csv"),
             "--annotations", str(test / "lesion_annotations"), "--slides", str(test / "images"),
-            "--config", str(out.parent / f"{out.name}.yaml"),
+            "--config", str(variant_config),
         )  # fmt: skip
         runs[str(seed)]["held_out"] = {
             "slides": args.held_out,
