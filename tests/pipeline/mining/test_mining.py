@@ -86,7 +86,7 @@ def test_mined_patches_are_what_the_model_calls_tumor_away_from_lesions(
     assert result.returncode == 1 and "was mined by 2 models: choose one" in result.stderr
     result = run("train", str(store), "--out", str(tmp_path / "third"), "--hard-negative-share",
                  "0.5", "--hard-negatives-from", str(trained_model), "--epochs", "1",
-                 "--steps-per-epoch", "2", "--batch-size", "16")  # fmt: skip
+                 "--steps-per-epoch", "2", "--batch-size", "16", "--backbone", "small_cnn")  # fmt: skip
     assert result.returncode == 0, result.stderr
     third = json.loads((tmp_path / "third" / "wsiflow_model.json").read_text())
     assert third["hard_negatives"]["mining"] == record["mining"]
