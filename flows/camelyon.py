@@ -24,6 +24,7 @@ from flows.mine import train_with_mining
 from flows.runtime import load
 from flows.slide_classifier import slide_classifier_flow
 from flows.tile import tile_flow
+from pipeline.inference.slide_classifier import describe
 from pipeline.store.patch_store import location
 
 
@@ -193,14 +194,7 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
         ))  # fmt: skip
     classifier = summary.get("slide_classifier")
     if classifier:
-        maximum = classifier.get("maximum_auc")
-        rows.append((
-            "slide classifier",
-            f"{classifier['kind']} on {classifier['slides']} heatmaps of training slides "
-            f"({classifier['folds']} folds, {classifier['in_sample']} in-sample); its own "
-            f"out-of-fold AUC {artifacts.metric(classifier['out_of_fold_auc'])}"
-            + ("" if maximum is None else f" (the heatmap maximum's: {maximum:.4f})"),
-        ))  # fmt: skip
+        rows.append(("slide classifier", describe(classifier)))
     infer = summary.get("infer")
     if infer:
         rows.append(("test slides", f"{infer['slides']} slides, {infer['patches']:,} patches"))

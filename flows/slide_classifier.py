@@ -22,7 +22,7 @@ from flows import artifacts
 from flows.infer import infer_flow
 from flows.mine import train_with_mining
 from flows.runtime import load
-from pipeline.inference.slide_classifier import assign_folds, fit_from_results
+from pipeline.inference.slide_classifier import assign_folds, describe, fit_from_results
 
 
 @flow(name="slide-classifier", log_prints=True)
@@ -75,11 +75,6 @@ def slide_classifier_flow(
     artifacts.summary_markdown(
         "slide-classifier-summary",
         f"Slide classifier of {model_dir}",
-        [
-            ("classifier", f"{summary['kind']} in {summary['classifier']}"),
-            ("heatmaps", f"{summary['slides']} slides ({summary['in_sample']} in-sample)"),
-            ("own out-of-fold AUC", artifacts.metric(summary["out_of_fold_auc"])),
-            ("the heatmap maximum's AUC", artifacts.metric(summary["maximum_auc"])),
-        ],
+        [("classifier", describe(summary)), ("file", summary["classifier"])],
     )
     return summary

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import subprocess
@@ -149,6 +150,7 @@ def test_demo_runs_every_stage_and_says_what_does_not_exist(tmp_path):
     classifier = summary["slide_classifier"]
     assert (classifier["slides"], classifier["in_sample"], classifier["folds"]) == (4, 4, 1)
     from pipeline.inference.results import read_heatmap
+    from pipeline.inference.slide_classifier import describe
 
     for slide_id in ("test_001", "test_002"):
         _, attrs = read_heatmap(tmp_path / "out" / "inference" / "heatmaps" / f"{slide_id}.zarr")
@@ -162,6 +164,7 @@ def test_demo_runs_every_stage_and_says_what_does_not_exist(tmp_path):
     report = (tmp_path / "out" / "report.html").read_text()
     assert summary["report"] == str(tmp_path / "out" / "report.html")
     assert "Slide AUC" in report and "test_001" in report and "Training" in report
+    assert html.escape(describe(classifier)) in report  # the line the CLI prints too
     # The recipe's numbers beside the first model's own (the baseline).
     baseline = summary["evaluate_baseline"]
     assert f"(baseline: {baseline['slide_auc']:.4f})" in report

@@ -399,7 +399,7 @@ def slide_classifier(
     trained on are counted and warned about.
     """
     from pipeline.evaluation.reference import read_reference
-    from pipeline.inference.slide_classifier import fit_from_results
+    from pipeline.inference.slide_classifier import describe, fit_from_results
 
     reporter = Reporter(as_json)
     try:
@@ -423,16 +423,9 @@ def slide_classifier(
         )
     if summary["unlabelled"]:
         reporter.warn("not in --labels, so not used: " + ", ".join(summary["unlabelled"]))
-    auc, maximum = summary["out_of_fold_auc"], summary["maximum_auc"]
     if summary["reused"]:
         reporter.console.print(
             f"{summary['classifier']}: already fitted on these heatmaps with these settings"
         )
-    reporter.console.print(
-        f"{summary['kind']} on {summary['slides']} slides ({summary['tumor']} tumor, "
-        f"{summary['normal']} normal); its own out-of-fold AUC "
-        + ("undefined (too few slides)" if auc is None else f"{auc:.4f}")
-        + ("" if maximum is None else f" (the heatmap maximum's: {maximum:.4f})")
-        + f"; in {summary['classifier']}"
-    )
+    reporter.console.print(f"{describe(summary)}; in {summary['classifier']}")
     reporter.finish({"command": "slide-classifier", "ok": True, **summary})

@@ -271,6 +271,24 @@ def fit_from_results(
     }
 
 
+def describe(summary: dict[str, Any]) -> str:
+    """One line on a fitted classifier from :func:`fit_from_results`'s summary.
+
+    What every front end prints (the CLI, the ``slide-classifier`` and
+    ``camelyon`` flows): the estimator, the heatmaps it learnt from (with
+    ``folds`` where a flow made them), its own out-of-fold AUC and, what it
+    has to beat, the heatmap maximum's AUC on the same slides.
+    """
+    folds = f"{summary['folds']} folds, " if "folds" in summary else ""
+    auc, maximum = summary["out_of_fold_auc"], summary.get("maximum_auc")
+    return (
+        f"{summary['kind']} on {summary['slides']} heatmaps ({summary['tumor']} tumor, "
+        f"{summary['normal']} normal; {folds}{summary['in_sample']} in-sample); its own "
+        "out-of-fold AUC " + ("undefined (too few slides)" if auc is None else f"{auc:.4f}")
+        + ("" if maximum is None else f" (the heatmap maximum's: {maximum:.4f})")
+    )  # fmt: skip
+
+
 def _existing(model_dir: Path, inputs: str) -> dict[str, Any] | None:
     """The saved classifier's metadata if it was fitted on ``inputs`` and is intact."""
     try:

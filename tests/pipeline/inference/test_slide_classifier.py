@@ -15,6 +15,7 @@ from pipeline.inference.slide_classifier import (
     LabelledSlide,
     SlideClassifier,
     assign_folds,
+    describe,
     fit_slide_classifier,
     save_slide_classifier,
 )
@@ -63,6 +64,21 @@ def test_fit_needs_both_labels_and_says_when_its_auc_is_undefined():
         fit_slide_classifier([s for s in _slides(4) if s.tumor], (0.5,), trees=5)
     _, metadata = fit_slide_classifier(_slides(3), (0.5,), trees=5)  # one normal slide
     assert metadata["out_of_fold_auc"] is None and metadata["out_of_fold_folds"] == 0
+
+
+def test_one_line_for_every_front_end():
+    summary = {"kind": "random_forest", "slides": 8, "tumor": 3, "normal": 5, "in_sample": 8,
+               "out_of_fold_auc": 0.875, "maximum_auc": 0.8}  # fmt: skip
+    assert describe(summary) == (
+        "random_forest on 8 heatmaps (3 tumor, 5 normal; 8 in-sample); its own out-of-fold "
+        "AUC 0.8750 (the heatmap maximum's: 0.8000)"
+    )
+    # A flow's folds; too few slides for its own AUC; fitted before the maximum was recorded.
+    summary |= {"folds": 2, "out_of_fold_auc": None, "maximum_auc": None}
+    assert describe(summary) == (
+        "random_forest on 8 heatmaps (3 tumor, 5 normal; 2 folds, 8 in-sample); its own "
+        "out-of-fold AUC undefined (too few slides)"
+    )
 
 
 def test_folds_spread_each_label_and_hold_every_slide_once():
@@ -118,6 +134,7 @@ def test_fitted_on_heatmaps_and_used_by_infer(trained_model, small_cohort, tmp_p
     record = json.loads((model / "slide_classifier.json").read_text())
     assert record["trees"] == 25 and all(s["in_sample"] for s in record["slides"])
     assert summary["maximum_auc"] == record["maximum_auc"] is not None
+    assert f"{describe(summary)}; in {model / 'slide_classifier.json'}\n" in result.stderr
     # The same heatmaps, labels and settings: the classifier is kept, not refitted.
     result = run("slide-classifier", str(model), str(first), "--labels", str(labels),
                  "--trees", "25", "--json")  # fmt: skip
