@@ -19,7 +19,10 @@ table again from ``DIR/ablation.json``. ``--held-out N`` also scores each
 variant's final model (and slide classifier) on N more slides per seed, all
 of them test slides, from a second cohort of the same generator (seed 1000 +
 the seed), and prints that table too: 12 test slides move the AUC by 0.028
-per swapped tumor-normal pair.
+per swapped tumor-normal pair. ``--training-seeds 0,1,2`` trains each
+cohort's variants again with other ``training.seed`` values (another
+initialisation and patch order on the same slides; runs ``<seed>/t<N>``,
+folders ``ablation_t<N>``): how much of the spread is the training's own.
 
 For each seed it generates a ``camelyon``-difficulty cohort (a third of the
 slides for testing: ``--test-slides`` of them) and runs ``wsiflow demo`` on it
@@ -77,6 +80,11 @@ def main() -> None:
         type=int,
         default=0,
         help="ablation: also score each variant's models on this many more slides per seed",
+    )
+    parser.add_argument(
+        "--training-seeds",
+        default="0",
+        help="ablation: training.seed values per cohort; each is a run (another start, same slides)",
     )
     args = parser.parse_args()
     if args.ablation:
@@ -211,8 +219,11 @@ def _ablation(args: argparse.Namespace) -> None:
     synthetic = base["slides"]["synthetic"]
     synthetic["slides"] = 3 * args.test_slides
     synthetic["width_px"] = synthetic["height_px"] = args.size
-    for seed in (int(s) for s in args.seeds.split(",")):
+    training_seeds = [int(t) for t in args.training_seeds.split(",")]
+    for seed, training_seed in ((int(s), t) for s in args.seeds.split(",") for t in training_seeds):
         synthetic["seed"] = seed
+        base["training"]["seed"] = training_seed
+        key = run_key(seed, training_seed)
         folder = work / f"seed{seed}"
         folder.mkdir(exist_ok=True)
         cohort = folder / "cohort"
@@ -220,24 +231,26 @@ def _ablation(args: argparse.Namespace) -> None:
         seed_config.write_text(yaml.safe_dump(base, sort_keys=False))
         if not (cohort / "synth.json").is_file():
             _wsiflow("synth", str(cohort), "--config", str(seed_config))
+        store = _store(folder, training_seed)
         for variant in _baseline_first(variants):
-            if str(seed) in record.get(variant, {}):
+            if key in record.get(variant, {}):
                 continue
-            out, variant_config = _variant_paths(folder, variant)
+            out, variant_config = _variant_paths(folder, variant, training_seed)
             if variant != "baseline" and not (out / "model").exists():
                 out.mkdir(parents=True, exist_ok=True)
-                shutil.copytree(folder / "ablation" / "baseline" / "model", out / "model")
+                first = _variant_paths(folder, "baseline", training_seed)[0] / "model"
+                shutil.copytree(first, out / "model")
             config = _overridden(base, VARIANTS[variant])
             out.parent.mkdir(parents=True, exist_ok=True)
             variant_config.write_text(yaml.safe_dump(config, sort_keys=False))
             started = time.perf_counter()
             summary = _wsiflow(
                 "flow", "camelyon", str(cohort), "--out", str(out), "--store",
-                str(folder / "patches.zarr"), "--config", str(variant_config),
+                str(store), "--config", str(variant_config),
             )  # fmt: skip
             seconds = time.perf_counter() - started
             evaluation = summary["evaluate"]
-            record.setdefault(variant, {})[str(seed)] = {
+            record.setdefault(variant, {})[key] = {
                 "slide_auc": evaluation["slide_auc"],
                 "froc": evaluation["froc"],
                 "seconds": seconds,
@@ -245,13 +258,13 @@ def _ablation(args: argparse.Namespace) -> None:
             }
             record_path.write_text(json.dumps(record, indent=1))
             print(
-                f"seed {seed} {variant:<17} slide AUC {_num(evaluation['slide_auc'])}  "
+                f"seed {key} {variant:<17} slide AUC {_num(evaluation['slide_auc'])}  "
                 f"FROC {_num(evaluation['froc'])}  {seconds / 60:.1f} min  stages (s): "
                 + ", ".join(f"{k} {v:.0f}" for k, v in summary["seconds"].items()),
                 flush=True,
             )
         if args.held_out:
-            _score_held_out(args, seed, folder, base, variants, record, record_path)
+            _score_held_out(args, seed, training_seed, folder, base, variants, record, record_path)
     _print_ablation(record)
 
 
@@ -260,10 +273,40 @@ def _baseline_first(variants: list[str]) -> list[str]:
     return ["baseline", *[v for v in variants if v != "baseline"]]
 
 
-def _variant_paths(folder: Path, variant: str) -> tuple[Path, Path]:
+def _variant_paths(folder: Path, variant: str, training_seed: int) -> tuple[Path, Path]:
     """A variant's flow output folder in a seed's ``folder``, and the config it ran with."""
-    out = folder / "ablation" / variant.replace(" ", "_")
+    runs = folder / ("ablation" if training_seed == 0 else f"ablation_t{training_seed}")
+    out = runs / variant.replace(" ", "_")
     return out, out.parent / f"{out.name}.yaml"
+
+
+def _store(folder: Path, training_seed: int) -> Path:
+    """A training seed's patch store: the seed's own, or a copy without what models mined.
+
+    Each training seed mines with its own models; a copy keeps the store of
+    the runs kept for the others unchanged (their flows then reuse it).
+    """
+    import shutil
+
+    store = folder / "patches.zarr"
+    if training_seed == 0:
+        return store
+    copy_ = folder / f"patches_t{training_seed}.zarr"
+    if store.is_dir() and not copy_.exists():
+        partial = copy_.with_name(copy_.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)  # our own unfinished copy
+        shutil.copytree(store, partial, ignore=shutil.ignore_patterns("hard_negatives"))
+        partial.rename(copy_)
+    return copy_
+
+
+def run_key(seed: int, training_seed: int) -> str:
+    """A run's key in ``ablation.json``: the cohort's seed, and ``/t<N>`` for training seed N."""
+    return str(seed) if training_seed == 0 else f"{seed}/t{training_seed}"
+
+
+def _key_order(key: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in key.replace("/t", " ").split())
 
 
 #: A held-out cohort's seed is this plus its training cohort's seed.
@@ -273,6 +316,7 @@ HELD_OUT_SEED = 1000
 def _score_held_out(
     args: argparse.Namespace,
     seed: int,
+    training_seed: int,
     folder: Path,
     base: dict,
     variants: list[str],
@@ -297,16 +341,17 @@ def _score_held_out(
         if not (held / "cohort" / "synth.json").is_file():
             _wsiflow("synth", str(held / "cohort"), "--config", str(held / "cohort.yaml"))
         _gather_as_test(held / "cohort", test)
+    key = run_key(seed, training_seed)
     for variant in _baseline_first(variants):
         runs = record.get(variant, {})
-        scored = runs.get(str(seed), {}).get("held_out", {}).get("slides")
-        if str(seed) not in runs or scored == args.held_out:
+        scored = runs.get(key, {}).get("held_out", {}).get("slides")
+        if key not in runs or scored == args.held_out:
             continue  # not run, or scored on these slides already
-        out, variant_config = _variant_paths(folder, variant)
+        out, variant_config = _variant_paths(folder, variant, training_seed)
         config = _overridden(base, VARIANTS[variant])
         model = out / ("model_hnm" if config["mining"]["enabled"] else "model")
         flags = ["--slide-score", "classifier"] if config["slide_classifier"]["enabled"] else []
-        inference = held / out.name
+        inference = held / (out.name if training_seed == 0 else f"{out.parent.name}_{out.name}")
         started = time.perf_counter()
         _wsiflow(
             "infer", str(model), str(test / "images"), "--out", str(inference),
@@ -317,7 +362,7 @@ def _score_held_out(
             "--annotations", str(test / "lesion_annotations"), "--slides", str(test / "images"),
             "--config", str(variant_config),
         )  # fmt: skip
-        runs[str(seed)]["held_out"] = {
+        runs[key]["held_out"] = {
             "slides": args.held_out,
             "slide_auc": evaluation["slide_auc"],
             "froc": evaluation["froc"],
@@ -325,7 +370,7 @@ def _score_held_out(
         }
         record_path.write_text(json.dumps(record, indent=1))
         print(
-            f"seed {seed} {variant:<17} held out ({args.held_out} slides): slide AUC "
+            f"seed {key} {variant:<17} held out ({args.held_out} slides): slide AUC "
             f"{_num(evaluation['slide_auc'])}  FROC {_num(evaluation['froc'])}",
             flush=True,
         )
@@ -381,13 +426,21 @@ def _wsiflow(*args: str) -> dict:
 NOT_ITS_OWN = ("tile", "infer_baseline", "evaluate_baseline")
 
 
-def _print_ablation(record: dict) -> None:
-    """Per variant: mean ± sd over seeds, the paired difference from the baseline, minutes."""
+def _print_ablation(everything: dict) -> None:
+    """Per variant: mean ± sd over seeds, the paired difference from the baseline, minutes.
+
+    The tables hold each cohort's first training (``training.seed`` 0); the
+    other training seeds' runs are compared with them after.
+    """
+    record = {
+        variant: {key: run for key, run in runs.items() if "/t" not in key}
+        for variant, runs in everything.items()
+    }
     baseline = record.get("baseline", {})
     print(f"\n{'variant':<17} {'seeds':>5} {'slide AUC':>15} {'vs baseline':>15} "
           f"{'FROC':>15} {'vs baseline':>15} {'min/seed':>9}")  # fmt: skip
     for variant, runs in record.items():
-        seeds = sorted(runs, key=int)
+        seeds = sorted(runs, key=_key_order)
         cells = paired_cells(runs, baseline, seeds)
         # The variant's own stages: not tiling (shared), not the baseline's inference beside it.
         minutes = statistics.median(
@@ -406,10 +459,55 @@ def _print_ablation(record: dict) -> None:
     for variant, runs in held.items():
         if not runs:
             continue
-        seeds = sorted(runs, key=int)
+        seeds = sorted(runs, key=_key_order)
         cells = paired_cells(runs, held.get("baseline", {}), seeds)
         print(f"{variant:<17} {len(seeds):>5} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15} "
               f"{cells[3]:>15}")  # fmt: skip
+    _print_training_spread(everything)
+
+
+def _print_training_spread(record: dict) -> None:
+    """Where cohorts were trained with several ``training.seed`` values: how far one cohort's
+    runs spread (pooled sd within a cohort) against the spread across cohorts (sd of each
+    cohort's first run), for the baseline's scores and each variant's paired difference."""
+    if not any("/t" in key for runs in record.values() for key in runs):
+        return
+    baseline = record.get("baseline", {})
+    print("\nanother training.seed on the same cohort: sd within a cohort / across cohorts"
+          " (how many; mean ± sd over all runs)")  # fmt: skip
+    test_sets = (("test slides", lambda run: run), ("held out", lambda run: run.get("held_out")))
+    for title, scored in test_sets:
+        for variant, runs in record.items():
+            cells = []
+            for metric in ("slide_auc", "froc"):
+                values = {}  # run key -> the score (baseline) or the paired difference
+                for key, run in runs.items():
+                    mine, reference = scored(run), scored(baseline.get(key, {}))
+                    if not mine or (variant != "baseline" and not reference):
+                        continue
+                    pair = [mine[metric]] + ([] if variant == "baseline" else [reference[metric]])
+                    if None not in pair:
+                        values[key] = pair[0] - (pair[1] if len(pair) == 2 else 0.0)
+                cells.append(_spread(values, signed=variant != "baseline"))
+            if any(cells):
+                what = "" if variant == "baseline" else " vs baseline"
+                print(f"{title:<11} {variant + what:<52} slide AUC {cells[0]}  FROC {cells[1]}")
+
+
+def _spread(values: dict[str, float], signed: bool) -> str:
+    """``within (cohorts x runs) / across (cohorts); mean ± sd`` of run-keyed ``values``."""
+    cohorts: dict[str, list[float]] = {}
+    for key, value in sorted(values.items(), key=lambda item: _key_order(item[0])):
+        cohorts.setdefault(key.split("/")[0], []).append(value)
+    several = [v for v in cohorts.values() if len(v) > 1]
+    firsts = [values[c] for c in cohorts if c in values]
+    if not several or len(firsts) < 2:
+        return ""
+    within = float(np.sqrt(np.mean([statistics.variance(v) for v in several])))
+    across = statistics.stdev(firsts)
+    runs = max(len(v) for v in several)
+    return (f"{within:.3f} ({len(several)}x{runs}) / {across:.3f} ({len(firsts)}); "
+            f"{_mean_sd(list(values.values()), signed=signed)}")  # fmt: skip
 
 
 def paired_cells(runs: dict, reference: dict, seeds: list[str]) -> list[str]:
