@@ -223,7 +223,7 @@ def _ablation(args: argparse.Namespace) -> None:
     for seed, training_seed in ((int(s), t) for s in args.seeds.split(",") for t in training_seeds):
         synthetic["seed"] = seed
         base["training"]["seed"] = training_seed
-        key = run_key(seed, training_seed)
+        key = _run_key(seed, training_seed)
         folder = work / f"seed{seed}"
         folder.mkdir(exist_ok=True)
         cohort = folder / "cohort"
@@ -300,7 +300,7 @@ def _store(folder: Path, training_seed: int) -> Path:
     return copy_
 
 
-def run_key(seed: int, training_seed: int) -> str:
+def _run_key(seed: int, training_seed: int) -> str:
     """A run's key in ``ablation.json``: the cohort's seed, and ``/t<N>`` for training seed N."""
     return str(seed) if training_seed == 0 else f"{seed}/t{training_seed}"
 
@@ -341,7 +341,7 @@ def _score_held_out(
         if not (held / "cohort" / "synth.json").is_file():
             _wsiflow("synth", str(held / "cohort"), "--config", str(held / "cohort.yaml"))
         _gather_as_test(held / "cohort", test)
-    key = run_key(seed, training_seed)
+    key = _run_key(seed, training_seed)
     for variant in _baseline_first(variants):
         runs = record.get(variant, {})
         scored = runs.get(key, {}).get("held_out", {}).get("slides")
@@ -448,22 +448,26 @@ def _print_ablation(everything: dict) -> None:
         )
         print(f"{variant:<17} {len(seeds):>5} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15} "
               f"{cells[3]:>15} {minutes:>9.1f}")  # fmt: skip
-    held = {
-        variant: {s: run["held_out"] for s, run in runs.items() if "held_out" in run}
+    held = _held_out(record)
+    if any(held.values()):
+        slides = sorted({run["slides"] for runs in held.values() for run in runs.values()})
+        print(f"\nthe same models on held-out slides ({'/'.join(map(str, slides))} per seed):")
+        for variant, runs in held.items():
+            if not runs:
+                continue
+            seeds = sorted(runs, key=_key_order)
+            cells = paired_cells(runs, held.get("baseline", {}), seeds)
+            print(f"{variant:<17} {len(seeds):>5} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15} "
+                  f"{cells[3]:>15}")  # fmt: skip
+    _print_training_spread(everything)
+
+
+def _held_out(record: dict) -> dict:
+    """``record`` with each run's held-out scores in place of its own (runs without left out)."""
+    return {
+        variant: {key: run["held_out"] for key, run in runs.items() if "held_out" in run}
         for variant, runs in record.items()
     }
-    if not any(held.values()):
-        return
-    slides = sorted({run["slides"] for runs in held.values() for run in runs.values()})
-    print(f"\nthe same models on held-out slides ({'/'.join(map(str, slides))} per seed):")
-    for variant, runs in held.items():
-        if not runs:
-            continue
-        seeds = sorted(runs, key=_key_order)
-        cells = paired_cells(runs, held.get("baseline", {}), seeds)
-        print(f"{variant:<17} {len(seeds):>5} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15} "
-              f"{cells[3]:>15}")  # fmt: skip
-    _print_training_spread(everything)
 
 
 def _print_training_spread(record: dict) -> None:
@@ -472,22 +476,19 @@ def _print_training_spread(record: dict) -> None:
     cohort's first run), for the baseline's scores and each variant's paired difference."""
     if not any("/t" in key for runs in record.values() for key in runs):
         return
-    baseline = record.get("baseline", {})
     print("\nanother training.seed on the same cohort: sd within a cohort / across cohorts"
           " (how many; mean ± sd over all runs)")  # fmt: skip
-    test_sets = (("test slides", lambda run: run), ("held out", lambda run: run.get("held_out")))
-    for title, scored in test_sets:
-        for variant, runs in record.items():
+    for title, scored in (("test slides", record), ("held out", _held_out(record))):
+        baseline = scored.get("baseline", {})
+        for variant, runs in scored.items():
             cells = []
             for metric in ("slide_auc", "froc"):
-                values = {}  # run key -> the score (baseline) or the paired difference
-                for key, run in runs.items():
-                    mine, reference = scored(run), scored(baseline.get(key, {}))
-                    if not mine or (variant != "baseline" and not reference):
-                        continue
-                    pair = [mine[metric]] + ([] if variant == "baseline" else [reference[metric]])
-                    if None not in pair:
-                        values[key] = pair[0] - (pair[1] if len(pair) == 2 else 0.0)
+                if variant == "baseline":  # its scores; the others' paired differences
+                    values = {
+                        key: run[metric] for key, run in runs.items() if run[metric] is not None
+                    }
+                else:
+                    values = _differences(runs, baseline, metric, list(runs))
                 cells.append(_spread(values, signed=variant != "baseline"))
             if any(cells):
                 what = "" if variant == "baseline" else " vs baseline"
@@ -516,13 +517,18 @@ def paired_cells(runs: dict, reference: dict, seeds: list[str]) -> list[str]:
     cells = []
     for metric in ("slide_auc", "froc"):
         values = [runs[s][metric] for s in seeds if runs[s][metric] is not None]
-        paired = [
-            runs[s][metric] - reference[s][metric]
-            for s in seeds
-            if s in reference and None not in (runs[s][metric], reference[s][metric])
-        ]
+        paired = list(_differences(runs, reference, metric, seeds).values())
         cells += [_mean_sd(values), _mean_sd(paired, signed=True)]
     return cells
+
+
+def _differences(runs: dict, reference: dict, metric: str, keys: list[str]) -> dict[str, float]:
+    """``runs``' ``metric`` minus ``reference``'s, per run of ``keys`` both have defined."""
+    return {
+        key: runs[key][metric] - reference[key][metric]
+        for key in keys
+        if key in reference and None not in (runs[key][metric], reference[key][metric])
+    }
 
 
 def _mean_sd(values: list[float], signed: bool = False) -> str:
