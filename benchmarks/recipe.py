@@ -23,6 +23,9 @@ per swapped tumor-normal pair. ``--training-seeds 0,1,2`` trains each
 cohort's variants again with other ``training.seed`` values (another
 initialisation and patch order on the same slides; runs ``<seed>/t<N>``,
 folders ``ablation_t<N>``): how much of the spread is the training's own.
+``--set KEY=VALUE`` (repeatable) changes the baseline's configuration, and so
+every variant's, by a dotted key (e.g. ``training.fine_tune_epochs=13``: a
+longer budget); use a fresh ``--work`` for each setting.
 
 For each seed it generates a ``camelyon``-difficulty cohort (a third of the
 slides for testing: ``--test-slides`` of them) and runs ``wsiflow demo`` on it
@@ -85,6 +88,14 @@ def main() -> None:
         "--training-seeds",
         default="0",
         help="ablation: training.seed values per cohort; each is a run (another start, same slides)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="ablation: a dotted config key of the baseline (and every variant), e.g. "
+        "training.fine_tune_epochs=13; repeatable",
     )
     args = parser.parse_args()
     if args.ablation:
@@ -215,7 +226,7 @@ def _ablation(args: argparse.Namespace) -> None:
     if unknown:
         sys.exit(f"unknown variants: {', '.join(sorted(unknown))}; known: {', '.join(VARIANTS)}")
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    base = baseline_config()
+    base = _overridden(baseline_config(), settings(args.set))
     synthetic = base["slides"]["synthetic"]
     synthetic["slides"] = 3 * args.test_slides
     synthetic["width_px"] = synthetic["height_px"] = args.size
@@ -402,6 +413,17 @@ def baseline_config() -> dict:
     base = _overridden(yaml.safe_load((REPO / "configs" / "demo.yaml").read_text()), BASELINE)
     base["slides"]["extra"] = []
     return base
+
+
+def settings(pairs: list[str]) -> dict[str, object]:
+    """``KEY=VALUE`` strings as dotted overrides, each value read as YAML (13, true, null)."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            sys.exit(f"--set {pair!r}: expected KEY=VALUE, e.g. training.fine_tune_epochs=13")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
 
 
 def _overridden(config: dict, overrides: dict[str, object]) -> dict:
