@@ -16,8 +16,6 @@ from pathlib import Path
 
 from pipeline.errors import FileError
 
-from .cnn import build_cnn
-
 
 class WeightsError(FileError, ValueError):
     """Pretrained weights are missing, cannot be downloaded, or do not fit the backbone."""
@@ -65,6 +63,8 @@ def build_classifier(backbone: str, patch_px: int, *, weights: str = "none", dro
     """
     import keras
     from keras import layers
+
+    from .cnn import build_cnn  # Keras: imported when a model is built, not for a check
 
     check_backbone(backbone, patch_px)
     shape = (patch_px, patch_px, 3)

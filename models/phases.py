@@ -11,14 +11,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
-
-import keras
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import TrainingConfig
 
 from .classifier import freeze_backbone, unfreeze_top
-from .rundir import RunState
+
+if TYPE_CHECKING:
+    from .rundir import RunState
 
 #: Validation AUCs closer than this are a tie, broken by the validation loss.
 AUC_TIE = 1e-4
@@ -73,6 +73,8 @@ def phases_to_run(phases: list[Phase], state: RunState) -> Iterator[tuple[int, P
 
 def enter_phase(model, base, phase: Phase, fine_tune_layers: int, strategy) -> None:
     """Freeze or open the base's layers for ``phase`` and compile the model at its rate."""
+    import keras
+
     if phase.name == "head":
         freeze_backbone(base)
     elif phase.name == "fine_tune":

@@ -27,30 +27,20 @@ from pathlib import Path
 from typing import Any
 
 import keras
-import numpy as np
 
 from pipeline import __version__
 from pipeline.config import TrainingConfig
-from pipeline.errors import ConfigError, ModelError, StoreError, TrainingClusterError
-from pipeline.identity import file_identity, fingerprint
-from pipeline.store.patch_store import canonical
+from pipeline.errors import TrainingClusterError
 
-from .classifier import WeightsError, build_classifier, check_backbone, preprocess_fn
-from .data import (
-    SlidePatches,
-    make_dataset,
-    open_stores,
-    pooled_stain_target,
-    split_slides,
-    stain_sources,
-    stain_transform,
-)
+from .classifier import build_classifier, preprocess_fn
+from .data import SlidePatches, make_dataset, stain_sources, stain_transform
 from .distribute import (
     TrainingCluster,
     check_cluster_replicas,
     distribution_strategy,
     mixed_policy,
 )
+from .inputs import TrainingInputs, check_training_inputs
 from .phases import Phase, better, enter_phase, phases_to_run, plan_phases
 from .rundir import HISTORY_COLUMNS, RunDir, RunState
 from .saved import (
@@ -58,21 +48,11 @@ from .saved import (
     METADATA_FILE,
     MODEL_FILE,
     load_model_dir,
-    model_dir_of,
-    read_metadata,
 )
 from .tracking import MlflowRun, tensorboard
 
 #: Fewest steps in an epoch when ``steps_per_epoch`` is left to the data (tiny cohorts).
 MIN_STEPS = 25
-#: Settings that change nothing about the trained model (not part of its fingerprint).
-#: exclude_slides: the slides' list in the fingerprint already says which slides were used.
-#: hard_negative_share: in the fingerprint with the mining records, only when above 0.
-#: The stain settings likewise, only when they differ from the defaults.
-_NOT_FINGERPRINTED = (
-    "mlflow", "mlflow_tracking_uri", "exclude_slides", "hard_negative_share",
-    "hard_negatives_from", "stain_normalization", "stain_reference", "stain_jitter",
-)  # fmt: skip
 
 
 @dataclass
@@ -128,108 +108,6 @@ class TrainResult:
         }
 
 
-@dataclass(frozen=True)
-class _Inputs:
-    """Everything a run needs to know before it touches its directory, all checked."""
-
-    slides: list[SlidePatches]
-    train: list[SlidePatches]
-    val: list[SlidePatches]
-    test: list[SlidePatches]  # held out (a store's given test split): scored once, at the end
-    patch_px: int
-    patch_mpp: float | None
-    backbone: str
-    preprocessing: str
-    parent_dir: Path | None
-    parent: dict[str, Any] | None
-    phases: list[Phase]
-    fingerprint: str
-    stain: dict[str, Any]  # normalisation, its target and the jitter (see _stain)
-    patch_level: int | None  # the pyramid level read, where no µm/px is known (else None)
-
-
-def _check_inputs(
-    stores: list[Path] | tuple[Path, ...], cfg: TrainingConfig, workers: int = 1
-) -> _Inputs:
-    """Stores, labels, classes, backbone, patch size and weights; typed errors otherwise.
-
-    ``workers``: the processes of a multi-worker run (their number changes
-    the global batch, so it is part of the fingerprint).
-    """
-    hard = cfg.hard_negative_share > 0
-    slides = _without(
-        open_stores(stores, hard_negatives=hard, mining_key=_mining_key(cfg)),
-        cfg.exclude_slides,
-        stores,
-    )
-    px = slides[0].patch_px
-    patch_mpp = _common_mpp(slides)
-    patch_level = _common_level(slides) if patch_mpp is None else None
-    parent_dir = model_dir_of(cfg.weights) if cfg.weights not in ("none", "imagenet") else None
-    parent = read_metadata(parent_dir) if parent_dir else None
-    backbone = parent["backbone"] if parent else cfg.backbone
-    if parent and int(parent["patch_px"]) != px:
-        raise ModelError(
-            parent_dir,
-            f"was trained on {parent['patch_px']} px patches; the stores hold {px} px patches",
-        )
-    weights_file = cfg.weights not in ("none", "imagenet") and parent is None
-    if weights_file and not Path(cfg.weights).is_file():
-        raise WeightsError(
-            Path(cfg.weights),
-            "no such weights file or wsiflow model directory "
-            "(expected imagenet, none, a weights file or a model directory)",
-        )
-    spec = check_backbone(backbone, px)
-    # Something to protect from a fresh head's first gradients: a pretrained backbone.
-    pretrained = backbone != "small_cnn" and (parent is not None or cfg.weights != "none")
-    phases = plan_phases(cfg, pretrained)
-    train, val, test = split_slides(slides, cfg.validation_fraction, cfg.seed)
-    _check_split(train, val)
-    identity = {
-        "slides": [[canonical(s.store), s.slide_id, s.fingerprint, len(s)] for s in slides],
-        "training": cfg.model_dump(mode="json", exclude=set(_NOT_FINGERPRINTED)),
-        "parent": parent.get("fingerprint") if parent else None,
-    }
-    if workers > 1:  # one machine's runs keep the fingerprints they always had
-        identity["workers"] = workers
-    if cfg.stain_normalization != "none" or cfg.stain_jitter != 1.0:  # likewise
-        reference = cfg.stain_reference
-        identity["stain"] = [
-            cfg.stain_normalization,
-            file_identity(Path(reference)) if reference and Path(reference).exists() else reference,
-            cfg.stain_jitter,
-        ]
-    if hard:  # likewise
-        _check_mined(train)
-        identity["hard_negatives"] = [
-            cfg.hard_negative_share,
-            [[s.slide_id, s.mining["fingerprint"]] for s in train],
-        ]
-    digest = fingerprint(identity)
-    stain = _stain(cfg, train)  # a bad reference fails here, before anything is made
-    return _Inputs(
-        slides, train, val, test, px, patch_mpp, backbone, spec.preprocessing, parent_dir,
-        parent, phases, digest, stain, patch_level,
-    )  # fmt: skip
-
-
-def _without(
-    slides: list[SlidePatches], excluded: tuple[str, ...], stores: list[Path] | tuple[Path, ...]
-) -> list[SlidePatches]:
-    """``slides`` less those named in ``training.exclude_slides`` (each must be there)."""
-    if not excluded:
-        return slides
-    unknown = sorted(set(excluded) - {s.slide_id for s in slides})
-    if unknown:
-        raise ConfigError(
-            None,
-            [("training.exclude_slides", f"not a slide of {', '.join(map(str, stores))}: "
-              f"{', '.join(unknown)}", None)],
-        )  # fmt: skip
-    return [s for s in slides if s.slide_id not in set(excluded)]
-
-
 def train_classifier(
     stores: list[Path] | tuple[Path, ...],
     out_dir: Path | str,
@@ -242,6 +120,7 @@ def train_classifier(
     on_batch: Callable[[int, int, int], None] | None = None,
     hold: Callable[[], AbstractContextManager] | None = None,
     cluster: TrainingCluster | None = None,
+    inputs: TrainingInputs | None = None,
 ) -> TrainResult:
     """Train on the complete slides of ``stores`` and write the model directory ``out_dir``.
 
@@ -256,7 +135,10 @@ def train_classifier(
     every epoch, ``on_batch`` ``(epoch, step, steps)`` after every step.
     ``hold()`` is entered once the inputs are checked, before ``out_dir`` is
     read or made, and held to the end (the CLI claims and locks it there, so
-    a bad input leaves no folder behind).
+    a bad input leaves no folder behind). ``inputs``: what
+    :func:`models.inputs.check_training_inputs` returned for these ``stores``
+    and ``cfg``, when the caller checked them first (the CLI does, before
+    importing this module and Keras); None: checked here.
 
     With a ``cluster``, this process is one worker of a multi-worker run
     (every worker runs this with the same arguments). The chief (worker 0)
@@ -267,7 +149,8 @@ def train_classifier(
     started = time.perf_counter()
     check_cluster_replicas(cluster, cfg.replicas)  # before any file is read or made
     chief = cluster is None or cluster.is_chief
-    inputs = _check_inputs(stores, cfg, workers=len(cluster.workers) if cluster else 1)
+    if inputs is None:
+        inputs = check_training_inputs(stores, cfg, workers=len(cluster.workers) if cluster else 1)
     mlflow = MlflowRun(cfg) if cfg.mlflow and chief else None
     run = source = RunDir(Path(out_dir), inputs.fingerprint)
     with contextlib.ExitStack() as held:
@@ -405,7 +288,7 @@ def train_classifier(
 
 
 def _metadata(
-    inputs: _Inputs,
+    inputs: TrainingInputs,
     cfg: TrainingConfig,
     config: dict[str, Any] | None,
     state: RunState,
@@ -607,34 +490,6 @@ def _base_name(model, backbone: str) -> str | None:
     return nested[0] if nested else None
 
 
-def _common_mpp(slides: list[SlidePatches]) -> float | None:
-    """The patches' µm/px; ``StoreError`` if slides differ by more than 10%."""
-    values = [s.patch_mpp for s in slides if s.patch_mpp is not None]
-    if not values:
-        return None
-    low, high = min(values), max(values)
-    if high > low * 1.1:
-        worst = max(slides, key=lambda s: s.patch_mpp or 0)
-        raise StoreError(
-            worst.store,
-            f"patches of different physical sizes ({low:.3f}-{high:.3f} µm/px); "
-            "tile every slide at one --mpp to train one model",
-        )
-    return float(np.median(values))
-
-
-def _common_level(slides: list[SlidePatches]) -> int | None:
-    """The pyramid level patches without µm/px were read at; ``StoreError`` if slides differ."""
-    levels = sorted({s.level for s in slides if s.level is not None})
-    if len(levels) > 1:
-        raise StoreError(
-            slides[0].store,
-            f"patches read at different pyramid levels ({', '.join(map(str, levels))}) and none "
-            "records µm/px; tile every slide at one --level to train one model",
-        )
-    return int(levels[0]) if levels else None
-
-
 def _test_metrics(
     model_path: Path,
     test: list[SlidePatches],
@@ -661,21 +516,6 @@ def _test_metrics(
     )
     logs = model.evaluate(dataset, return_dict=True, verbose=0)
     return {f"test_{k}": float(logs[k]) for k in ("auc", "loss", "accuracy")}
-
-
-def _stain(cfg: TrainingConfig, train: list[SlidePatches]) -> dict[str, Any]:
-    """The model's stain record: normalisation, its target (fitted now), jitter strength."""
-    method = cfg.stain_normalization
-    record: dict[str, Any] = {"normalization": method, "jitter": cfg.stain_jitter}
-    if method == "none":
-        return record
-    if cfg.stain_reference:
-        record["reference"] = cfg.stain_reference
-        record["target"] = reference_stain(Path(cfg.stain_reference), method)
-    else:
-        record["reference"] = "the training slides' patches, pooled"
-        record["target"] = pooled_stain_target(train, method)
-    return record
 
 
 def _sources(slides: list[SlidePatches], stain: dict[str, Any]) -> list[dict] | None:
@@ -706,58 +546,6 @@ def _fallbacks(slides: list[SlidePatches], *sources: list[dict] | None) -> dict[
     return {"fallback": rows} if rows else {}
 
 
-def reference_stain(path: Path, method: str) -> dict[str, Any]:
-    """The ``method`` fit of a reference slide (its overview) or image; ModelError otherwise."""
-    from PIL import Image
-
-    from pipeline.errors import SlideError
-    from pipeline.slides.reader import open_slide
-    from pipeline.slides.stain import fit_stain
-
-    try:
-        with open_slide(path) as reader:
-            rgb, _ = reader.overview(max(1.0, max(reader.info.level0_wh) / 4096))
-    except SlideError:
-        try:
-            with Image.open(path) as image:
-                rgb = np.asarray(image.convert("RGB"))
-        except (OSError, ValueError) as exc:
-            raise ModelError(
-                path, f"training.stain_reference: not a slide or image ({exc})"
-            ) from exc
-    try:
-        return fit_stain(rgb, method)
-    except ValueError as exc:
-        raise ModelError(path, f"training.stain_reference: {exc}") from exc
-
-
-def _mining_key(cfg: TrainingConfig) -> str | None:
-    """The record key of ``training.hard_negatives_from``'s mining, when it names a model."""
-    from pipeline.mining.driver import mining_key
-
-    if cfg.hard_negatives_from is None:
-        return None
-    model_dir = model_dir_of(cfg.hard_negatives_from)
-    if model_dir is None:
-        raise ModelError(
-            Path(cfg.hard_negatives_from),
-            "training.hard_negatives_from: not a wsiflow model directory (the model that mined)",
-        )
-    return mining_key(read_metadata(model_dir).get("fingerprint"))
-
-
-def _check_mined(train: list[SlidePatches]) -> None:
-    """Every training slide has a complete mining record (``wsiflow mine``), or StoreError."""
-    missing = [s for s in train if s.mining is None]
-    if missing:
-        raise StoreError(
-            missing[0].store,
-            "training.hard_negative_share needs mined hard negatives, and training slides "
-            f"{', '.join(s.slide_id for s in missing)} have none: run `wsiflow mine "
-            f"{missing[0].store} --model FIRST_MODEL_DIR` first",
-        )
-
-
 def _hard_negative_record(cfg: TrainingConfig, train: list[SlidePatches]) -> dict[str, Any]:
     """What the model's metadata says about the hard negatives it trained with."""
     return {
@@ -771,23 +559,6 @@ def _hard_negative_record(cfg: TrainingConfig, train: list[SlidePatches]) -> dic
             for s in train
         },
     }
-
-
-def _check_split(train: list[SlidePatches], val: list[SlidePatches]) -> None:
-    for name, side in (("training", train), ("validation", val)):
-        tumor = sum(s.tumor for s in side)
-        if tumor == 0 or tumor == sum(len(s) for s in side):
-            missing = "tumor" if tumor == 0 else "normal"
-            raise StoreError(
-                side[0].store,
-                f"the {name} slides ({', '.join(s.slide_id for s in side)}) have no {missing} "
-                + (
-                    f"patch; import a {name} split with both classes"
-                    if all(s.split for s in side)
-                    else "patch; a slide-level split needs at least two slides with tumor "
-                    "and one without"
-                ),
-            )
 
 
 def _slide_record(slide: SlidePatches) -> dict[str, Any]:

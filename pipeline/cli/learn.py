@@ -236,9 +236,15 @@ def run_train(
     Bad inputs raise (:class:`WsiflowError` naming the file, ``ValueError``)
     before ``out`` is made or locked, and before the first step.
     """
-    from models.train import train_classifier
+    from models.distribute import check_cluster_replicas
+    from models.inputs import check_training_inputs
 
     training = cfg.training
+    # Bad inputs fail here, in about a second: models.train imports Keras (~3 s).
+    check_cluster_replicas(cluster, training.replicas)
+    inputs = check_training_inputs(stores, training, workers=len(cluster.workers) if cluster else 1)
+    from models.train import train_classifier
+
     with reporter.progress() as progress:
         steps_task = progress.add_task("epoch", total=None, rate="")
 
@@ -267,6 +273,7 @@ def run_train(
             on_batch=on_batch,
             hold=lambda: output_lock(reporter, out, "model"),
             cluster=cluster,
+            inputs=inputs,
         )
         progress.remove_task(steps_task)
     meta = result.metadata

@@ -220,9 +220,23 @@ def test_cli_usage_errors(store, tmp_path):
     unknown = run("train", str(store), "--out", str(tmp_path / "m"), "--backbone", "vgg16")
     assert unknown.returncode == 2
     assert "training.backbone" in unknown.stderr and "vgg16" in unknown.stderr
-    missing = run("train", str(tmp_path / "absent.zarr"), "--out", str(tmp_path / "m"))
-    assert missing.returncode == 1
-    assert f"{tmp_path / 'absent.zarr'}: not a Zarr patch store" in missing.stderr
+    # Bad inputs are refused before Keras is imported (~3 s of a CPU each time).
+    imports = {"PYTHONPROFILEIMPORTTIME": "1"}  # Python lists every import on stderr
+    missing = run("train", str(tmp_path / "absent.zarr"), "--out", str(tmp_path / "m"), env=imports)
+    small = run("train", str(store), "--out", str(tmp_path / "m"), "--backbone", "inceptionv3",
+                env=imports)  # fmt: skip
+    for result, reason in (
+        (missing, f"{tmp_path / 'absent.zarr'}: not a Zarr patch store"),
+        (small, "Expected patches of at least 75 px for inceptionv3"),
+    ):
+        assert result.returncode in (1, 2)
+        lines = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
+        assert reason in "\n".join(lines)
+        imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines()
+                    if line.startswith("import time:")}  # fmt: skip
+        assert "json" in imported  # the listing works
+        assert not {"keras", "tensorflow"} & imported
+    assert not (tmp_path / "m").exists()
 
 
 def test_replicas_cannot_grow_once_tensorflow_runs():
@@ -255,7 +269,7 @@ def test_mlflow_autolog_records_the_run(store, tmp_path, monkeypatch):
 def test_patches_without_mpp_must_share_one_pyramid_level():
     """A model of patches without µm/px is read at their level: one level for all, or a reason."""
     from models.data import SlidePatches
-    from models.train import _common_level
+    from models.inputs import _common_level
 
     def slide(slide_id: str, level: int | None) -> SlidePatches:
         labels = np.zeros(4, dtype=np.int8)
