@@ -23,7 +23,10 @@ per swapped tumor-normal pair. ``--training-seeds 0,1,2`` trains each
 cohort's variants again with other ``training.seed`` values (another
 initialisation and patch order on the same slides; runs ``<seed>/t<N>``,
 folders ``ablation_t<N>``): how much of the spread is the training's own.
-``--set KEY=VALUE`` (repeatable) changes the baseline's configuration, and so
+For each variant with a slide classifier, its held-out slide AUC gain is
+then split in two: its model's (both runs' slides scored by the heatmap
+maximum) and its classifier's (the classifier's score against its own
+model's maxima). ``--set KEY=VALUE`` (repeatable) changes the baseline's configuration, and so
 every variant's, by a dotted key (e.g. ``training.fine_tune_epochs=13``: a
 longer budget); use a fresh ``--work`` for each setting.
 
@@ -219,6 +222,7 @@ def _ablation(args: argparse.Namespace) -> None:
     record_path = (args.analyse or work) / "ablation.json"
     if args.analyse:
         _print_ablation(json.loads(record_path.read_text()))
+        _print_score_split(args.analyse, json.loads(record_path.read_text()))
         return
     work.mkdir(parents=True, exist_ok=True)
     variants = args.variants.split(",")
@@ -277,6 +281,7 @@ def _ablation(args: argparse.Namespace) -> None:
         if args.held_out:
             _score_held_out(args, seed, training_seed, folder, base, variants, record, record_path)
     _print_ablation(record)
+    _print_score_split(work, record)
 
 
 def _baseline_first(variants: list[str]) -> list[str]:
@@ -362,7 +367,7 @@ def _score_held_out(
         config = _overridden(base, VARIANTS[variant])
         model = out / ("model_hnm" if config["mining"]["enabled"] else "model")
         flags = ["--slide-score", "classifier"] if config["slide_classifier"]["enabled"] else []
-        inference = held / (out.name if training_seed == 0 else f"{out.parent.name}_{out.name}")
+        inference = _held_out_inference(held, out, training_seed)
         started = time.perf_counter()
         _wsiflow(
             "infer", str(model), str(test / "images"), "--out", str(inference),
@@ -385,6 +390,11 @@ def _score_held_out(
             f"{_num(evaluation['slide_auc'])}  FROC {_num(evaluation['froc'])}",
             flush=True,
         )
+
+
+def _held_out_inference(held: Path, out: Path, training_seed: int) -> Path:
+    """Where a variant's run (flow output ``out``) was inferred on the held-out slides."""
+    return held / (out.name if training_seed == 0 else f"{out.parent.name}_{out.name}")
 
 
 def _gather_as_test(cohort: Path, test: Path) -> None:
@@ -515,6 +525,52 @@ def _print_training_spread(record: dict) -> None:
             if any(cells):
                 what = "" if variant == "baseline" else " vs baseline"
                 print(f"{title:<11} {variant + what:<52} slide AUC {cells[0]}  FROC {cells[1]}")
+
+
+def _print_score_split(work: Path, record: dict) -> None:
+    """A slide classifier variant's held-out slide AUC gain, split in two: its model's own
+    (both runs scored by the heatmap maximum) and its classifier's (its classifier's score
+    against its own heatmap maxima), over every run (all training seeds) both have."""
+    from sklearn.metrics import roc_auc_score
+
+    from pipeline.inference.results import heatmap_path, read_heatmap
+
+    def auc_of_maxima(inference: Path, reference: Path) -> float:
+        labels = dict(line.split(",") for line in reference.read_text().split())
+        slides = sorted(labels)
+        maxima = [_nanmax(read_heatmap(heatmap_path(inference, s))[0][:]) for s in slides]
+        return float(roc_auc_score([labels[s] == "Tumor" for s in slides], maxima))
+
+    rows = {}
+    for variant, runs in record.items():
+        if not VARIANTS.get(variant, {}).get("slide_classifier.enabled"):
+            continue
+        model, classifier = [], []
+        for key, run in sorted(runs.items(), key=lambda item: _key_order(item[0])):
+            first = record.get("baseline", {}).get(key, {})
+            if "held_out" not in run or "held_out" not in first:
+                continue
+            seed, training_seed = _key_order(key) if "/t" in key else (int(key), 0)
+            folder = work / f"seed{seed}"
+            held = folder / f"held_out_{run['held_out']['slides']}"
+            reference = held / "test" / "reference.csv"
+            own = auc_of_maxima(
+                _held_out_inference(held, _variant_paths(folder, variant, training_seed)[0],
+                                    training_seed), reference,
+            )  # fmt: skip
+            theirs = auc_of_maxima(
+                _held_out_inference(held, _variant_paths(folder, "baseline", training_seed)[0],
+                                    training_seed), reference,
+            )  # fmt: skip
+            model.append(own - theirs)
+            classifier.append(run["held_out"]["slide_auc"] - own)
+        if model:
+            rows[variant] = (len(model), _mean_sd(model, True), _mean_sd(classifier, True))
+    if rows:
+        print("\nheld-out slide AUC vs baseline, split: the model's (both by the heatmap maximum)"
+              " + the classifier's (vs its own maximum), over every run")  # fmt: skip
+        for variant, (runs, model, classifier) in rows.items():
+            print(f"{variant:<40} {runs:>3} runs  model {model}  classifier {classifier}")
 
 
 def _spread(values: dict[str, float], signed: bool) -> str:
