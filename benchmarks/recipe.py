@@ -221,8 +221,9 @@ def _ablation(args: argparse.Namespace) -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="wsiflow-bench-ablation-"))
     record_path = (args.analyse or work) / "ablation.json"
     if args.analyse:
-        _print_ablation(json.loads(record_path.read_text()))
-        _print_score_split(args.analyse, json.loads(record_path.read_text()))
+        record = json.loads(record_path.read_text())
+        _print_ablation(record)
+        _print_score_split(args.analyse, record)
         return
     work.mkdir(parents=True, exist_ok=True)
     variants = args.variants.split(",")
@@ -554,15 +555,10 @@ def _print_score_split(work: Path, record: dict) -> None:
             folder = work / f"seed{seed}"
             held = folder / f"held_out_{run['held_out']['slides']}"
             reference = held / "test" / "reference.csv"
-            own = auc_of_maxima(
-                _held_out_inference(held, _variant_paths(folder, variant, training_seed)[0],
-                                    training_seed), reference,
-            )  # fmt: skip
-            theirs = auc_of_maxima(
-                _held_out_inference(held, _variant_paths(folder, "baseline", training_seed)[0],
-                                    training_seed), reference,
-            )  # fmt: skip
-            model.append(own - theirs)
+            out = _variant_paths(folder, variant, training_seed)[0]
+            own = auc_of_maxima(_held_out_inference(held, out, training_seed), reference)
+            # The baseline scores its slides by the heatmap maximum already.
+            model.append(own - first["held_out"]["slide_auc"])
             classifier.append(run["held_out"]["slide_auc"] - own)
         if model:
             rows[variant] = (len(model), _mean_sd(model, True), _mean_sd(classifier, True))
