@@ -19,6 +19,17 @@ Tissue pixels are those whose OD exceeds :data:`OD_TISSUE` in every channel
 (Macenko's beta: background and barely stained pixels carry no stain
 information).
 
+Pen ink is not stain, yet a pen mark over more than 1% of the fitted pixels
+becomes the extreme angle Macenko's method takes for a stain (and shifts
+Reinhard's statistics). Every fit therefore leaves out the pixels no mix of
+haematoxylin and eosin can make (:func:`ink_pixels`): green ink (both stains
+absorb green more than red or blue), blue ink (blue absorbed far less than red
+and green) and black ink (neutral grey). Ink at a mark's edges and faint
+streaks is fainter than those tests; in patches (``(N, H, W, 3)``), a patch
+whose tissue is at least :data:`INK_PATCH_FRACTION` ink is left out whole.
+Red ink looks like eosin to these tests and stays. The fit records the share
+of tissue pixels left out (``ink_fraction``).
+
 Unmixing needs two distinct stains. Through stain vectors ``a`` degrees
 apart, noise in a pixel's optical density changes its two concentrations by
 up to ``1 / (sqrt(2) sin(a / 2))`` times as much; recombined with target
@@ -49,6 +60,13 @@ MIN_TISSUE_PIXELS = 100
 #: Haematoxylin and eosin closer than this are not unmixed with the slide's own vectors.
 #: Typical H&E vectors lie 35-45° apart; a slide at 20° mapped onto them doubles its noise.
 MIN_STAIN_ANGLE_DEG = 20.0
+#: Blue ink: blue's OD under these shares of red's and green's (haematoxylin: ~0.4 and ~0.6).
+INK_BLUE_OF_RED = 0.5
+INK_BLUE_OF_GREEN = 0.4
+#: Black ink: OD within this angle of neutral grey (haematoxylin lies 15-19° from it).
+INK_GREY_DEG = 6.0
+#: A patch whose tissue pixels are at least this share ink is left out of a fit whole.
+INK_PATCH_FRACTION = 0.1
 #: Patches a slide's stain is fitted to, spread evenly over its patches (training, inference,
 #: mining alike).
 SAMPLE_PATCHES = 64
@@ -62,6 +80,47 @@ def sample_rows(n: int, count: int = SAMPLE_PATCHES) -> np.ndarray:
 def optical_density(rgb: np.ndarray, light: float = 255.0) -> np.ndarray:
     """Return ``(..., 3)`` float64 optical density of ``(..., 3)`` uint8 RGB."""
     return -np.log((np.asarray(rgb, dtype=np.float64) + 1.0) / light)
+
+
+def ink_pixels(od: np.ndarray) -> np.ndarray:
+    """``(N,)`` bool: pixels of ``(N, 3)`` optical density that no mix of H&E makes (pen ink).
+
+    Green ink absorbs green least, which neither stain does; blue ink absorbs
+    blue under :data:`INK_BLUE_OF_RED` of red and :data:`INK_BLUE_OF_GREEN` of
+    green; black ink lies within :data:`INK_GREY_DEG` of neutral grey.
+    """
+    red, green, blue = od[:, 0], od[:, 1], od[:, 2]
+    green_ink = (green < red) & (green < blue)
+    blue_ink = (blue < INK_BLUE_OF_RED * red) & (blue < INK_BLUE_OF_GREEN * green)
+    norm = np.maximum(np.linalg.norm(od, axis=1), 1e-12)
+    black_ink = od.sum(axis=1) / (np.sqrt(3.0) * norm) > np.cos(np.radians(INK_GREY_DEG))
+    return green_ink | blue_ink | black_ink
+
+
+def stained_pixels(images: np.ndarray, *, without_ink: bool = True) -> tuple[np.ndarray, float]:
+    """``(N, 3)`` uint8 RGB of ``images``' stained tissue pixels, and the share left out as ink.
+
+    ``images`` is ``(..., 3)`` uint8: ``(N, H, W, 3)`` patches (a patch at least
+    :data:`INK_PATCH_FRACTION` ink is left out whole) or one image. Tissue:
+    optical density above :data:`OD_TISSUE` in every channel.
+    ``without_ink=False``: every tissue pixel (fits made before ink was left out).
+    """
+    images = np.asarray(images, dtype=np.uint8)
+    pixels = images.reshape(-1, 3)
+    od = optical_density(pixels)
+    tissue = (od > OD_TISSUE).all(axis=1)
+    if not without_ink or not tissue.any():
+        return pixels[tissue], 0.0
+    ink = np.zeros(len(pixels), dtype=bool)
+    ink[tissue] = ink_pixels(od[tissue])
+    keep = tissue & ~ink
+    if images.ndim == 4 and len(images):
+        per_patch = images.shape[1] * images.shape[2]
+        patch_tissue = tissue.reshape(len(images), per_patch).sum(axis=1)
+        patch_ink = ink.reshape(len(images), per_patch).sum(axis=1)
+        inky = patch_ink >= INK_PATCH_FRACTION * np.maximum(patch_tissue, 1)
+        keep &= ~np.repeat(inky, per_patch)
+    return pixels[keep], float(1.0 - keep.sum() / tissue.sum())
 
 
 def macenko_vectors(
@@ -103,6 +162,10 @@ def fit_stain(
 ) -> dict[str, Any]:
     """The ``method`` fit of ``(..., 3)`` uint8 RGB pixels (patches or a region), as a dict.
 
+    Pen ink is left out (:func:`stained_pixels`), except for a slide's fit
+    against a ``target`` fitted before ink was (no ``ink_fraction``), as its
+    model was trained.
+
     ``target``: the fit the pixels will be mapped onto, for a slide's own
     (source) fit. A Macenko fit whose stain vectors are under
     :data:`MIN_STAIN_ANGLE_DEG` apart then uses the target's vectors and
@@ -118,20 +181,26 @@ def fit_stain(
         raise ValueError(f"Expected a method in {METHODS}. Received: method={method!r}")
     if target is not None and target["method"] != method:
         raise ValueError(f"Expected a {method} target. Got a {target['method']} one instead.")
-    pixels = np.asarray(images, dtype=np.uint8).reshape(-1, 3)
-    od = optical_density(pixels)
-    tissue = (od > OD_TISSUE).all(axis=1)
-    if tissue.sum() < MIN_TISSUE_PIXELS:
+    without_ink = target is None or "ink_fraction" in target
+    pixels, ink_fraction = stained_pixels(images, without_ink=without_ink)
+    if len(pixels) < MIN_TISSUE_PIXELS:
         raise ValueError(
-            f"Expected at least {MIN_TISSUE_PIXELS} stained pixels to fit the stain. "
-            f"Got {int(tissue.sum())} instead."
+            f"Expected at least {MIN_TISSUE_PIXELS} stained pixels"
+            + (" outside pen ink" if ink_fraction else "")
+            + f" to fit the stain. Got {len(pixels)} instead."
         )
+    provenance = {"ink_fraction": round(ink_fraction, 4)} if without_ink else {}
     if method == "reinhard":
-        lab = _rgb_to_lab(pixels[tissue])
-        return {"method": method, "mean": lab.mean(0).tolist(), "std": lab.std(0).tolist()}
-    stains = np.stack(macenko_vectors(pixels[tissue]))
+        lab = _rgb_to_lab(pixels)
+        return {
+            "method": method,
+            "mean": lab.mean(0).tolist(),
+            "std": lab.std(0).tolist(),
+            **provenance,
+        }
+    stains = np.stack(macenko_vectors(pixels))
     angle = angle_deg(stains[0], stains[1])
-    fit: dict[str, Any] = {"method": method, "angle_deg": round(angle, 2)}
+    fit: dict[str, Any] = {"method": method, "angle_deg": round(angle, 2), **provenance}
     guarded = target is None or "angle_deg" in target
     if angle < MIN_STAIN_ANGLE_DEG and guarded:
         if target is None:
@@ -146,7 +215,7 @@ def fit_stain(
             "unmixed with the target's vectors"
         )
         stains = np.asarray(target["stains"], dtype=np.float64)
-    concentrations = np.linalg.lstsq(stains.T, od[tissue].T, rcond=None)[0]
+    concentrations = np.linalg.lstsq(stains.T, optical_density(pixels).T, rcond=None)[0]
     maxima = np.percentile(concentrations, CONCENTRATION_PERCENTILE, axis=1)
     return {**fit, "stains": stains.tolist(), "max_concentrations": maxima.tolist()}
 
