@@ -24,7 +24,10 @@ becomes the extreme angle Macenko's method takes for a stain (and shifts
 Reinhard's statistics). Every fit therefore leaves out the pixels no mix of
 haematoxylin and eosin can make (:func:`ink_pixels`): green ink (both stains
 absorb green more than red or blue), blue ink (blue absorbed far less than red
-and green) and black ink (neutral grey). Ink at a mark's edges and faint
+and green) and black ink (neutral grey). A blue-violet haematoxylin's darkest nuclei
+pass the blue test too, so blue pixels count as ink only when they lie more
+than a few degrees from the slide's haematoxylin, fitted without them (or,
+when they are most of the tissue, with them). Ink at a mark's edges and faint
 streaks is fainter than those tests; in patches (``(N, H, W, 3)``), a patch
 whose tissue is at least :data:`INK_PATCH_FRACTION` ink is left out whole.
 Red ink looks like eosin to these tests and stays. The fit records the share
@@ -60,9 +63,13 @@ MIN_TISSUE_PIXELS = 100
 #: Haematoxylin and eosin closer than this are not unmixed with the slide's own vectors.
 #: Typical H&E vectors lie 35-45° apart; a slide at 20° mapped onto them doubles its noise.
 MIN_STAIN_ANGLE_DEG = 20.0
-#: Blue ink: blue's OD under these shares of red's and green's (haematoxylin: ~0.4 and ~0.6).
+#: Blue ink: blue's OD under these shares of red's and green's (haematoxylin: ~0.4 and ~0.6,
+#: a blue-violet one's darkest nuclei down to ~0.3 and ~0.35; blue ink over tissue ~0.3).
 INK_BLUE_OF_RED = 0.5
 INK_BLUE_OF_GREEN = 0.4
+#: Blue pixels further than this from the slide's haematoxylin are ink (the blue-violet
+#: haematoxylin's darkest nuclei lie ~6° from it, blue ink over a magenta-toned one ~30°).
+INK_OFF_STAIN_DEG = 8.0
 #: Black ink: OD within this angle of neutral grey (haematoxylin lies 15-19° from it).
 INK_GREY_DEG = 6.0
 #: A patch whose tissue pixels are at least this share ink is left out of a fit whole.
@@ -82,19 +89,28 @@ def optical_density(rgb: np.ndarray, light: float = 255.0) -> np.ndarray:
     return -np.log((np.asarray(rgb, dtype=np.float64) + 1.0) / light)
 
 
-def ink_pixels(od: np.ndarray) -> np.ndarray:
+def ink_pixels(
+    od: np.ndarray, haematoxylin: np.ndarray | None = None, *, blue: bool = True
+) -> np.ndarray:
     """``(N,)`` bool: pixels of ``(N, 3)`` optical density that no mix of H&E makes (pen ink).
 
-    Green ink absorbs green least, which neither stain does; blue ink absorbs
-    blue under :data:`INK_BLUE_OF_RED` of red and :data:`INK_BLUE_OF_GREEN` of
-    green; black ink lies within :data:`INK_GREY_DEG` of neutral grey.
+    Green ink absorbs green least, which neither stain does; black ink lies
+    within :data:`INK_GREY_DEG` of neutral grey; blue ink absorbs blue under
+    :data:`INK_BLUE_OF_RED` of red and :data:`INK_BLUE_OF_GREEN` of green. A
+    blue-violet haematoxylin's darkest nuclei can do that too: given the
+    slide's ``haematoxylin`` (``(3,)`` unit OD), a blue pixel is ink only
+    more than :data:`INK_OFF_STAIN_DEG` from it. ``blue=False``: no blue test.
     """
-    red, green, blue = od[:, 0], od[:, 1], od[:, 2]
-    green_ink = (green < red) & (green < blue)
-    blue_ink = (blue < INK_BLUE_OF_RED * red) & (blue < INK_BLUE_OF_GREEN * green)
+    red, green, od_blue = od[:, 0], od[:, 1], od[:, 2]
     norm = np.maximum(np.linalg.norm(od, axis=1), 1e-12)
-    black_ink = od.sum(axis=1) / (np.sqrt(3.0) * norm) > np.cos(np.radians(INK_GREY_DEG))
-    return green_ink | blue_ink | black_ink
+    ink = (green < red) & (green < od_blue)  # green
+    ink |= od.sum(axis=1) / (np.sqrt(3.0) * norm) > np.cos(np.radians(INK_GREY_DEG))  # black
+    if blue:
+        blue_ink = (od_blue < INK_BLUE_OF_RED * red) & (od_blue < INK_BLUE_OF_GREEN * green)
+        if haematoxylin is not None:
+            blue_ink &= od @ haematoxylin / norm < np.cos(np.radians(INK_OFF_STAIN_DEG))
+        ink |= blue_ink
+    return ink
 
 
 def stained_pixels(images: np.ndarray, *, without_ink: bool = True) -> tuple[np.ndarray, float]:
@@ -111,16 +127,35 @@ def stained_pixels(images: np.ndarray, *, without_ink: bool = True) -> tuple[np.
     tissue = (od > OD_TISSUE).all(axis=1)
     if not without_ink or not tissue.any():
         return pixels[tissue], 0.0
-    ink = np.zeros(len(pixels), dtype=bool)
-    ink[tissue] = ink_pixels(od[tissue])
+    # The haematoxylin to judge blue pixels by: fitted without them, unless that leaves out
+    # most of the tissue (then the blue test describes the haematoxylin itself).
+    keep = _outside_ink(images.shape, od, tissue, None, blue=True)
+    if keep.sum() < max(MIN_TISSUE_PIXELS, tissue.sum() / 2):
+        keep = _outside_ink(images.shape, od, tissue, None, blue=False)
+    if keep.sum() >= MIN_TISSUE_PIXELS:
+        haematoxylin, _ = macenko_vectors(pixels[keep])
+        keep = _outside_ink(images.shape, od, tissue, haematoxylin)
+    return pixels[keep], float(1.0 - keep.sum() / tissue.sum())
+
+
+def _outside_ink(
+    shape: tuple[int, ...],
+    od: np.ndarray,
+    tissue: np.ndarray,
+    haematoxylin: np.ndarray | None,
+    blue: bool = True,
+) -> np.ndarray:
+    """``(N,)`` bool: tissue pixels not ink, nor in a patch (of ``shape``) that is mostly ink."""
+    ink = np.zeros(len(od), dtype=bool)
+    ink[tissue] = ink_pixels(od[tissue], haematoxylin, blue=blue)
     keep = tissue & ~ink
-    if images.ndim == 4 and len(images):
-        per_patch = images.shape[1] * images.shape[2]
-        patch_tissue = tissue.reshape(len(images), per_patch).sum(axis=1)
-        patch_ink = ink.reshape(len(images), per_patch).sum(axis=1)
+    if len(shape) == 4 and shape[0]:
+        per_patch = shape[1] * shape[2]
+        patch_tissue = tissue.reshape(shape[0], per_patch).sum(axis=1)
+        patch_ink = ink.reshape(shape[0], per_patch).sum(axis=1)
         inky = patch_ink >= INK_PATCH_FRACTION * np.maximum(patch_tissue, 1)
         keep &= ~np.repeat(inky, per_patch)
-    return pixels[keep], float(1.0 - keep.sum() / tissue.sum())
+    return keep
 
 
 def macenko_vectors(

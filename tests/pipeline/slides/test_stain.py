@@ -11,6 +11,7 @@ from pipeline.slides.stain import (
     OD_TISSUE,
     angle_deg,
     fit_stain,
+    ink_pixels,
     normalize,
     optical_density,
     stained_pixels,
@@ -160,8 +161,15 @@ def test_pen_ink_is_left_out_of_the_stain_fit(spec, ink):
     assert fit_stain(rgb, "reinhard")["ink_fraction"] == fitted["ink_fraction"]
 
 
+#: A blue-violet haematoxylin whose pixels pass the blue-ink test (blue's OD 0.25 of red's).
+VIOLET = ((0.80, 0.55, 0.20), (0.25, 0.85, 0.45), 1.6, 1.5)
+
+
 def test_clean_stains_lose_no_pixel_and_ink_alone_cannot_be_fitted():
-    for spec in (SOURCE, NARROW, TARGET):
+    haematoxylin = np.array([VIOLET[0]])
+    assert ink_pixels(haematoxylin).all()  # alone, it passes for blue ink
+    assert not ink_pixels(haematoxylin, haematoxylin[0] / np.linalg.norm(haematoxylin)).any()
+    for spec in (SOURCE, NARROW, TARGET, VIOLET):
         rgb, _ = _stained(*spec, seed=2, shape=(16, 32, 32))
         kept, ink_fraction = stained_pixels(rgb)
         assert ink_fraction == 0.0
