@@ -534,13 +534,14 @@ def _print_score_split(work: Path, record: dict) -> None:
     against its own heatmap maxima), over every run (all training seeds) both have."""
     from sklearn.metrics import roc_auc_score
 
+    from pipeline.evaluation.reference import read_reference
     from pipeline.inference.results import heatmap_path, read_heatmap
 
     def auc_of_maxima(inference: Path, reference: Path) -> float:
-        labels = dict(line.split(",") for line in reference.read_text().split())
-        slides = sorted(labels)
+        tumor = read_reference(reference)
+        slides = sorted(tumor)
         maxima = [_nanmax(read_heatmap(heatmap_path(inference, s))[0][:]) for s in slides]
-        return float(roc_auc_score([labels[s] == "Tumor" for s in slides], maxima))
+        return float(roc_auc_score([tumor[s] for s in slides], maxima))
 
     rows = {}
     for variant, runs in record.items():
