@@ -352,7 +352,10 @@ def _score_held_out(
     test = held / "test"
     if not (test / "reference.csv").is_file():
         config = copy.deepcopy(base)
-        config["slides"]["synthetic"].update(slides=args.held_out, seed=HELD_OUT_SEED + seed)
+        # Test slides only, half tumor: extra normal training slides are not theirs.
+        config["slides"]["synthetic"].update(
+            slides=args.held_out, seed=HELD_OUT_SEED + seed, extra_normal_slides=0
+        )
         held.mkdir(parents=True, exist_ok=True)
         (held / "cohort.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         if not (held / "cohort" / "synth.json").is_file():

@@ -84,6 +84,13 @@ class SyntheticConfig(_Section):
     )
 
     slides: int = Field(8, ge=4, description="total slides; a third (at least 2) for testing")
+    extra_normal_slides: int = Field(
+        0,
+        ge=0,
+        le=10_000,
+        description="normal training slides on top of `slides`: the normal tissue per tumor "
+        "a gigapixel slide has and a small one lacks",
+    )
     seed: int = Field(0, ge=0, description="same seed, byte-identical slides")
     width_px: int = Field(8192, ge=64, le=1_000_000, description="level-0 width")
     height_px: int = Field(8192, ge=64, le=1_000_000, description="level-0 height")

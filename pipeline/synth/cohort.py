@@ -96,7 +96,9 @@ def plan_cohort(params: SyntheticConfig) -> list[SlideSpec]:
     """Split ``params.slides`` slides into CAMELYON16's training and testing sets.
 
     A third (at least two) go to testing; each set is half tumor (rounded up),
-    half normal. Test slides are numbered in a shuffled order, as in the
+    half normal. ``params.extra_normal_slides`` more normal slides join the
+    training set, numbered after the others, so every other slide stays as it
+    was without them. Test slides are numbered in a shuffled order, as in the
     challenge, so the number does not give the label away.
     """
     if params.slides < 4:
@@ -113,7 +115,7 @@ def plan_cohort(params: SyntheticConfig) -> list[SlideSpec]:
     ]
     specs += [
         SlideSpec(f"normal_{i + 1:03d}", "training", "Normal", _slide_seed(params.seed, 1, i))
-        for i in range(n_train - train_tumor)
+        for i in range(n_train - train_tumor + params.extra_normal_slides)
     ]
     labels = ["Tumor"] * test_tumor + ["Normal"] * (n_test - test_tumor)
     order = np.random.default_rng(_slide_seed(params.seed, 2, 0)).permutation(n_test)
@@ -295,7 +297,9 @@ def _write_reference(path: Path, slides: tuple[SlideRecord, ...]) -> None:
 def _reuse(root: Path, params: SyntheticConfig) -> tuple[SlideRecord, ...] | None:
     try:
         manifest = json.loads((root / MANIFEST).read_text())
-        if manifest["params"] != params.model_dump(mode="json"):
+        # Read through the config, so a key added since (at its default) still matches.
+        recorded = type(params).model_validate(manifest["params"])
+        if recorded.model_dump(mode="json") != params.model_dump(mode="json"):
             return None
         slides = tuple(
             SlideRecord(**{**r, "features": tuple(r.get("features", ()))})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 
 import numpy as np
 import pytest
@@ -49,6 +50,17 @@ def test_plan_splits_like_camelyon16():
     ]
     with pytest.raises(ValueError, match="at least 4 slides"):
         plan_cohort(SyntheticConfig.model_construct(slides=3))
+
+
+def test_extra_normal_slides_join_training_and_change_no_other_slide():
+    for difficulty in ("easy", "camelyon"):
+        plain = plan_cohort(SyntheticConfig(slides=9, difficulty=difficulty))
+        more = plan_cohort(SyntheticConfig(slides=9, difficulty=difficulty, extra_normal_slides=4))
+        added = [s for s in more if s not in plain]
+        assert [s.slide_id for s in added] == [f"normal_{i:03d}" for i in range(4, 8)]
+        assert {(s.split, s.label) for s in added} == {("training", "Normal")}
+        assert [s for s in more if s in plain] == plain  # same seeds, centres and order
+        assert len({s.seed for s in more}) == len(more)
 
 
 def test_layout_and_reference(small_cohort):
@@ -193,6 +205,12 @@ def test_same_seed_same_bytes_and_reuse(tmp_path):
     spec.image_path(root).unlink()
     assert not write_cohort(root, params).reused
     assert spec.image_path(root).is_file()
+    # A manifest written before a key existed matches that key's default.
+    manifest = json.loads((root / "synth.json").read_text())
+    del manifest["params"]["extra_normal_slides"]
+    (root / "synth.json").write_text(json.dumps(manifest))
+    assert write_cohort(root, params).reused
+    assert not write_cohort(root, params.model_copy(update={"extra_normal_slides": 1})).reused
     changed = write_cohort(root, params.model_copy(update={"seed": 4}))
     assert not changed.reused
     assert _sha(spec.image_path(root)) != _sha(spec.image_path(a))
