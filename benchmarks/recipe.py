@@ -212,6 +212,16 @@ VARIANTS: dict[str, dict[str, object]] = {
         "slide_classifier.folds": 1,
         "inference.tta": True,
     },
+    # Mining + maxima + classifier in-sample, its second training from the first model's
+    # weights with every layer open (mining.retrain: continue; measured after that variant's
+    # second model came out close to its first).
+    "continued mining + maxima + classifier in-sample": {
+        "mining.enabled": True,
+        "mining.retrain": "continue",
+        "inference.detection": "maxima",
+        "slide_classifier.enabled": True,
+        "slide_classifier.folds": 1,
+    },
 }
 
 

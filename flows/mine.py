@@ -3,7 +3,8 @@
 :func:`train_with_mining` is the recipe's training for the ``camelyon`` flow
 and each fold of the slide classifier: train, and with ``mining.enabled``
 mine the store with that model and train again with ``mining.share`` of the
-normal patches from its hard negatives (from its weights, or anew).
+normal patches from its hard negatives (from its weights, or anew:
+:func:`retrain_settings`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from prefect import flow, get_run_logger, task
 from flows import artifacts
 from flows.runtime import load, task_options
 from flows.train import train_flow
-from pipeline.config import MiningConfig
+from pipeline.config import MiningConfig, WsiflowConfig
 
 
 @task(name="mine-store")
@@ -79,12 +80,29 @@ def train_with_mining(
         return model_dir
     run_stage("mine", lambda: mine_flow(store, model_dir, config, settings))
     second = f"{model_dir}_hnm"
-    retrain = {
-        **(settings or {}),
+    retrain = {**(settings or {}), **retrain_settings(cfg, model_dir)}
+    run_stage("retrain", lambda: train_flow([store], second, config, retrain, True))
+    return second
+
+
+def retrain_settings(cfg: WsiflowConfig, model_dir: str) -> dict[str, Any]:
+    """The second training's settings over the first's, as ``mining.retrain`` says.
+
+    ``fine_tune``: from the first model's weights, with the training's phases
+    (head, then the top ``fine_tune_layers``); ``continue``: from its weights,
+    every layer open (BatchNorm excepted) at ``fine_tune_learning_rate`` for
+    the first training's whole budget (its head is trained already, so
+    nothing needs protecting from a fresh head); ``scratch``: anew.
+    """
+    retrain: dict[str, Any] = {
         "training.hard_negative_share": cfg.mining.share,
         "training.hard_negatives_from": model_dir,
     }
-    if cfg.mining.retrain == "fine_tune":
+    if cfg.mining.retrain in ("fine_tune", "continue"):
         retrain["training.weights"] = model_dir
-    run_stage("retrain", lambda: train_flow([store], second, config, retrain, True))
-    return second
+    if cfg.mining.retrain == "continue":
+        t = cfg.training
+        retrain["training.head_epochs"] = 0
+        retrain["training.fine_tune_epochs"] = t.head_epochs + t.fine_tune_epochs
+        retrain["training.fine_tune_layers"] = "all"
+    return retrain

@@ -13,6 +13,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from pipeline.errors import FileError
 
@@ -176,12 +177,17 @@ def freeze_backbone(base) -> None:
         base.trainable = False
 
 
-def unfreeze_top(base, n_layers: int) -> int:
-    """Phase two: the top ``n_layers`` of the base train, BatchNorm excepted; returns how many."""
+def unfreeze_top(base, n_layers: int | Literal["all"]) -> int:
+    """Phase two: the top ``n_layers`` of the base train, BatchNorm excepted; returns how many.
+
+    ``"all"``: every layer of the base (BatchNorm excepted).
+    """
     import keras
 
     if base is None:
         return 0
+    if n_layers == "all":
+        n_layers = len(base.layers)
     base.trainable = True
     opened = 0
     for i, layer in enumerate(base.layers):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pipeline.config import TrainingConfig
 
@@ -71,7 +71,9 @@ def phases_to_run(phases: list[Phase], state: RunState) -> Iterator[tuple[int, P
         yield index, phase, end, enter
 
 
-def enter_phase(model, base, phase: Phase, fine_tune_layers: int, strategy) -> None:
+def enter_phase(
+    model, base, phase: Phase, fine_tune_layers: int | Literal["all"], strategy
+) -> None:
     """Freeze or open the base's layers for ``phase`` and compile the model at its rate."""
     import keras
 

@@ -166,7 +166,9 @@ class TrainingConfig(_Section):
     batch_per_replica: int = Field(32, ge=1, le=4096)
     head_epochs: int = Field(2, ge=0)
     fine_tune_epochs: int = Field(3, ge=0)
-    fine_tune_layers: int = Field(20, ge=0)
+    fine_tune_layers: int | Literal["all"] = Field(
+        20, description="the top layers of the base the fine-tune phase opens; all: every one"
+    )
     learning_rate: float = Field(1e-3, gt=0)
     fine_tune_learning_rate: float = Field(1e-4, gt=0)
     validation_fraction: float = Field(0.25, gt=0, lt=1)
@@ -213,6 +215,13 @@ class TrainingConfig(_Section):
     mlflow: bool = False
     mlflow_tracking_uri: str | None = None
 
+
+    @field_validator("fine_tune_layers", mode="before")
+    @classmethod
+    def _layers(cls, value: Any) -> Any:
+        if value == "all" or (type(value) is int and value >= 0):
+            return value
+        raise ValueError(f"Expected a number of layers >= 0 or 'all'. Received: {value!r}")
 
 class InferenceConfig(_Section):
     """Whole-slide prediction, heatmaps and lesion detection."""
@@ -272,8 +281,10 @@ class MiningConfig(_Section):
     share: float = Field(
         0.3, gt=0, lt=1, description="the second training's training.hard_negative_share"
     )
-    retrain: Literal["fine_tune", "scratch"] = Field(
-        "fine_tune", description="fine_tune: from the first model's weights; scratch: anew"
+    retrain: Literal["fine_tune", "continue", "scratch"] = Field(
+        "fine_tune",
+        description="from the first model: fine_tune (head, then the top layers) or continue "
+        "(every layer); scratch: anew",
     )
     batch_size: int = Field(64, ge=1, le=8192)
 
