@@ -215,13 +215,13 @@ class TrainingConfig(_Section):
     mlflow: bool = False
     mlflow_tracking_uri: str | None = None
 
-
     @field_validator("fine_tune_layers", mode="before")
     @classmethod
     def _layers(cls, value: Any) -> Any:
         if value == "all" or (type(value) is int and value >= 0):
             return value
         raise ValueError(f"Expected a number of layers >= 0 or 'all'. Received: {value!r}")
+
 
 class InferenceConfig(_Section):
     """Whole-slide prediction, heatmaps and lesion detection."""
