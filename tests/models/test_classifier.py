@@ -54,6 +54,22 @@ def test_phase_one_leaves_the_backbone_unchanged_and_phase_two_opens_the_top():
         for layer in base.layers
         if isinstance(layer, keras.layers.BatchNormalization)
     )
+    # "all" (mining's `continue`): every layer with weights opens, BatchNorm excepted, and
+    # training moves the bottom of the base too.
+    with_weights = {layer.name for layer in base.layers if layer.weights}
+    batch_norm = {
+        layer.name for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)
+    }
+    assert unfreeze_top(base, "all") == sum(
+        not isinstance(layer, keras.layers.BatchNormalization) for layer in base.layers
+    )
+    assert {layer.name for layer in base.layers if layer.trainable and layer.weights} == (
+        with_weights - batch_norm
+    )
+    bottom = base.get_layer("Conv1").get_weights()[0].copy()
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="binary_crossentropy")
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    assert not np.array_equal(bottom, base.get_layer("Conv1").get_weights()[0])
 
 
 @pytest.mark.parametrize(

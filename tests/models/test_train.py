@@ -139,31 +139,6 @@ def test_fine_tune_from_a_previous_wsiflow_model(store, tmp_path):
     assert [p["name"] for p in meta["phases"]] == ["head", "fine_tune"]
     assert meta["base_layer"] == first.metadata["base_layer"]
 
-    # Mining's `continue`: no head phase, every layer of the base open but BatchNorm.
-    cfg = _cfg(
-        backbone="mobilenetv2", weights=str(tmp_path / "first"), head_epochs=0,
-        fine_tune_epochs=1, fine_tune_layers="all",
-    )  # fmt: skip
-    third = train_classifier([store], tmp_path / "third", cfg)
-    assert [p["name"] for p in third.metadata["phases"]] == ["fine_tune"]
-    base = saved.get_layer(first.metadata["base_layer"])
-    tuned = third.last_model.get_layer(first.metadata["base_layer"])
-    with_weights = [layer for layer in base.layers if layer.get_weights()]
-    changed = {
-        layer.name
-        for layer in with_weights
-        if any(
-            not np.array_equal(a, b)
-            for a, b in zip(
-                layer.get_weights(), tuned.get_layer(layer.name).get_weights(), strict=True
-            )
-        )
-    }
-    batch_norm = {
-        layer.name for layer in with_weights if isinstance(layer, keras.layers.BatchNormalization)
-    }
-    assert changed == {layer.name for layer in with_weights} - batch_norm
-
 
 def test_a_killed_run_resumes_and_never_looks_finished(store, tmp_path):
     out = tmp_path / "model"
