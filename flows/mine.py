@@ -92,7 +92,9 @@ def retrain_settings(cfg: WsiflowConfig, model_dir: str) -> dict[str, Any]:
     (head, then the top ``fine_tune_layers``); ``continue``: from its weights,
     every layer open (BatchNorm excepted) at ``fine_tune_learning_rate`` for
     the first training's whole budget (its head is trained already, so
-    nothing needs protecting from a fresh head); ``scratch``: anew.
+    nothing needs protecting from a fresh head; ``small_cnn``, without a
+    base, trains in its one phase at ``learning_rate`` as always);
+    ``scratch``: anew.
     """
     retrain: dict[str, Any] = {
         "training.hard_negative_share": cfg.mining.share,
