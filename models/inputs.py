@@ -27,10 +27,11 @@ from .saved import model_dir_of, read_metadata
 #: Settings that change nothing about the trained model (not part of its fingerprint).
 #: exclude_slides: the slides' list in the fingerprint already says which slides were used.
 #: hard_negative_share: in the fingerprint with the mining records, only when above 0.
-#: The stain settings likewise, only when they differ from the defaults.
+#: The stain settings and the rate schedule likewise, only when they differ from the defaults.
 NOT_FINGERPRINTED = (
     "mlflow", "mlflow_tracking_uri", "exclude_slides", "hard_negative_share",
     "hard_negatives_from", "stain_normalization", "stain_reference", "stain_jitter",
+    "lr_schedule",
 )  # fmt: skip
 
 
@@ -106,6 +107,8 @@ def check_training_inputs(
             file_identity(Path(reference)) if reference and Path(reference).exists() else reference,
             cfg.stain_jitter,
         ]
+    if cfg.lr_schedule != "plateau":  # likewise
+        identity["lr_schedule"] = cfg.lr_schedule
     if hard:  # likewise
         _check_mined(train)
         identity["hard_negatives"] = [

@@ -50,6 +50,17 @@ def plan_phases(cfg: TrainingConfig, pretrained: bool) -> list[Phase]:
     return phases
 
 
+def cosine_rate(phase: Phase, epoch_in_phase: int) -> float:
+    """The learning rate of the phase's 0-based epoch ``epoch_in_phase`` under cosine decay.
+
+    Half a cosine from the phase's rate down towards 0 over its epochs
+    (Loshchilov and Hutter, SGDR, 2017, without restarts): the first epoch
+    trains at the full rate, the last at a small fraction of it, so a phase
+    that runs to its end has settled.
+    """
+    return phase.learning_rate * 0.5 * (1 + math.cos(math.pi * epoch_in_phase / phase.epochs))
+
+
 def phases_to_run(phases: list[Phase], state: RunState) -> Iterator[tuple[int, Phase, int, bool]]:
     """``(index, phase, end_epoch, enter)`` for each phase a (resumed) run has yet to finish.
 

@@ -41,7 +41,7 @@ from .distribute import (
     mixed_policy,
 )
 from .inputs import TrainingInputs, check_training_inputs
-from .phases import Phase, better, enter_phase, phases_to_run, plan_phases
+from .phases import Phase, better, cosine_rate, enter_phase, phases_to_run, plan_phases
 from .rundir import HISTORY_COLUMNS, RunDir, RunState
 from .saved import (
     CLASS_NAMES,
@@ -215,25 +215,22 @@ def train_classifier(
             base_name = parent.get("base_layer") if parent else _base_name(model, inputs.backbone)
             base = model.get_layer(base_name) if base_name else None
             total_epochs = sum(p.epochs for p in inputs.phases)
+            # A cosine phase is its own budget: stopped early, its rate is still high, so
+            # it runs to its end (the best epoch is kept either way).
+            patience = cfg.early_stopping_patience if cfg.lr_schedule == "plateau" else None
             for index, phase, end, enter in phases_to_run(inputs.phases, state):
                 if enter:
                     enter_phase(model, base, phase, cfg.fine_tune_layers, strategy)
                 callbacks = [
-                    keras.callbacks.ReduceLROnPlateau(
-                        monitor="val_auc",
-                        mode="max",
-                        factor=0.2,
-                        patience=cfg.reduce_lr_patience,
-                        min_lr=1e-7,
-                    ),
+                    _rate_rule(cfg, phase, start=end - phase.epochs),
                     tensorboard(run.path),
-                    # Last: it records the learning rate the plateau rule set.
+                    # Last: it records the learning rate the rate rule set.
                     _EpochCommit(
                         run,
                         state,
                         phase,
                         phase_index=index,
-                        patience=cfg.early_stopping_patience,
+                        patience=patience,
                         total_epochs=total_epochs,
                         steps=steps,
                         global_batch=global_batch,
@@ -346,6 +343,18 @@ def _metadata(
     }
 
 
+def _rate_rule(cfg: TrainingConfig, phase: Phase, start: int) -> keras.callbacks.Callback:
+    """The callback that sets ``phase``'s learning rate; ``start``: its first epoch (0-based)."""
+    if cfg.lr_schedule == "cosine":
+        # A function of the epoch alone, so a resumed run trains at the rate it would have.
+        return keras.callbacks.LearningRateScheduler(
+            lambda epoch, _rate: cosine_rate(phase, epoch - start)
+        )
+    return keras.callbacks.ReduceLROnPlateau(
+        monitor="val_auc", mode="max", factor=0.2, patience=cfg.reduce_lr_patience, min_lr=1e-7
+    )
+
+
 class _EpochCommit(keras.callbacks.Callback):
     """After every epoch: its history row, the commit to the run directory, early stopping."""
 
@@ -356,7 +365,7 @@ class _EpochCommit(keras.callbacks.Callback):
         phase: Phase,
         *,
         phase_index: int,
-        patience: int,
+        patience: int | None,
         total_epochs: int,
         steps: int,
         global_batch: int,
@@ -402,7 +411,7 @@ class _EpochCommit(keras.callbacks.Callback):
             state.best, state.wait = record, 0
         else:
             state.wait += 1
-        stopped = state.wait >= self.patience
+        stopped = self.patience is not None and state.wait >= self.patience
         state.epoch, state.phase_index = epoch + 1, self.phase_index
         state.phase_done = stopped
         state.history.append(record)

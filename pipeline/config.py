@@ -180,6 +180,11 @@ class TrainingConfig(_Section):
     )
     early_stopping_patience: int = Field(3, ge=1, description="epochs without a better val AUC")
     reduce_lr_patience: int = Field(2, ge=1, description="epochs before the rate is cut 5x")
+    lr_schedule: Literal["plateau", "cosine"] = Field(
+        "plateau",
+        description="plateau: the rate cut 5x after reduce_lr_patience epochs without a better "
+        "val AUC, early stopping; cosine: each phase's rate decays to ~0 over all its epochs",
+    )
     mixed_precision: bool = Field(
         False, description="float16 compute on GPUs (bfloat16 on CPUs), float32 weights"
     )

@@ -122,6 +122,26 @@ def test_phase_one_keeps_pretrained_weights_and_phase_two_changes_only_the_top(s
     assert not any(isinstance(tuned.get_layer(n), keras.layers.BatchNormalization) for n in changed)
 
 
+def test_cosine_decays_each_phase_from_its_rate_and_runs_it_to_the_end(store, tmp_path):
+    """Head then fine-tune under lr_schedule: cosine; patience 1 stops neither phase early."""
+    _, base = build_classifier("mobilenetv2", 64)
+    weights = tmp_path / "base.weights.h5"
+    base.save_weights(weights)
+    cfg = _cfg(
+        backbone="mobilenetv2", weights=str(weights), head_epochs=2, fine_tune_epochs=3,
+        learning_rate=1e-3, fine_tune_learning_rate=1e-4, lr_schedule="cosine",
+        early_stopping_patience=1,
+    )  # fmt: skip
+    result = train_classifier([store], tmp_path / "model", cfg)
+    history = result.metadata["history"]
+    assert [(e["epoch"], e["phase"]) for e in history] == [
+        (1, "head"), (2, "head"), (3, "fine_tune"), (4, "fine_tune"), (5, "fine_tune"),
+    ]  # fmt: skip
+    # Each phase restarts at its own rate: 1e-3 * (1 + cos(pi * k / 2)) / 2, then 1e-4 * ... / 3.
+    expected = [1e-3, 5e-4, 1e-4, 7.5e-5, 2.5e-5]
+    np.testing.assert_allclose([e["learning_rate"] for e in history], expected, rtol=1e-6)
+
+
 def test_fine_tune_from_a_previous_wsiflow_model(store, tmp_path):
     first = train_classifier([store], tmp_path / "first", _cfg(backbone="mobilenetv2"))
     assert [p["name"] for p in first.metadata["phases"]] == ["full"]  # from scratch: one phase
