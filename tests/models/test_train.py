@@ -16,6 +16,7 @@ import pytest
 keras = pytest.importorskip("keras")
 
 from models.classifier import WeightsError, build_classifier, preprocess_fn  # noqa: E402
+from models.inputs import check_training_inputs  # noqa: E402
 from models.saved import METADATA_FILE, load_model_dir, read_metadata  # noqa: E402
 from models.train import distribution_strategy, train_classifier  # noqa: E402
 from pipeline.config import TrainingConfig  # noqa: E402
@@ -140,6 +141,10 @@ def test_cosine_decays_each_phase_from_its_rate_and_runs_it_to_the_end(store, tm
     # Each phase restarts at its own rate: 1e-3 * (1 + cos(pi * k / 2)) / 2, then 1e-4 * ... / 3.
     expected = [1e-3, 5e-4, 1e-4, 7.5e-5, 2.5e-5]
     np.testing.assert_allclose([e["learning_rate"] for e in history], expected, rtol=1e-6)
+    # Another schedule trains another model: the finished run is not reused for plateau.
+    plateau = check_training_inputs([store], cfg.model_copy(update={"lr_schedule": "plateau"}))
+    assert check_training_inputs([store], cfg).fingerprint != plateau.fingerprint
+    assert result.metadata["fingerprint"] == check_training_inputs([store], cfg).fingerprint
 
 
 def test_fine_tune_from_a_previous_wsiflow_model(store, tmp_path):
